@@ -1,0 +1,19 @@
+# The two commands of the README's Quick start, plus the stage targets they are made of.
+# Every target first runs scripts/setup.sh (idempotent: Debian packages when root, .venv, pinned packages).
+PY := .venv/bin/python
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test benchmarks
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+benchmarks: setup
+	$(PY) -m benchmarks all --out results/benchmarks.json

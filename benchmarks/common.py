@@ -1,0 +1,36 @@
+"""Helpers shared by the stage benchmarks: timing and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Callable
+
+
+def rate(fn: Callable[[], int], min_seconds: float = 1.0, repeats: int = 3) -> float:
+    """Best items/second of `fn` (which returns how many items it processed) over a few timed runs."""
+    best = 0.0
+    for _ in range(repeats):
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < min_seconds or done == 0:
+            done += fn()
+        best = max(best, done / elapsed)
+    return best
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+
+
+def write_json(result: dict, out: str | None) -> dict:
+    result = {**result, "machine": machine()}
+    text = json.dumps(result, indent=2)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = f"{out}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, out)
+    print(text)
+    return result
