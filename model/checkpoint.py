@@ -1,0 +1,257 @@
+"""Reading and writing model weights.
+
+Formats load_checkpoint(path, model_name=None) accepts:
+  export     a directory (or its model.safetensors) written by save_export: safetensors with
+             format/format_version/sha256/config in the metadata, config.json beside it.
+  deepspeed  a DeepSpeed checkpoint: the tag directory (holding *mp_rank_00_model_states.pt), or the
+             directory holding `latest`. If <tag>/export/ exists (train.py writes one) it is used;
+             otherwise the fp32 weights are consolidated with DeepSpeed's own
+             get_fp32_state_dict_from_zero_checkpoint, and the model config is taken from
+             <tag>/export/config.json, <tag>/config.json, <tag>/../../config.yaml (key `model`) or
+             model_name. (DeepSpeed's consolidation unpickles its own files; for checkpoints from
+             elsewhere prefer the export, which is safetensors with a checksum.)
+  open_clip  an open_clip state dict: .pt/.pth/.bin (torch.load(weights_only=True): plain dict or
+             {"state_dict": ...}, "module." prefixes allowed) or .safetensors; needs model_name (a
+             model/configs name) since the file carries no config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from model.clip import CLIP, build_model, resolve_config
+
+EXPORT_FORMAT = "laclip-export"
+EXPORT_VERSION = 1
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model architecture."""
+
+
+# ---------------------------------------------------------------- open_clip state dicts
+
+def _strip_prefixes(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):  # DDP / DeepSpeed wrappers, torch.compile
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def to_open_clip_state_dict(sd: dict) -> dict:
+    """Our state dict -> open_clip's: logit_scale [1] -> [], SLIP head dropped. Names are shared."""
+    out = {k: v for k, v in _strip_prefixes(sd).items() if not k.startswith("image_mlp.")}
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
+
+
+def from_open_clip_state_dict(sd: dict, model: CLIP | None = None, source: str = "state dict"):
+    """open_clip's state dict -> ours (logit_scale [] -> [1]). With a model, load it strictly
+    (a SLIP head keeps its initial weights) and return the model; raises CheckpointMismatchError."""
+    out = _strip_prefixes(sd)
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(1)
+    if model is None:
+        return out
+    own = model.state_dict()
+    for k in own:  # open_clip has no SLIP head: keep ours
+        if k.startswith("image_mlp.") and k not in out:
+            out[k] = own[k]
+    load_strict(model, out, source)
+    return model
+
+
+def load_strict(model: torch.nn.Module, sd: dict, source: str):
+    """load_state_dict with one readable error listing every missing, unexpected and misshaped key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def show(title, items):
+            head = "\n    ".join(items[:20]) + (f"\n    ... {len(items) - 20} more" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}):\n    {head}" if items else ""
+        name = model.config.get("name", "?") if hasattr(model, "config") else type(model).__name__
+        raise CheckpointMismatchError(
+            f"{source} does not match model {name!r}:"
+            + show("missing keys", missing) + show("unexpected keys", unexpected)
+            + show("shape mismatches", shapes))
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------- our export
+
+def tensors_sha256(sd: dict) -> str:
+    """Checksum over names, dtypes, shapes and bytes of every tensor, in sorted key order."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_export(model: CLIP, config: dict | None, out_dir) -> Path:
+    """Write <out_dir>/model.safetensors (fp32, our names) and <out_dir>/config.json atomically.
+    Returns the safetensors path."""
+    import safetensors.torch  # noqa: PLC0415
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = resolve_config(config if config is not None else model.config)
+    sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+          for k, v in _strip_prefixes(model.state_dict()).items()}
+    meta = {"format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION),
+            "sha256": tensors_sha256(sd), "config": json.dumps(config, sort_keys=True)}
+    weights = out_dir / WEIGHTS_NAME
+    _atomic_write(weights, lambda p: safetensors.torch.save_file(sd, str(p), metadata=meta))
+    _atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return weights
+
+
+def _load_export(path: Path):
+    from safetensors import safe_open  # noqa: PLC0415
+    import safetensors.torch  # noqa: PLC0415
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != EXPORT_FORMAT:
+        return None
+    if int(meta.get("format_version", -1)) > EXPORT_VERSION:
+        raise ValueError(f"{weights}: format_version {meta['format_version']} is newer than "
+                         f"this code ({EXPORT_VERSION})")
+    sd = safetensors.torch.load_file(str(weights))
+    digest = tensors_sha256(sd)
+    if digest != meta.get("sha256"):
+        raise ValueError(f"{weights}: checksum mismatch (stored {meta.get('sha256')}, "
+                         f"computed {digest}): the file is corrupt or was modified")
+    config_file = weights.with_name(CONFIG_NAME)
+    config = json.loads(config_file.read_text()) if config_file.is_file() else json.loads(meta["config"])
+    model = build_model(config)
+    load_strict(model, sd, str(weights))
+    return model, {"format": "export", "path": str(weights), "config": model.config,
+                   "format_version": int(meta["format_version"]), "sha256": digest}
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+def _deepspeed_config(tag_dir: Path, model_name):
+    if model_name is not None:
+        return get_config(model_name)
+    for cand in (tag_dir / "export" / CONFIG_NAME, tag_dir / CONFIG_NAME):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    run_cfg = tag_dir.parent.parent / "config.yaml"  # train.py: <run>/checkpoints/<tag>
+    if run_cfg.is_file():
+        import yaml  # noqa: PLC0415
+        from model.clip import merge_config  # noqa: PLC0415
+        run = yaml.safe_load(run_cfg.read_text()) or {}
+        if run.get("model"):
+            config = merge_config(get_config(run["model"]), run.get("model_overrides") or {})
+            if run.get("image_loss") == "slip":
+                config["slip"] = True
+            return config
+    raise ValueError(f"{tag_dir}: no model config found (looked for export/config.json, config.json, "
+                     f"{run_cfg}); pass model_name")
+
+
+def _load_deepspeed(path: Path, model_name):
+    if (path / "latest").is_file():  # the save_dir: resolve the tag DeepSpeed recorded
+        path = path / (path / "latest").read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: DeepSpeed tag directory does not exist")
+    if (path / "export" / WEIGHTS_NAME).is_file():  # train.py's consolidated copy: safe and fast
+        model, info = _load_export(path / "export")
+        return model, {**info, "format": "deepspeed", "deepspeed_tag_dir": str(path), "via": "export"}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+    config = _deepspeed_config(path, model_name)
+    if list(path.glob("*zero_pp_rank_*optim_states.pt")):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:  # ZeRO stage 0: full weights sit in the model states file
+        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        sd = states["module"]
+    model = build_model(config)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in _strip_prefixes(sd).items()}
+    load_strict(model, sd, str(path))
+    return model, {"format": "deepspeed", "path": str(path), "config": model.config, "via": "zero_to_fp32"}
+
+
+# ---------------------------------------------------------------- entry point
+
+def get_config(model_name) -> dict:
+    from model.clip import get_model_config  # noqa: PLC0415
+    return get_model_config(model_name) if isinstance(model_name, str) else dict(model_name)
+
+
+def _is_deepspeed_dir(path: Path) -> bool:
+    return (path / "latest").is_file() or any(path.glob("*mp_rank_00_model_states.pt"))
+
+
+def load_checkpoint(path, model_name: str | dict | None = None):
+    """Load any supported checkpoint (module docstring) -> (model on CPU in fp32, eval mode, info)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir() and _is_deepspeed_dir(path):
+        model, info = _load_deepspeed(path, model_name)
+    elif path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{path}: neither an export ({WEIGHTS_NAME}) nor a DeepSpeed checkpoint "
+                             "(latest / mp_rank_00_model_states.pt)")
+        loaded = _load_export(path)
+        if loaded is None:
+            raise ValueError(f"{path / WEIGHTS_NAME}: not written by save_export (no {EXPORT_FORMAT} "
+                             "metadata); load it as an open_clip file with model_name")
+        model, info = loaded
+    elif path.suffix == ".safetensors":
+        loaded = _load_export(path)  # an export carries its own config; model_name is not needed
+        if loaded is None:
+            model, info = _load_open_clip(path, model_name)
+        else:
+            model, info = loaded
+    else:
+        model, info = _load_open_clip(path, model_name)
+    return model.eval(), info
+
+
+def _load_open_clip(path: Path, model_name):
+    if model_name is None:
+        raise ValueError(f"{path}: an open_clip state dict carries no config; pass model_name "
+                         "(one of model/configs) or a config dict")
+    if path.suffix == ".safetensors":
+        import safetensors.torch  # noqa: PLC0415
+        sd = safetensors.torch.load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    model = build_model(get_config(model_name))
+    from_open_clip_state_dict(sd, model, source=str(path))
+    return model, {"format": "open_clip", "path": str(path), "config": model.config}
