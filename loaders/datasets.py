@@ -1,0 +1,268 @@
+"""Builders for the real image-text sets available offline (Debian / PyPI packages, no downloads).
+
+  openclipart: /usr/share/openclipart/png/<category>/.../<name>.png, paired with svg/<same path>.svg whose
+               RDF metadata has dc:title, dc:description and keywords (dc:subject). Caption = title, plus
+               the description where it adds something; titles shared by a whole icon collection
+               ("Lemon SVG theme") get the file name in front so the caption says what the icon is.
+               Category = top-level folder (22 classes, for zero-shot later).
+  emoji:       every fully-qualified emoji of the `emoji` package rendered with Noto Color Emoji (a bitmap
+               font: size 109 only) onto white. Caption = its name (":grinning_face:" -> "grinning face").
+               Category = Unicode block of the first code point (the package has no group data).
+               Sequences the font has no single glyph for (they render as several glyphs) are skipped.
+
+`build_dataset` writes an image folder: images/<key>.jpg + captions.jsonl (key, file, caption, category,
+split) with a fixed held-out split by hash of the key. Re-running with the same arguments reuses the
+result; images already written are kept.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import html
+import json
+import multiprocessing
+import os
+import random
+import re
+from typing import Iterator
+
+from tqdm import tqdm
+
+from loaders.images import atomic_write_bytes, encode_jpeg_pil
+from loaders.ingest import IngestReport, Sample, iter_image_folder
+
+OPENCLIPART_ROOT = "/usr/share/openclipart"
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+BUILD_VERSION = 1
+
+
+def default_cache() -> str:
+    return os.environ.get("LACLIP_DATA", os.path.expanduser("~/.cache/laclip/datasets"))
+
+
+def heldout_split(key: str, fraction: float) -> str:
+    """Fixed split from the key alone: stable when the set grows or is subsampled."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+    return "test" if h < fraction else "train"
+
+
+def _safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+
+
+# ---------------------------------------------------------------- openclipart
+_META_RE = re.compile(rb"<metadata.*?</metadata>", re.S)
+_TAG_RE = re.compile(r"<[^>]+>")
+
+
+def _svg_field(meta: str, tag: str) -> str:
+    m = re.search(rf"<dc:{tag}>(.*?)</dc:{tag}>", meta, re.S)
+    return " ".join(html.unescape(_TAG_RE.sub(" ", m.group(1))).split()) if m else ""
+
+
+def openclipart_records(root: str = OPENCLIPART_ROOT) -> tuple[list[dict], IngestReport]:
+    """One record per PNG with its SVG metadata: key, src, caption, category, keywords."""
+    report = IngestReport()
+    items = []
+    for dirpath, _, files in os.walk(os.path.join(root, "png")):
+        for name in files:
+            if name.endswith(".png"):
+                items.append(os.path.relpath(os.path.join(dirpath, name), os.path.join(root, "png"))[:-4])
+    items.sort()
+    parsed = []
+    for rel in items:
+        key = "oc-" + _safe_key(rel.replace(os.sep, "-"))
+        svg = os.path.join(root, "svg", rel + ".svg")
+        if not os.path.isfile(svg):
+            report.skip("missing_svg", key, svg)
+            continue
+        with open(svg, "rb") as f:
+            m = _META_RE.search(f.read(400_000))  # metadata sits at the top of the file
+        meta = m.group(0).decode("utf-8", "replace") if m else ""
+        work = meta.split("<cc:Agent")[0]  # agents (publisher, creator) carry their own dc:title
+        title, desc = _svg_field(work, "title"), _svg_field(work, "description")
+        desc = re.sub(r"HASH\(0x[0-9a-f]+\)", "", desc).strip()  # a Perl export bug in some files
+        subject = re.search(r"<dc:subject>(.*?)</dc:subject>", meta, re.S)
+        keywords = [k.strip() for k in re.findall(r"<rdf:li>(.*?)</rdf:li>", subject.group(1))] if subject else []
+        parsed.append((rel, key, title, desc, [k for k in keywords if k and k != "unsorted"]))
+    title_counts = collections.Counter(p[2].lower() for p in parsed)
+    records, seen = [], set()
+    for rel, key, title, desc, keywords in parsed:
+        if title and title_counts[title.lower()] >= 10:  # a collection name, not a description
+            title = " ".join(re.split(r"[_\-\s]+", os.path.basename(rel))).strip() + ", " + title
+        parts = [title] if title else []
+        if desc and desc.lower() != title.lower():
+            parts.append(desc)
+        caption = ". ".join(parts)
+        if not caption:
+            report.skip("empty_caption", key, os.path.join(root, "svg", rel + ".svg"))
+            continue
+        if key in seen:
+            report.skip("duplicate_key", key, rel)
+            continue
+        seen.add(key)
+        records.append({"key": key, "src": os.path.join(root, "png", rel + ".png"), "caption": caption,
+                        "category": rel.split(os.sep)[0], "keywords": keywords})
+    return records, report
+
+
+def _openclipart_image(src: str, size: int):
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im).convert("RGB")  # transparent clip art -> on white
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)  # long side <= size, aspect kept
+    return im
+
+
+# ---------------------------------------------------------------- emoji
+_BLOCKS = [  # (first, last, name) of the Unicode blocks emoji start in
+    (0x1F1E6, 0x1F1FF, "flags"), (0x1F300, 0x1F5FF, "symbols and pictographs"),
+    (0x1F600, 0x1F64F, "emoticons"), (0x1F680, 0x1F6FF, "transport and map"),
+    (0x1F900, 0x1F9FF, "supplemental symbols and pictographs"),
+    (0x1FA70, 0x1FAFF, "symbols and pictographs extended"), (0x2600, 0x26FF, "miscellaneous symbols"),
+    (0x2700, 0x27BF, "dingbats"), (0x1F000, 0x1F2FF, "enclosed and game symbols"),
+]
+
+
+def _emoji_category(ch: str) -> str:
+    cp = ord(ch[0])
+    if ch[0] in "#*0123456789":
+        return "keycaps"
+    return next((name for a, b, name in _BLOCKS if a <= cp <= b), "other symbols")
+
+
+def emoji_records() -> tuple[list[dict], IngestReport]:
+    import emoji
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(EMOJI_FONT, 109)
+    single = font.getlength("\U0001F600")
+    report = IngestReport()
+    records = []
+    for ch, data in emoji.EMOJI_DATA.items():
+        if data.get("status") != emoji.STATUS["fully_qualified"]:
+            continue  # the unqualified / component variants duplicate a fully-qualified one
+        key = "emoji-" + "-".join(f"{ord(c):x}" for c in ch)
+        if font.getlength(ch) > 1.2 * single:  # no ligature in the font: would draw several glyphs
+            report.skip("no_single_glyph", key, EMOJI_FONT)
+            continue
+        caption = data["en"].strip(":").replace("_", " ")
+        records.append({"key": key, "src": ch, "caption": caption, "category": _emoji_category(ch)})
+    records.sort(key=lambda r: r["key"])
+    return records, report
+
+
+def _emoji_image(ch: str, size: int):
+    from PIL import Image, ImageDraw
+
+    font = _emoji_font()
+    canvas = Image.new("RGBA", (136, 136), (255, 255, 255, 0))
+    ImageDraw.Draw(canvas).text((0, 4), ch, font=font, embedded_color=True)
+    if canvas.getbbox() is None:
+        return None  # the font has no glyph: nothing drawn
+    im = Image.alpha_composite(Image.new("RGBA", canvas.size, (255, 255, 255, 255)), canvas).convert("RGB")
+    return im.resize((size, size), Image.Resampling.LANCZOS)
+
+
+_FONT = None
+
+
+def _emoji_font():
+    global _FONT
+    if _FONT is None:
+        from PIL import ImageFont
+
+        _FONT = ImageFont.truetype(EMOJI_FONT, 109)
+    return _FONT
+
+
+# ---------------------------------------------------------------- build
+BUILDERS = {"openclipart": (openclipart_records, _openclipart_image), "emoji": (emoji_records, _emoji_image)}
+
+
+def _render(job) -> tuple[str, str | None]:
+    name, src, path, size = job
+    if os.path.exists(path):
+        return path, None
+    try:
+        im = BUILDERS[name][1](src, size)
+    except Exception as e:  # a broken source image is reported, not fatal
+        return path, f"{type(e).__name__}: {e}"
+    if im is None:
+        return path, "nothing rendered"
+    atomic_write_bytes(path, encode_jpeg_pil(im, 95))
+    return path, None
+
+
+def build_dataset(name: str, out_dir: str, *, max_samples: int | None = None, image_size: int = 256,
+                  seed: int = 0, heldout_fraction: float = 0.1, workers: int = 2) -> str:
+    """Write <out_dir>/images/<key>.jpg and <out_dir>/captions.jsonl; return out_dir."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(BUILDERS)}")
+    params = {"version": BUILD_VERSION, "name": name, "max_samples": max_samples, "image_size": image_size,
+              "seed": seed, "heldout_fraction": heldout_fraction}
+    done = os.path.join(out_dir, "build.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            if json.load(f).get("params") == params:
+                return out_dir
+        # different arguments: captions and images are rewritten (images by size in their path)
+    records, report = BUILDERS[name][0]()
+    available = len(records)
+    if max_samples is not None and max_samples < len(records):
+        records = sorted(random.Random(seed).sample(records, max_samples), key=lambda r: r["key"])
+    img_dir = os.path.join(out_dir, f"images-{image_size}")
+    os.makedirs(img_dir, exist_ok=True)
+    jobs = [(name, r["src"], os.path.join(img_dir, r["key"] + ".jpg"), image_size) for r in records]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(max(1, workers)) as pool:
+        results = list(tqdm(pool.imap(_render, jobs, chunksize=16), total=len(jobs), desc=f"build {name}",
+                            leave=False))
+    lines = []
+    for r, (path, err) in zip(records, results):
+        if err is not None:
+            report.skip("broken_image", r["key"], str(r["src"]), err)
+            continue
+        row = {"key": r["key"], "file": os.path.relpath(path, out_dir), "caption": r["caption"],
+               "category": r["category"], "split": heldout_split(r["key"], heldout_fraction)}
+        if r.get("keywords"):
+            row["keywords"] = r["keywords"]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_bytes(os.path.join(out_dir, "captions.jsonl"), ("\n".join(lines) + "\n").encode())
+    summary = {"params": params, "available": available, "written": len(lines),
+               "skipped": dict(report.counts), "skipped_records": report.records[:50]}
+    atomic_write_bytes(done, json.dumps(summary, indent=1).encode())
+    print(f"build {name}: {len(lines)} samples written to {out_dir} ({report.summary()})")
+    return out_dir
+
+
+def iter_samples(name: str, out_dir: str | None = None, *, split: str | None = None,
+                 report: IngestReport | None = None, **build_kwargs) -> Iterator[Sample]:
+    """Build (or reuse) the set and stream its samples; `split` = "train" | "test" | None for all."""
+    root = build_dataset(name, out_dir or os.path.join(default_cache(), name), **build_kwargs)
+    for s in iter_image_folder(root, report if report is not None else IngestReport()):
+        if split is None or s.meta.get("split") == split:
+            yield s
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="build an offline image-text set as an image folder")
+    p.add_argument("name", choices=sorted(BUILDERS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    build_dataset(a.name, a.out, max_samples=a.max_samples, image_size=a.image_size, seed=a.seed,
+                  heldout_fraction=a.heldout_fraction, workers=a.workers)
+
+
+if __name__ == "__main__":
+    main()

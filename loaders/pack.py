@@ -1,0 +1,530 @@
+"""Pack an image-text source into FFCV .beton and DALI webdataset shards (layout: .brief/CONTRACTS.md).
+
+    python -m loaders.pack --input <dataset name | image folder | laclip.csv | tars> --out <dir>
+        [--rewrites <rewrite store dir or rewrites.jsonl>] [--max-side 256] [--quality 90] [--keep-images]
+        [--samples-per-shard 5000] [--workers 2] [--rank R --world-size W] [--config configs/pack.yaml]
+
+Three stages, each resumable (a finished file is never redone, a half-written one is never seen):
+  1. stage (per shard, spread over ranks): decode, resize, JPEG-encode in a process pool; broken images are
+     reported with key and file and skipped. Writes staging/part-XXXXX.tar (+ .json manifest, last).
+  2. captions (rank 0, once every shard is staged): the kept samples get their global index in shard
+     order; keys.txt and the caption store (original + rewrites joined by key) are written; plan.json last.
+  3. finalize (per shard, spread over ranks): ffcv/part-XXXXX.beton and dali/part-XXXXX.tar + .idx, both
+     carrying the store's compressed record of each sample; shards/part-XXXXX.json (sizes, sha256) last.
+  meta.json is written when every shard is final; then staging/ is removed.
+Global indices are only known once every shard has dropped its broken images, hence the split in stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+import time
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
+from loaders.ingest import IngestReport, Sample, expand_shards, find_captions_file, open_source, iter_webdataset
+
+__all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
+FORMAT_VERSION = 1
+IDX_VERSION = "v1.2"  # DALI's webdataset index format, as its wds2idx tool writes it
+
+
+# ffcv.types.HeaderType, copied so that verifying does not import ffcv (numba: seconds)
+FFCV_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+
+
+class PackError(RuntimeError):
+    """A packed file is missing, truncated or inconsistent with meta.json (message names the file)."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+@dataclasses.dataclass
+class PackConfig:
+    input: str = ""
+    out: str = ""
+    rewrites: str | None = None
+    image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
+    data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
+    max_side: int = 256  # short side at most this many pixels
+    quality: int = 90
+    keep_images: bool = False  # pass colour JPEGs through untouched
+    samples_per_shard: int = 5000  # tar inputs: one output shard per input tar instead
+    max_samples: int | None = None
+    workers: int = 2
+    rank: int = 0
+    world_size: int = 1
+    wait_s: float = 0.0  # how long a rank waits for the others between stages (0: exit, re-run later)
+    keep_staging: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "PackConfig":
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- units of work
+def iter_units(cfg: PackConfig) -> Iterator[tuple[int, IngestReport, Iterator[Sample] | list[Sample]]]:
+    """(shard index, its reader report, its samples). Tar inputs: one shard per input tar, read only by the
+    rank that owns it. Other inputs: consecutive chunks of samples_per_shard of the (cheap) caption stream."""
+    spec = cfg.input
+    is_tars = not (spec in _builders() or spec.endswith((".csv", ".jsonl"))
+                   or (os.path.isdir(spec) and find_captions_file(spec)))
+    if is_tars:
+        if cfg.max_samples is not None:
+            raise ValueError("--max-samples is not supported for tar inputs (shards map 1:1 to input tars)")
+        for i, tar in enumerate(expand_shards(spec)):
+            report = IngestReport()
+            yield i, report, (iter_webdataset(tar, report) if i % cfg.world_size == cfg.rank else None)
+        return
+    router = _RoutingReport()
+    stream = open_source(spec, router, image_root=cfg.image_root, data_root=cfg.data_root,
+                         max_samples=cfg.max_samples)
+    for i in itertools.count():
+        router.target = IngestReport()
+        chunk = list(itertools.islice(stream, cfg.samples_per_shard))
+        if not chunk and i > 0 and not router.target.counts:
+            return  # (an empty last chunk is still staged when it holds skip reports, so they are counted)
+        yield i, router.target, (chunk if i % cfg.world_size == cfg.rank else None)
+        if len(chunk) < cfg.samples_per_shard:
+            return
+
+
+class _RoutingReport(IngestReport):
+    """Reader skips are counted in the report of the shard being filled."""
+
+    def __init__(self):
+        super().__init__()
+        self.target = IngestReport()
+
+    def skip(self, *args, **kwargs):
+        self.target.skip(*args, **kwargs)
+
+
+def _builders():
+    from loaders.datasets import BUILDERS
+
+    return BUILDERS
+
+
+# ---------------------------------------------------------------- stage 1: images
+def _prepare(job):
+    key, caption, image, path, source, max_side, quality, keep = job
+    try:
+        data = image if image is not None else open(path, "rb").read()
+        jpeg, h, w = prepare_jpeg(data, max_side, quality, keep)
+    except (BrokenImage, OSError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    return (jpeg, h, w), None
+
+
+def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool, bar) -> dict:
+    kept = []
+    samples = iter(samples)
+    # bounded batches: Pool.imap would pull a whole input tar's raw images into memory at once
+    while batch := list(itertools.islice(samples, 64 * max(1, cfg.workers))):
+        jobs = [(s.key, s.caption, s.image, s.path, s.source, cfg.max_side, cfg.quality, cfg.keep_images)
+                for s in batch]
+        for s, (result, err) in zip(batch, pool.map(_prepare, jobs, chunksize=8)):
+            if err is not None:
+                report.skip("broken_image", s.key, s.source, err)
+                continue
+            kept.append((s.key, s.caption, *result, s.meta.get("rewrite_key", s.key)))
+        bar.update(len(batch))
+    return write_staged(cfg.out, index, kept, report)
+
+
+# ---------------------------------------------------------------- stage 2: captions
+def build_captions(cfg: PackConfig, num_shards: int) -> dict:
+    from loaders.store import write_store
+
+    staging = os.path.join(cfg.out, "staging")
+    manifests = [read_staged(cfg.out, i, captions_only=True) for i in range(num_shards)]
+    rewrites = load_rewrites(cfg.rewrites) if cfg.rewrites else {}
+    seen: set[str] = set()
+    shards, first, counts = [], 0, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
+    for i, m in enumerate(manifests):
+        for key in m["keys"]:
+            if key in seen:
+                raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {key!r}")
+            seen.add(key)
+        if m["keys"]:  # a shard whose images were all broken gets no files
+            shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
+        first += len(m["keys"])
+
+    def records():
+        for m in manifests:
+            for rkey, caption in zip(m["rewrite_keys"], m["captions"]):
+                texts = [caption] + [t for t in rewrites.get(rkey, []) if t and t.strip()]
+                counts["samples"] += 1
+                counts["with_rewrites"] += len(texts) > 1
+                counts["texts"] += len(texts)
+                counts["max_texts"] = max(counts["max_texts"], len(texts))
+                yield texts
+
+    if first == 0:
+        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+    write_store(os.path.join(cfg.out, "captions"), records())
+    keys = "".join(k + "\n" for m in manifests for k in m["keys"]).encode()
+    atomic_write_bytes(os.path.join(cfg.out, "keys.txt"), keys)
+    skipped: dict[str, int] = {}
+    for m in manifests:
+        for reason, n in m["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
+            "rewrites_matched": sum(k in rewrites for m in manifests for k in m["rewrite_keys"]),
+            "rewrites_given": len(rewrites)}
+    atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
+    return plan
+
+
+# ---------------------------------------------------------------- stage 3: final shards
+def finalize_shard(cfg: PackConfig, shard: dict, store) -> dict:
+    staged = read_staged(cfg.out, int(shard["name"].split("-")[1]))
+    first, n = shard["first_index"], shard["num_samples"]
+    if len(staged["keys"]) != n:
+        raise PackError(f"{cfg.out}/staging/{shard['name']}: {len(staged['keys'])} samples, plan says {n}")
+    records = [store.record(first + j) for j in range(n)]
+    files = {}
+    files.update(write_dali_shard(cfg.out, shard["name"], staged, records, first))
+    files.update(write_ffcv_shard(cfg.out, shard["name"], staged, records, first, cfg.quality, cfg.workers))
+    done = {**shard, "files": files}
+    atomic_write_bytes(os.path.join(cfg.out, "shards", shard["name"] + ".json"), json.dumps(done).encode())
+    return done
+
+
+# ---------------------------------------------------------------- file formats
+def _stage_paths(out: str, index: int) -> tuple[str, str]:
+    base = os.path.join(out, "staging", shard_name(index))
+    return base + ".bin", base + ".json"
+
+
+def write_staged(out: str, index: int, kept: list, report: IngestReport) -> dict:
+    """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
+    blob, manifest_path = _stage_paths(out, index)
+    offsets = np.cumsum([0] + [len(k[2]) for k in kept]).tolist()
+    atomic_write_bytes(blob, b"".join(k[2] for k in kept))
+    manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
+                "rewrite_keys": [k[5] for k in kept],
+                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100]}
+    atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
+    return manifest
+
+
+def read_staged(out: str, index: int, captions_only: bool = False) -> dict:
+    blob, manifest_path = _stage_paths(out, index)
+    with open(manifest_path, encoding="utf-8") as f:
+        m = json.load(f)
+    if not captions_only:
+        with open(blob, "rb") as f:
+            data = f.read()
+        if len(data) != m["offsets"][-1]:
+            raise PackError(f"{blob}: {len(data)} bytes, manifest says {m['offsets'][-1]} (truncated?)")
+        m["jpegs"] = [data[a:b] for a, b in zip(m["offsets"][:-1], m["offsets"][1:])]
+    return m
+
+
+def _file_entry(out: str, rel: str) -> dict:
+    h = hashlib.sha256()
+    with open(os.path.join(out, rel), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {rel: {"bytes": os.path.getsize(os.path.join(out, rel)), "sha256": h.hexdigest()}}
+
+
+def _tmp_path(path: str) -> str:
+    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + f".{os.getpid()}.tmp")
+
+
+def _fsync_rename(tmp: str, path: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], first: int) -> dict:
+    """<key>.jpg, <key>.cap (compressed caption record), <key>.idx (global index) + DALI's index file."""
+    tar_rel, idx_rel = f"dali/{name}.tar", f"dali/{name}.idx"
+    tar_path, idx_path = os.path.join(out, tar_rel), os.path.join(out, idx_rel)
+    os.makedirs(os.path.dirname(tar_path), exist_ok=True)
+    lines = []
+    tmp = _tmp_path(tar_path)
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for j, (key, jpeg, record) in enumerate(zip(staged["keys"], staged["jpegs"], records)):
+            parts = []
+            for ext, data in (("jpg", jpeg), ("cap", record), ("idx", str(first + j).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+                # tar.offset is now past the data, padded to 512-byte blocks (headers may be several blocks)
+                offset = tar.offset - (len(data) + 511) // 512 * 512
+                parts.append(f"{ext} {offset} {info.size} {key}.{ext}")
+            lines.append(" ".join(parts))
+    _fsync_rename(tmp, tar_path)
+    atomic_write_bytes(idx_path, (f"{IDX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n").encode())
+    return {**_file_entry(out, tar_rel), **_file_entry(out, idx_rel)}
+
+
+def _encode_prejpeg(destination, value, malloc):
+    """RGBImageField.encode for JPEG bytes we already have: FFCV's own encode takes pixels and would
+    re-encode them; this writes the same 'jpg' mode metadata, so FFCV's reader decodes it as usual and the
+    .beton holds byte-identical JPEGs to the DALI tar."""
+    data, h, w = value
+    destination["mode"] = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
+    destination["height"], destination["width"] = h, w
+    ptr, storage = malloc(len(data))
+    storage[:] = np.frombuffer(data, np.uint8)
+    destination["data_ptr"] = ptr
+
+
+class _FfcvRows:
+    def __init__(self, staged, records, first):
+        self.staged, self.records, self.first = staged, records, first
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, j):
+        h, w = self.staged["hw"][j]
+        rec = np.frombuffer(self.records[j], np.uint8)
+        return (self.staged["jpegs"][j], h, w), rec, len(rec), self.first + j
+
+
+def write_ffcv_shard(out: str, name: str, staged: dict, records: list[bytes], first: int, quality: int,
+                     workers: int) -> dict:
+    from ffcv.fields import BytesField, IntField, RGBImageField
+    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+
+    rel = f"ffcv/{name}.beton"
+    path = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = RGBImageField(write_mode="jpg", jpeg_quality=quality)
+    image.encode = _encode_prejpeg  # instance attribute: the header still says RGBImageField
+    largest = max(len(j) for j in staged["jpegs"]) + max(len(r) for r in records) + 64
+    page_size = max(MIN_PAGE_SIZE, 1 << (4 * largest - 1).bit_length())  # a page must hold a sample
+    fields = {"image": image, "record": BytesField(), "record_len": IntField(), "index": IntField()}
+    tmp = _tmp_path(path)
+    writer = DatasetWriter(tmp, fields, page_size=page_size, num_workers=max(1, min(workers, len(records) // 2000)))
+    # each writer process leaves one partly filled page: small shards get one process
+    writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
+    _fsync_rename(tmp, path)
+    return _file_entry(out, rel)
+
+
+def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
+    """Check a packed dataset before reading it; returns meta.json's dict or raises PackError naming the file.
+
+    Always: meta.json format, keys.txt count, contiguous shards, every file's exact size (a truncated or
+    half-copied file fails here), .beton headers and DALI index counts, caption store length.
+    checksums=True also re-hashes every file against the sha256 recorded at pack time (reads everything)."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise PackError(f"{meta_path}: missing (not a packed dataset, or packing did not finish)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    n = meta["num_samples"]
+    expected_first = 0
+    for s in meta["shards"]:
+        if s["first_index"] != expected_first:
+            raise PackError(f"{meta_path}: shard {s['name']} starts at {s['first_index']}, expected {expected_first}")
+        expected_first += s["num_samples"]
+        for rel, info in s["files"].items():
+            path = os.path.join(out_dir, rel)
+            if not os.path.isfile(path):
+                raise PackError(f"{path}: missing")
+            size = os.path.getsize(path)
+            if size != info["bytes"]:
+                raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
+            if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
+                raise PackError(f"{path}: sha256 mismatch (corrupted)")
+            _check_count(path, s["num_samples"])
+    if expected_first != n:
+        raise PackError(f"{meta_path}: shards hold {expected_first} samples, num_samples says {n}")
+    keys_path = os.path.join(out_dir, meta.get("keys_file", "keys.txt"))
+    with open(keys_path, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    if lines != n:
+        raise PackError(f"{keys_path}: {lines} keys, expected {n}")
+    from loaders.store import CaptionStore
+
+    store_len = len(CaptionStore(os.path.join(out_dir, "captions")))
+    if store_len != n:
+        raise PackError(f"{out_dir}/captions: {store_len} records, expected {n}")
+    return meta
+
+
+def _check_count(path: str, n: int) -> None:
+    if path.endswith(".beton"):
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(FFCV_HEADER.itemsize), FFCV_HEADER)
+        if len(header) != 1 or int(header[0]["num_samples"]) != n:
+            raise PackError(f"{path}: header does not say {n} samples")
+    elif path.endswith(".idx"):
+        with open(path) as f:
+            first = f.readline().split()
+        if first != [IDX_VERSION, str(n)]:
+            raise PackError(f"{path}: index header {first}, expected {[IDX_VERSION, str(n)]}")
+
+
+def load_rewrites(path: str) -> dict[str, list[str]]:
+    """key -> rewrites. A JSONL of {"key": ..., "rewrites": [...]} lines, or a rewrite store directory."""
+    if os.path.isdir(path):
+        from rewrite import load_rewrites as load_store  # the rewrite stage's reader
+
+        return load_store(path)
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key, texts = row["key"], row["rewrites"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise PackError(f"{path}:{line_no}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise PackError(f"{path}:{line_no}: 'rewrites' must be a list of strings")
+            out.setdefault(str(key), []).extend(texts)
+    return out
+
+
+def _wait_for(paths: list[str], cfg: PackConfig, what: str) -> bool:
+    deadline = time.time() + cfg.wait_s
+    while True:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if not missing:
+            return True
+        if time.time() >= deadline:
+            print(f"pack rank {cfg.rank}: waiting for {len(missing)} {what} (e.g. {missing[0]}) from other ranks; "
+                  "re-run this command when they are done", file=sys.stderr)
+            return False
+        time.sleep(5)
+
+
+def pack(cfg: PackConfig) -> dict:
+    """Run every stage this rank can; returns a summary dict (also printed)."""
+    from loaders.store import CaptionStore
+
+    if not cfg.input or not cfg.out:
+        raise ValueError("pack needs --input and --out")
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ValueError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    if os.path.exists(os.path.join(cfg.out, "meta.json")):
+        meta = verify_pack(cfg.out)
+        print(f"pack: {cfg.out} is complete ({meta['num_samples']} samples); nothing to do")
+        return {"num_samples": meta["num_samples"], "skipped": meta.get("skipped", {}), "new_samples": 0,
+                "complete": True}
+
+    # stage 1
+    ctx = multiprocessing.get_context("fork")
+    staged_new, reports, num_shards = 0, IngestReport(), 0
+    with ctx.Pool(max(1, cfg.workers)) as pool, tqdm(desc="pack: stage images", unit="img") as bar:
+        for index, report, samples in iter_units(cfg):
+            num_shards = index + 1
+            if samples is None or os.path.exists(os.path.join(cfg.out, "staging", shard_name(index) + ".json")) \
+                    or os.path.exists(os.path.join(cfg.out, "shards", shard_name(index) + ".json")):
+                continue  # another rank's shard, or already staged
+            m = stage_shard(cfg, index, report, samples, pool, bar)
+            staged_new += len(m["keys"])
+            reports.merge(report)
+    staging = [os.path.join(cfg.out, "staging", shard_name(i) + ".json") for i in range(num_shards)]
+    plan_path = os.path.join(cfg.out, "plan.json")
+
+    # stage 2 (rank 0)
+    if not os.path.exists(plan_path):
+        if cfg.rank != 0:
+            if not _wait_for([plan_path], cfg, "caption plan"):
+                return {"staged": staged_new, "complete": False}
+        else:
+            if not _wait_for(staging, cfg, "staged shards"):
+                return {"staged": staged_new, "complete": False}
+            build_captions(cfg, num_shards)
+    with open(plan_path) as f:
+        plan = json.load(f)
+
+    # stage 3
+    store = CaptionStore(os.path.join(cfg.out, "captions"))
+    mine = [s for i, s in enumerate(plan["shards"]) if i % cfg.world_size == cfg.rank
+            and not os.path.exists(os.path.join(cfg.out, "shards", s["name"] + ".json"))]
+    finalized = 0
+    for shard in tqdm(mine, desc="pack: write ffcv + dali", unit="shard"):
+        finalize_shard(cfg, shard, store)
+        finalized += shard["num_samples"]
+    done_paths = [os.path.join(cfg.out, "shards", s["name"] + ".json") for s in plan["shards"]]
+    if not _wait_for(done_paths, cfg, "final shards"):
+        return {"staged": staged_new, "finalized": finalized, "complete": False}
+
+    # meta.json last: the dataset exists from here on
+    shards = []
+    for p in done_paths:
+        with open(p) as f:
+            shards.append(json.load(f))
+    meta = {"format_version": FORMAT_VERSION, "num_samples": plan["num_samples"],
+            "image": {"max_side": cfg.max_side, "quality": cfg.quality, "keep_images": cfg.keep_images},
+            "shards": shards, "keys_file": "keys.txt",
+            "source": {"input": cfg.input, "rewrites": cfg.rewrites, "rewrites_given": plan["rewrites_given"],
+                       "rewrites_matched": plan["rewrites_matched"]},
+            "text_counts": plan["text_counts"], "skipped": plan["skipped"]}
+    atomic_write_bytes(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1).encode())
+    if cfg.rank == 0 and not cfg.keep_staging:
+        shutil.rmtree(os.path.join(cfg.out, "staging"), ignore_errors=True)
+    elapsed = time.time() - t0
+    nbytes = sum(f["bytes"] for s in shards for f in s["files"].values())
+    summary = {"complete": True, "num_samples": plan["num_samples"], "new_samples": staged_new, "finalized_samples": finalized,
+               "skipped": plan["skipped"], "skipped_this_run": dict(reports.counts), "bytes": nbytes,
+               "seconds": round(elapsed, 2), "samples_per_s": round(max(staged_new, finalized) / max(elapsed, 1e-9), 1),
+               "skipped_examples": reports.records[:20]}
+    print(f"pack: {plan['num_samples']} samples in {len(shards)} shards at {cfg.out}; "
+          f"{sum(plan['skipped'].values())} skipped {plan['skipped']}; {nbytes / 2**20:.1f} MiB; "
+          f"{summary['samples_per_s']} samples/s this run ({elapsed:.1f} s)")
+    return summary
+
+
+def parse_args(argv=None) -> PackConfig:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m loaders.pack", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML file with PackConfig fields; flags override it")
+    for f in dataclasses.fields(PackConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            p.add_argument(flag, type=kind, default=None)
+    a = vars(p.parse_args(argv))
+    cfg = PackConfig.from_yaml(a.pop("config")) if a.get("config") else PackConfig()
+    a.pop("config", None)
+    return dataclasses.replace(cfg, **{k: v for k, v in a.items() if v is not None})
+
+
+def main(argv=None) -> dict:
+    return pack(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
