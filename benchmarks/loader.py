@@ -1,0 +1,329 @@
+"""`python -m benchmarks loader --out loader.json`: samples/s of the FFCV, DALI and torch loaders.
+
+On a packed real image set (openclipart clip art rendered at 256 px, a few thousand, built and packed
+once under .cache/), each loader runs full epochs (after a warm-up epoch that pays numba compilation and
+worker start) at 1 and 2 workers with the caption draw on and off. References measured in the same run:
+  decode_bound_per_core  one core, a tight loop that only decodes (fastest decoder here) and crops the same
+                         JPEGs from memory: what a loader worker could do with zero overhead;
+  torch_pil_baseline     the original LaCLIP loading: torch DataLoader over image files, Pillow decode,
+                         Pillow crop + resize, per-sample ToTensor/Normalize, a Python random.choice of the
+                         caption from a JSON list and per-sample tokenization (1 worker; by_workers too).
+caption_draw_overhead = 1 - (with draw / without) for the fastest loader at 1 worker (best of alternating
+rounds; on this shared machine epochs swing +-10%, so also: caption_draw_overhead_cpu_time from the
+process's CPU time, and caption_draw_us_per_sample / caption_draw_overhead_isolated from the compiled
+caption op timed alone).
+Loaders hand out uint8 crops here (normalize=False: the accelerator normalises); the CPU-normalised float
+rates are in cpu_normalized_samples_per_s. "1 worker" = 1 decode thread/process (plus the consumer).
+
+`--project` turns measured rates (this run's, or --from a previous JSON) into pack time, bytes on disk and
+loader cores per GPU for CC3M, CC12M and LAION-400M at --target-rate samples/s per GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import time
+
+import numpy as np
+
+from benchmarks.common import write_json
+
+CACHE = os.path.join(".cache", "bench-loader")
+DATASETS = {"CC3M": 3_300_000, "CC12M": 12_400_000, "LAION-400M": 400_000_000}
+KINDS = ("ffcv", "dali", "torch")
+
+
+def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
+    """(image folder, packed root, pack summary): openclipart at 256 px with keyword-built rewrites."""
+    from loaders.datasets import build_dataset
+    from loaders.pack import PackConfig, pack
+
+    folder = build_dataset("openclipart", os.path.join(".cache", f"openclipart-{samples // 1000}k"),
+                           max_samples=samples, image_size=256, workers=2)
+    rows = [json.loads(line) for line in open(os.path.join(folder, "captions.jsonl"))]
+    out = os.path.join(CACHE, f"openclipart-{len(rows)}")
+    rewrites = os.path.join(CACHE, f"rewrites-{len(rows)}.jsonl")
+    os.makedirs(CACHE, exist_ok=True)
+    if not os.path.exists(rewrites):  # stand-in rewrites from the real keywords: M = 0..4 per sample
+        with open(rewrites, "w") as f:
+            for i, r in enumerate(rows):
+                kws = r.get("keywords") or [r["category"]]
+                texts = [f"clip art of {', '.join(kws[j::4][:3])}" for j in range(i % 5)]
+                f.write(json.dumps({"key": r["key"], "rewrites": texts}) + "\n")
+    summary_path = os.path.join(CACHE, f"pack-summary-{len(rows)}.json")
+    if not os.path.exists(os.path.join(out, "meta.json")):
+        summary = pack(PackConfig(input=folder, out=out, rewrites=rewrites, max_side=256, quality=90,
+                                  samples_per_shard=samples_per_shard, workers=2))
+        with open(summary_path, "w") as f:
+            json.dump(summary, f)
+    with open(summary_path) as f:
+        return folder, out, json.load(f)
+
+
+def epoch_rate(kind: str, root: str, workers: int, draw: bool, batch_size: int, epoch: int,
+               normalize: bool = False) -> float:
+    from loaders import build_loader
+
+    loader = build_loader(kind, root, batch_size=batch_size, text_mode="rewrite", seed=0, epoch=epoch,
+                          num_workers=workers, draw_text=draw, normalize=normalize)
+    it, n = iter(loader), 0
+    next(it)  # worker / pipeline start is not throughput
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in it:
+        n += len(batch[0])
+    LAST_CPU_RATE[0] = n / max(time.process_time() - cpu, 1e-9)  # this process's threads only
+    return n / (time.perf_counter() - start)
+
+
+LAST_CPU_RATE = [0.0]
+
+
+def decode_bound_per_core(root: str, limit: int, image_size: int = 224) -> dict:
+    """One core: decode + RandomResizedCrop of in-memory JPEGs with simplejpeg and with cv2; best wins."""
+    import cv2
+    import simplejpeg
+
+    from loaders import augment
+    from loaders.torch_loader import TarShards, read_meta
+
+    shards = TarShards(read_meta(root))
+    jpegs = [bytes(shards.jpeg(i)) for i in range(min(limit, shards.packed.shards.num_samples))]
+    rng = np.random.default_rng(0)
+    cpu_rates = {}
+    decoders = {"simplejpeg": lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB"),
+                "cv2": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)}
+    rates = {}
+    for name, decode in decoders.items():
+        best = best_cpu = 0.0
+        for _ in range(2):
+            start, cpu = time.perf_counter(), time.process_time()
+            for b in jpegs:
+                img = decode(b)
+                augment.crop_resize(img, augment.random_resized_crop_box(*img.shape[:2], rng), image_size)
+            best = max(best, len(jpegs) / (time.perf_counter() - start))
+            best_cpu = max(best_cpu, len(jpegs) / (time.process_time() - cpu))
+        rates[name] = round(best, 1)
+        cpu_rates[name] = round(best_cpu, 1)
+    return rates, cpu_rates
+
+
+def caption_draw_cost_us(root: str, epochs: int = 20) -> float:
+    """CPU microseconds per sample of the compiled caption op alone: an FFCV Loader reading only the
+    record field through CaptionDecoder minus one reading only the index field (same shard, 1 thread).
+    Noise-free next to end-to-end epochs, whose wall time swings more than the op costs."""
+    import torch
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToTensor
+
+    from loaders.ffcv_loader import _caption_decoder_class, _ddict
+    from loaders.torch_loader import read_meta
+    from model.tokenizer import get_tokenizer
+
+    packed, tok = read_meta(root), get_tokenizer()
+    beton = os.path.join(root, "ffcv", packed.meta["shards"][0]["name"] + ".beton")
+    params = np.array([0, 1], dtype=np.int64)
+    decoder = _caption_decoder_class()(ddict=_ddict(packed.dictionary), params=params, first_index=0,
+                                       mode="rewrite", max_texts=5, sot=tok.sot_token_id, eot=tok.eot_token_id)
+    costs = {}
+    for name, pipes in (("index", {"index": [IntDecoder(), ToTensor()], "record": None}),
+                        ("draw", {"index": None, "record": PipelineSpec("record", decoder=decoder,
+                                                                         transforms=[ToTensor()])})):
+        loader = Loader(beton, batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": None, "record_len": None, **pipes})
+        for _ in range(3):  # compile + warm
+            for _ in loader:
+                pass
+        n, cpu = 0, time.process_time()
+        for _ in range(epochs):
+            for b in loader:
+                n += len(b[0])
+        costs[name] = (time.process_time() - cpu) / n * 1e6
+    torch.set_num_threads(1)
+    return max(costs["draw"] - costs["index"], 0.0)
+
+
+class _PilDataset:
+    """LaCLIP's original loading: image file -> PIL -> RandomResizedCrop -> ToTensor -> Normalize;
+    caption = random.choice of a JSON list, tokenized per sample."""
+
+    def __init__(self, folder: str, rows: list, texts: dict):
+        self.folder, self.rows, self.texts = folder, rows, texts
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+
+        from loaders import augment
+        from model.tokenizer import get_tokenizer
+
+        row = self.rows[i]
+        with Image.open(os.path.join(self.folder, row["file"])) as im:
+            im = im.convert("RGB")
+            top, left, h, w = augment.random_resized_crop_box(im.height, im.width, np.random.default_rng())
+            im = im.resize((224, 224), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+        mean = torch.tensor(augment.CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(augment.CLIP_STD).view(3, 1, 1)
+        caption = random.choice(json.loads(self.texts[row["key"]]))
+        return (x - mean) / std, get_tokenizer()([caption])[0]
+
+
+def torch_pil_baseline(folder: str, workers: int, batch_size: int) -> float:
+    import torch
+
+    rows = [json.loads(line) for line in open(os.path.join(folder, "captions.jsonl"))]
+    rewrites = {}
+    for line in open(os.path.join(CACHE, f"rewrites-{len(rows)}.jsonl")):
+        r = json.loads(line)
+        rewrites[r["key"]] = r["rewrites"]
+    texts = {r["key"]: json.dumps([r["caption"], *rewrites.get(r["key"], [])]) for r in rows}
+    loader = torch.utils.data.DataLoader(_PilDataset(folder, rows, texts), batch_size=batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True, prefetch_factor=4)
+    it, n = iter(loader), 0
+    next(it)
+    start = time.perf_counter()
+    for images, _ in it:
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def measure(args) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    folder, root, pack_summary = prepare(args.samples, args.samples_per_shard)
+    workers = [int(w) for w in args.workers.split(",")]
+    result = {f"{k}_samples_per_s": {} for k in KINDS}
+    no_draw = {k: {} for k in KINDS}
+    epoch = 0
+    for kind in KINDS:
+        for w in workers:
+            for draw in (True, False):
+                if epoch == 0 or kind == "ffcv":  # warm-up epoch: numba compile per config, page cache
+                    epoch_rate(kind, root, w, draw, args.batch_size, epoch := epoch + 1)
+                r = epoch_rate(kind, root, w, draw, args.batch_size, epoch := epoch + 1)
+                (result[f"{kind}_samples_per_s"] if draw else no_draw[kind])[str(w)] = round(r, 1)
+                print(f"{kind} workers={w} draw={draw}: {r:.1f} samples/s", flush=True)
+    best = max(KINDS, key=lambda k: result[f"{k}_samples_per_s"]["1"])
+    # The machine is shared: rates swing +-10% between epochs. So the fastest loader (draw on, off) and
+    # the decode-bound loop are measured in alternating rounds, and each keeps its best round.
+    on, off = [result[f"{best}_samples_per_s"]["1"]], [no_draw[best]["1"]]
+    on_cpu, off_cpu, decodes, decodes_cpu = [], [], [], []
+    for _ in range(args.repeats):
+        rates, cpu_rates = decode_bound_per_core(root, args.decode_samples)
+        decodes.append(rates)
+        decodes_cpu.append(cpu_rates)
+        on.append(epoch_rate(best, root, 1, True, args.batch_size, epoch := epoch + 1))
+        on_cpu.append(LAST_CPU_RATE[0])
+        off.append(epoch_rate(best, root, 1, False, args.batch_size, epoch := epoch + 1))
+        off_cpu.append(LAST_CPU_RATE[0])
+    decode = {k: max(d[k] for d in decodes) for k in decodes[0]}
+    draw_us = caption_draw_cost_us(root)
+    decode_cpu = {k: max(d[k] for d in decodes_cpu) for k in decodes_cpu[0]}
+    result[f"{best}_samples_per_s"]["1"] = round(max(on), 1)
+    normalized = {}  # float32 CLIP-normalised on the CPU (the contract's default) at 1 worker
+    for kind in KINDS:
+        normalized[kind] = round(epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1, True), 1)
+        if kind == "ffcv":  # a new FFCV config compiles in its first epoch: measure the second
+            normalized[kind] = round(epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1, True), 1)
+    pil = {str(w): round(torch_pil_baseline(folder, w, args.batch_size), 1) for w in workers}
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    nbytes = {"ffcv": 0, "dali": 0}
+    for s in meta["shards"]:
+        for rel, info in s["files"].items():
+            nbytes[rel.split("/")[0]] += info["bytes"]
+    from loaders.store import store_bytes
+
+    n = meta["num_samples"]
+    best_rate = result[f"{best}_samples_per_s"]["1"]
+    result.update({
+        "decode_bound_per_core": max(decode.values()),
+        "torch_pil_baseline": pil["1"],
+        "caption_draw_overhead": round(1 - max(on) / max(off), 4),
+        "caption_draw_us_per_sample": round(draw_us, 3),
+        "caption_draw_overhead_isolated": round(draw_us * 1e-6 * max(on_cpu), 4) if best == "ffcv" else None,
+        "caption_draw_overhead_cpu_time": round(1 - max(on_cpu) / max(off_cpu), 4) if best == "ffcv" else None,
+        "cpu_time_rates": {"note": "samples per CPU-second of this process (all its threads), best round; "
+                                   "FFCV runs in-process so this is its per-core efficiency",
+                           "decode_bound": decode_cpu, f"{best}_draw_on": round(max(on_cpu), 1),
+                           f"{best}_draw_off": round(max(off_cpu), 1)} if best == "ffcv" else None,
+        "fastest_loader": best,
+        "no_draw_samples_per_s": no_draw,
+        "cpu_normalized_samples_per_s": normalized,
+        "images": "uint8 [B,3,224,224] crops (normalize=False: normalisation belongs on the accelerator); "
+                  "cpu_normalized_samples_per_s: float32 normalised on the CPU, 1 worker",
+        "draw_repeats": {"on": [round(x, 1) for x in on], "off": [round(x, 1) for x in off],
+                         "decode_bound": decodes},
+        "decode_bound_by_decoder": decode,
+        "torch_pil_baseline_by_workers": pil,
+        "best_vs_decode_bound": round(best_rate / max(decode.values()), 3),
+        "best_vs_pil_baseline": round(best_rate / pil["1"], 3),
+        # the stable comparison on a shared machine: samples per CPU-second, loader vs tight loop
+        "best_vs_decode_bound_cpu_time": round(max(on_cpu) / max(decode_cpu.values()), 3) if best == "ffcv" else None,
+        "dataset": {"name": "openclipart", "samples": n, "shards": len(meta["shards"]), "image_side": 256,
+                    "batch_size": args.batch_size, "text_counts": meta.get("text_counts")},
+        "bytes_per_sample": {"ffcv": round(nbytes["ffcv"] / n, 1), "dali": round(nbytes["dali"] / n, 1),
+                             "captions": round(store_bytes(os.path.join(root, "captions")) / n, 1)},
+        "pack": {k: pack_summary.get(k) for k in ("seconds", "samples_per_s", "bytes")},
+    })
+    return result
+
+
+def project(measured: dict, target_rate: float, pack_cores: int = 2) -> dict:
+    """Pack time, bytes on disk and loader cores per GPU for the paper's sets, from measured rates."""
+    per_core = max(measured[f"{k}_samples_per_s"]["1"] for k in KINDS)
+    pack_rate_per_core = (measured["pack"]["samples_per_s"] or 0) / pack_cores
+    bytes_per_sample = measured["bytes_per_sample"]
+    rows = []
+    for name, n in DATASETS.items():
+        rows.append({
+            "dataset": name, "samples": n,
+            "pack_core_hours": round(n / max(pack_rate_per_core, 1e-9) / 3600, 1),
+            "pack_hours_on_64_cores": round(n / max(pack_rate_per_core, 1e-9) / 3600 / 64, 2),
+            "ffcv_TB": round(n * bytes_per_sample["ffcv"] / 1e12, 3),
+            "dali_TB": round(n * bytes_per_sample["dali"] / 1e12, 3),
+            "captions_GB": round(n * bytes_per_sample["captions"] / 1e9, 2),
+            "loader_cores_per_gpu": round(target_rate / per_core, 1),
+            "epoch_minutes_per_gpu_at_target": round(n / target_rate / 60, 1),
+        })
+    print(f"\nprojection at {target_rate:.0f} samples/s per GPU; loader {per_core:.0f} samples/s per core; "
+          f"pack {pack_rate_per_core:.0f} samples/s per core; bytes/sample {bytes_per_sample} (256 px clip art)")
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    return {"target_rate_per_gpu": target_rate, "loader_samples_per_s_per_core": per_core,
+            "pack_samples_per_s_per_core": round(pack_rate_per_core, 1), "rows": rows,
+            "note": "bytes and pack rate measured on 256 px clip art; web photos at 256 px are ~2-3x larger"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks loader")
+    p.add_argument("--out", default=None)
+    p.add_argument("--samples", type=int, default=3000)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--repeats", type=int, default=4, help="alternating rounds: decode bound, draw on, off")
+    p.add_argument("--decode-samples", type=int, default=1000)
+    p.add_argument("--project", action="store_true", help="add the CC3M/CC12M/LAION-400M projection table")
+    p.add_argument("--from", dest="from_json", help="project from this earlier result instead of measuring")
+    p.add_argument("--target-rate", type=float, default=2500.0, help="samples/s per GPU to feed")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = {k: v for k, v in json.load(f).items() if k != "machine"}
+    else:
+        result = measure(args)
+    if args.project:
+        result["project"] = project(result, args.target_rate)
+    return write_json(result, args.out)

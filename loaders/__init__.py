@@ -1,0 +1,45 @@
+"""loaders/: data on disk (ingest, pack) and the loader pipelines (FFCV, DALI, plain torch).
+
+build_loader() is the one entry point of the training loop; see .brief/CONTRACTS.md for the packed
+layout. Batches:
+  text_mode "rewrite" / "original": (images float32 [B,3,H,W] CLIP-normalised, tokens int32 [B,77])
+  text_mode "all":                  (images, tokens int32 [B,max_texts,77], mask bool [B,max_texts])
+  slip_views=True (or return_dict=True): a dict {"images", "tokens", ["mask"], "view1", "view2",
+  "index"}; view1/view2 are SLIP's SimCLR views (float, normalised), "index" the global sample indices.
+Images are contiguous NCHW float32 by default; normalize=False gives uint8 [B,3,H,W] as a channels-last
+view (normalise on the accelerator). The GPU packages are imported only when their loader is built, so a
+missing FFCV or DALI is never an import error here.
+"""
+from __future__ import annotations
+
+KINDS = ("ffcv", "dali", "torch")
+TEXT_MODES = ("rewrite", "original", "all")
+
+
+def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite", seed: int = 0,
+                 epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
+                 image_size: int = 224, max_texts: int = 5, slip_views: bool = False, start_batch: int = 0,
+                 drop_last: bool = True, augment: bool = True, draw_text: bool = True,
+                 return_dict: bool = False, normalize: bool = True):
+    """An iterable of one epoch's batches for this rank, starting at batch `start_batch`.
+
+    len(loader) = batches left. draw_text=False skips the captions (benchmarks only). normalize=False
+    hands out uint8 [B,3,H,W] images (a channels-last view) for normalising on the accelerator with
+    loaders.augment.normalize(images.to(device)): the CPU then only decodes and crops.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode {text_mode!r}, expected one of {TEXT_MODES}")
+    kw = dict(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
+              world_size=world_size, num_workers=num_workers, image_size=image_size, max_texts=max_texts,
+              slip_views=slip_views, start_batch=start_batch, drop_last=drop_last, augment=augment,
+              draw_text=draw_text, return_dict=return_dict, normalize=normalize)
+    if kind == "ffcv":
+        from loaders.ffcv_loader import FfcvLoader
+        return FfcvLoader(root, **kw)
+    if kind == "dali":
+        from loaders.dali_loader import DaliLoader
+        return DaliLoader(root, **kw)
+    if kind == "torch":
+        from loaders.torch_loader import TorchLoader
+        return TorchLoader(root, **kw)
+    raise ValueError(f"loader kind {kind!r}, expected one of {KINDS}")

@@ -1,0 +1,122 @@
+"""Per-epoch sample order shared by the FFCV, DALI and torch loaders.
+
+The order of an epoch is a function of (seed, epoch) only:
+  1. the shards are shuffled (shard-level shuffle), then
+  2. the samples of each shard are visited in a random order of their own (in-shard shuffle),
+so a reader walks one shard at a time and reads from object stores or network disks stay mostly
+sequential. Rank r of W takes the contiguous slice [r*L, (r+1)*L) of that virtual order, so each rank
+touches few shards and the ranks' slices are disjoint; their union is the whole set (with
+drop_last=False the last rank's slice wraps round to the start, like torch's DistributedSampler pads).
+
+Nothing of size N is ever materialised: the shard permutation is O(#shards) and a shard's in-shard
+permutation is recomputed (and cached) when the reader enters it, so memory does not grow with the
+dataset (LAION-400M is fine). `start_batch` resumes mid-epoch: batch b of a rank is positions
+[b*B, (b+1)*B) of its slice, whatever happened before.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def _rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    # SeedSequence mixes the whole tuple, so (seed, epoch) and (seed, epoch, shard) streams are independent.
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), *map(int, more)]))
+
+
+@dataclass(frozen=True)
+class ShardTable:
+    """Shard sizes and first global indices, in pack order (meta.json's "shards")."""
+
+    sizes: np.ndarray  # int64 [S]
+    first_index: np.ndarray  # int64 [S]
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ShardTable":
+        shards = meta["shards"]
+        return cls(np.array([s["num_samples"] for s in shards], dtype=np.int64),
+                   np.array([s["first_index"] for s in shards], dtype=np.int64))
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int]) -> "ShardTable":
+        sizes = np.asarray(sizes, dtype=np.int64)
+        return cls(sizes, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sizes.sum())
+
+
+class EpochSampler:
+    """The global indices one rank reads in one epoch, in order, batch by batch."""
+
+    def __init__(self, shards: ShardTable, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, start_batch: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        n = shards.num_samples
+        if n == 0:
+            raise ValueError("empty dataset: no samples to load")
+        self.shards, self.seed, self.epoch = shards, int(seed), int(epoch)
+        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+        self.num_samples_total = n
+        # Per-rank slice length: floor (drop_last) or ceil with wrap-round padding.
+        self.per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+        self.offset = rank * self.per_rank
+        if drop_last:
+            self.num_batches = self.per_rank // self.batch_size
+        else:
+            self.num_batches = math.ceil(self.per_rank / self.batch_size)
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.num_batches}]")
+        self.start_batch = int(start_batch)
+        # Shard-level shuffle: order[k] = pack index of the k-th shard visited this epoch.
+        self.shard_order = _rng(seed, epoch).permutation(len(shards.sizes))
+        self.visit_ends = np.cumsum(shards.sizes[self.shard_order])  # end position of each visited shard
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        """Batches left from start_batch to the end of the epoch."""
+        return self.num_batches - self.start_batch
+
+    def _shard_perm(self, shard: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != shard:
+            size = int(self.shards.sizes[shard])
+            perm = _rng(self.seed, self.epoch, 1 + shard).permutation(size)
+            self._cached = (shard, perm + self.shards.first_index[shard])
+        return self._cached[1]
+
+    def global_positions(self, start: int, stop: int) -> np.ndarray:
+        """Positions in the epoch's virtual order of this rank's slice [start, stop)."""
+        return (self.offset + np.arange(start, stop, dtype=np.int64)) % self.num_samples_total
+
+    def indices(self, start: int, stop: int) -> np.ndarray:
+        """Global sample indices at rank-local positions [start, stop) (vectorised per shard)."""
+        pos = self.global_positions(start, stop)
+        visit = np.searchsorted(self.visit_ends, pos, side="right")
+        out = np.empty(len(pos), dtype=np.int64)
+        for v in np.unique(visit):  # usually one or two shards per batch
+            sel = visit == v
+            begin = self.visit_ends[v] - self.shards.sizes[self.shard_order[v]]
+            out[sel] = self._shard_perm(int(self.shard_order[v]))[pos[sel] - begin]
+        return out
+
+    def batch_bounds(self, b: int) -> tuple[int, int]:
+        start = b * self.batch_size
+        return start, min(start + self.batch_size, self.per_rank)
+
+    def batch_indices(self, b: int) -> np.ndarray:
+        return self.indices(*self.batch_bounds(b))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for b in range(self.start_batch, self.num_batches):
+            yield self.batch_indices(b)
+
+    def positions_left(self) -> int:
+        """Samples this rank still reads from start_batch on."""
+        if self.num_batches == self.start_batch:
+            return 0
+        return self.batch_bounds(self.num_batches - 1)[1] - self.start_batch * self.batch_size

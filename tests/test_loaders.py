@@ -1,0 +1,224 @@
+"""The three loaders (FFCV, DALI, torch) on one small real packed set (emoji, 3 shards), all on CPU.
+
+One pack per session; FFCV Loaders are cached per shard and config inside the process, so numba compiles
+each configuration once. The torch loader with num_workers=0 is the reference the others must equal.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from loaders import build_loader, datasets
+from loaders.pack import PackConfig, PackError, pack
+from loaders.sampling import EpochSampler, ShardTable
+from loaders.store import CaptionStore, draw_text_index
+
+KINDS = ["torch", "ffcv", "dali"]
+MAX_TEXTS = 5
+TEMPLATES = ["an emoji of {}", "{} icon", "a small colorful picture showing {}", "{}, drawn as a flat symbol"]
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """95 real emoji images, captions = their names plus 0-4 rewrites each, packed into shards of 40."""
+    root = tmp_path_factory.mktemp("loaders")
+    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=96, workers=1)
+    with open(os.path.join(folder, "captions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(root / "rewrites.jsonl", "w") as f:
+        for i, row in enumerate(rows):
+            texts = [t.format(row["caption"].lower()) for t in TEMPLATES[:i % 5]]
+            f.write(json.dumps({"key": row["key"], "rewrites": texts}) + "\n")
+    out = str(root / "packed")
+    pack(PackConfig(input=folder, out=out, rewrites=str(root / "rewrites.jsonl"), samples_per_shard=40,
+                    workers=1))
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    assert len(meta["shards"]) >= 3
+    return out
+
+
+@pytest.fixture(scope="session")
+def store(packed):
+    return CaptionStore(os.path.join(packed, "captions"))
+
+
+def run(kind, root, **kw):
+    """All batches of one epoch as dicts of tensors (copied: FFCV reuses its buffers)."""
+    args = dict(batch_size=16, text_mode="rewrite", seed=3, epoch=0, num_workers=1, return_dict=True)
+    args.update(kw)
+    return [{k: v.clone() for k, v in b.items()} for b in build_loader(kind, root, **args)]
+
+
+def cat(batches, key):
+    return torch.cat([b[key] for b in batches])
+
+
+# ------------------------------------------------------------------------------------ sampling (no I/O)
+
+def test_sampler_epoch_is_a_permutation_split_over_ranks():
+    shards = ShardTable.from_sizes([40, 40, 15])
+    orders = []
+    for epoch in range(3):
+        parts = [np.concatenate(list(EpochSampler(shards, seed=1, epoch=epoch, batch_size=8, rank=r,
+                                                  world_size=2, drop_last=False))) for r in range(2)]
+        assert sorted(set(np.concatenate(parts))) == list(range(95))  # union = the set
+        kept = [np.concatenate(list(EpochSampler(shards, seed=1, epoch=epoch, batch_size=8, rank=r,
+                                                 world_size=2, drop_last=True))) for r in range(2)]
+        assert not set(kept[0]) & set(kept[1])  # disjoint ranks
+        orders.append(np.concatenate(parts))
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
+    # shard-level shuffle + in-shard order: one rank's reads change shard at most #shards times
+    order = np.concatenate(list(EpochSampler(shards, seed=1, epoch=0, batch_size=8)))
+    assert np.count_nonzero(np.diff(np.searchsorted([40, 80], order, side="right"))) <= 2
+
+
+def test_sampler_resume_is_the_tail_of_the_epoch():
+    shards = ShardTable.from_sizes([40, 40, 15])
+    full = list(EpochSampler(shards, seed=5, epoch=2, batch_size=7, drop_last=False))
+    tail = list(EpochSampler(shards, seed=5, epoch=2, batch_size=7, drop_last=False, start_batch=4))
+    assert len(tail) == len(full) - 4
+    assert all(np.array_equal(a, b) for a, b in zip(full[4:], tail))
+
+
+# ------------------------------------------------------------------------------------ loaders
+
+@pytest.fixture(scope="session")
+def reference(packed):
+    return run("torch", packed, num_workers=0, drop_last=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_epoch_covers_the_set_and_matches_the_reference(kind, packed, reference):
+    batches = run(kind, packed, drop_last=False, num_workers=2)
+    index = cat(batches, "index")
+    assert sorted(index.tolist()) == list(range(95))
+    assert torch.equal(index, cat(reference, "index"))
+    assert torch.equal(cat(batches, "tokens"), cat(reference, "tokens"))  # same texts, any worker count
+    images = cat(batches, "images")
+    assert images.shape == (95, 3, 224, 224) and images.dtype == torch.float32
+    assert -2.5 < images.mean() < 2.5 and 0.2 < images.std() < 2.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_read_disjoint_parts_whose_union_is_the_set(kind, packed):
+    parts = [cat(run(kind, packed, rank=r, world_size=2, drop_last=True, epoch=1), "index") for r in range(2)]
+    assert not set(parts[0].tolist()) & set(parts[1].tolist())
+    full = [cat(run(kind, packed, rank=r, world_size=2, drop_last=False, epoch=1), "index") for r in range(2)]
+    assert set(full[0].tolist()) | set(full[1].tolist()) == set(range(95))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_mid_epoch_continues_with_the_next_unseen_batch(kind, packed):
+    full = run(kind, packed, epoch=2, batch_size=8)
+    tail = run(kind, packed, epoch=2, batch_size=8, start_batch=5)
+    assert len(tail) == len(full) - 5
+    for a, b in zip(full[5:], tail):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_texts_mode_returns_every_text_with_mask(kind, packed, store):
+    batches = run(kind, packed, text_mode="all", max_texts=MAX_TEXTS, drop_last=False)
+    tokens, mask, index = cat(batches, "tokens"), cat(batches, "mask"), cat(batches, "index")
+    assert tokens.shape == (95, MAX_TEXTS, 77) and mask.dtype == torch.bool
+    for row, i in enumerate(index.tolist()):
+        want, want_mask = store.all_texts(i, MAX_TEXTS)
+        assert torch.equal(tokens[row], torch.from_numpy(want)) and torch.equal(mask[row], torch.from_numpy(want_mask))
+    assert sorted(set(mask.sum(1).tolist())) == [1, 2, 3, 4, 5]  # samples without rewrites keep 1
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "dali"])
+def test_original_mode_is_text_slot_zero(kind, packed, store):
+    batches = run(kind, packed, text_mode="original", drop_last=False)
+    for row, i in zip(cat(batches, "tokens"), cat(batches, "index").tolist()):
+        assert torch.equal(row, torch.from_numpy(store.all_texts(i, 1)[0][0]))
+
+
+def test_text_draw_is_uniform_and_follows_draw_text_index(packed, store):
+    """Chi-square over 24 epochs of FFCV draws: each sample's chosen slot, pooled by its text count."""
+    counts = {n: np.zeros(n) for n in range(2, 6)}
+    for epoch in range(24):
+        batches = run("ffcv", packed, epoch=epoch, drop_last=False)
+        for row, i in zip(cat(batches, "tokens").numpy(), cat(batches, "index").tolist()):
+            texts, mask = store.all_texts(i, MAX_TEXTS)
+            n = int(mask.sum())
+            k = [j for j in range(n) if np.array_equal(texts[j], row)]
+            assert k == [draw_text_index(3, epoch, i, n)]  # the store's draw, exactly
+            if n > 1:
+                counts[n][k[0]] += 1
+    for n, c in counts.items():
+        assert stats.chisquare(c).pvalue > 1e-3, (n, c)
+
+
+def test_image_matches_its_index_across_loaders(packed):
+    """Center crops (no augmentation) of the same index agree between decoders and resizers."""
+    ref = run("torch", packed, augment=False, num_workers=0)[0]
+    for kind in ("ffcv", "dali"):
+        other = run(kind, packed, augment=False)[0]
+        assert torch.equal(other["index"], ref["index"])
+        diff = (other["images"] - ref["images"]).abs().flatten(1).mean(1)
+        assert diff.max() < 0.05, (kind, diff.max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_slip_views(kind, packed):
+    batch = run(kind, packed, slip_views=True)[0]
+    for key in ("images", "view1", "view2"):
+        assert batch[key].shape == (16, 3, 224, 224) and batch[key].dtype == torch.float32
+    assert not torch.equal(batch["view1"], batch["view2"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("victim", ["ffcv/part-00001.beton", "dali/part-00001.tar"])
+def test_truncated_pack_file_gives_a_clear_error(kind, victim, packed, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    path = copy / victim
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(PackError, match="part-00001"):  # checked against meta.json's sizes
+        run(kind, str(copy))
+
+
+def test_truncated_files_are_caught_by_their_own_structure(packed, tmp_path):
+    """Even when meta.json's recorded sizes are gone, the .beton and tar checks name the file."""
+    from loaders.ffcv_loader import check_beton
+    from loaders.torch_loader import parse_tar_index
+
+    beton, tar = tmp_path / "a.beton", tmp_path / "a.tar"
+    shutil.copy(os.path.join(packed, "ffcv/part-00000.beton"), beton)
+    shutil.copy(os.path.join(packed, "dali/part-00000.tar"), tar)
+    shutil.copy(os.path.join(packed, "dali/part-00000.idx"), tmp_path / "a.idx")
+    check_beton(beton, 40)
+    parse_tar_index(tmp_path / "a.idx", tar, 40)
+    for path in (beton, tar):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(PackError, match="a.beton.*truncated"):
+        check_beton(beton, 40)
+    with pytest.raises(PackError, match="a.tar.*truncated"):
+        parse_tar_index(tmp_path / "a.idx", tar, 40)
+
+
+def test_corrupted_caption_record_in_beton_names_the_sample(packed, tmp_path):
+    """A flipped byte inside a compressed record fails the zstd checksum in the compiled decoder."""
+    from ffcv.reader import Reader
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    beton = copy / "ffcv/part-00000.beton"
+    reader = Reader(str(beton))
+    row = reader.metadata[7]
+    ptr, size = int(row["f1"]["ptr"]), int(row["f1"]["size"])  # field 1 = "record"
+    with open(beton, "r+b") as f:
+        f.seek(ptr + size // 2)
+        byte = f.read(1)
+        f.seek(ptr + size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PackError, match="sample 7 does not decompress"):
+        run("ffcv", str(copy), drop_last=False)
