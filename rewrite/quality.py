@@ -1,0 +1,49 @@
+"""Output filter: why a generated rewrite is rejected. Rejected rewrites are retried, then replaced by
+the original caption (counted as "fallback")."""
+from __future__ import annotations
+
+import re
+from difflib import SequenceMatcher
+
+REASONS = ("empty", "identical", "copied_example", "too_long", "non_text")
+MAX_WORDS = 60     # CLIP's context is 77 tokens; longer rewrites get truncated anyway
+MAX_CHARS = 320
+NEAR_COPY = 0.85   # character similarity to a pool example above which the output counts as a copy
+_PREFIX = re.compile(r"^\s*(output|rewrite|caption)\s*:\s*", re.I)
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def clean_output(text: str) -> str:
+    """Strip what models add around the answer: a repeated "Output:" label, wrapping quotes."""
+    text = _PREFIX.sub("", text.strip())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = ()) -> str | None:
+    """None if the rewrite is kept, else the first reason (one of REASONS) it fails."""
+    norm = _norm(text)
+    if not norm:
+        return "empty"
+    if norm == _norm(caption):
+        return "identical"
+    # Small models often echo an example with a word changed; the caption itself never appears there.
+    if any(SequenceMatcher(None, norm, _norm(e)).ratio() >= NEAR_COPY for pair in examples for e in pair):
+        return "copied_example"
+    words = text.split()
+    if len(words) > MAX_WORDS or len(text) > MAX_CHARS:
+        return "too_long"
+    letters = sum(c.isalpha() for c in text)
+    if letters < 0.5 * len(text.replace(" ", "")):
+        return "non_text"
+    # Degenerate sampling loops: one word 4 times in a row, or long texts of few distinct words.
+    lowered = [w.lower() for w in words]
+    if any(lowered[i] == lowered[i + 1] == lowered[i + 2] == lowered[i + 3] for i in range(len(words) - 3)):
+        return "non_text"
+    if len(words) >= 8 and len(set(lowered)) < 0.4 * len(words):
+        return "non_text"
+    return None

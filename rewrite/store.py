@@ -1,0 +1,139 @@
+"""The rewrite store: what rewrite/ writes and loaders/ pack reads.
+
+<out>/run.json                     the run: engine, model, pools (in store order), seed, shards, ...
+<out>/<pool>/shard-00000.jsonl     line 1: header {"engine", "model", "pool", "seed", "shard", "counts", ...}
+                                   then one {"key", "caption", "rewrites": [...]} per caption, input order
+A shard file exists only when complete (written to a temp file, fsynced, renamed), so a re-run redoes
+exactly the missing files. `load_rewrites` gives each key its rewrites in the run's pool order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+FORMAT_VERSION = 1
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def shard_path(out_dir, pool: str, shard: int) -> Path:
+    return Path(out_dir) / pool / f"shard-{shard:05d}.jsonl"
+
+
+def write_shard(out_dir, pool: str, shard: int, header: dict, records: list[dict]) -> Path:
+    path = shard_path(out_dir, pool, shard)
+    lines = [json.dumps({"format_version": FORMAT_VERSION, **header}, ensure_ascii=False)]
+    lines += [json.dumps(r, ensure_ascii=False) for r in records]
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_run(out_dir) -> dict:
+    path = Path(out_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not a rewrite store: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def read_shard(path: Path) -> tuple[dict, list[dict]]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    header, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    if header.get("format_version") != FORMAT_VERSION or len(records) != header["num_captions"]:
+        raise ValueError(f"{path}: bad header or {len(records)} records for {header.get('num_captions')}")
+    return header, records
+
+
+def missing_shards(out_dir) -> list[Path]:
+    run = read_run(out_dir)
+    return [shard_path(out_dir, p, s) for s in range(run["num_shards"]) for p in run["pools"]
+            if not shard_path(out_dir, p, s).is_file()]
+
+
+def iter_rewrites(out_dir) -> Iterator[tuple[str, str, list[str]]]:
+    """(key, original caption, rewrites in pool order) for every caption, in input order."""
+    run = read_run(out_dir)
+    missing = missing_shards(out_dir)
+    if missing:
+        raise FileNotFoundError(f"rewrite store {out_dir} is incomplete: {len(missing)} shard files missing, "
+                                f"first {missing[0]} (re-run the rewrite command to finish it)")
+    for s in range(run["num_shards"]):
+        per_pool = [read_shard(shard_path(out_dir, p, s))[1] for p in run["pools"]]
+        for rows in zip(*per_pool):
+            key = rows[0]["key"]
+            if any(r["key"] != key for r in rows):
+                raise ValueError(f"{out_dir} shard {s}: pools disagree on key order at {key!r}")
+            yield key, rows[0]["caption"], [t for r in rows for t in r["rewrites"]]
+
+
+def load_rewrites(out_dir) -> dict[str, list[str]]:
+    """key -> [rewrite, ...] (pool order of run.json; originals not included)."""
+    return {key: rewrites for key, _, rewrites in iter_rewrites(out_dir)}
+
+
+def filter_counts(out_dir) -> dict[str, int]:
+    """Summed filter counts over all finished shard files."""
+    run, total = read_run(out_dir), {}
+    for s in range(run["num_shards"]):
+        for p in run["pools"]:
+            path = shard_path(out_dir, p, s)
+            if path.is_file():
+                for k, v in read_shard(path)[0].get("counts", {}).items():
+                    total[k] = total.get(k, 0) + v
+    return total
+
+
+def import_laclip(csv_path, txt_paths: list, out_dir, shard_size: int = 10_000) -> Path:
+    """LaCLIP's released rewrites -> a rewrite store. The CSV has `relative_image_path,caption`; each
+    .txt has one rewrite per CSV row, line-aligned; each .txt becomes one pool named after its file."""
+    from .inputs import read_captions
+    csv_path, out_dir = Path(csv_path), Path(out_dir)
+    captions = read_captions(csv_path)
+    sources = []
+    for txt in map(Path, txt_paths):
+        with open(txt, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if len(lines) != len(captions):
+            raise ValueError(f"line count mismatch: {txt} has {len(lines)} lines but {csv_path} has "
+                             f"{len(captions)} caption rows; the files must be line-aligned")
+        sources.append((txt.stem, txt, lines))
+    pools = [name for name, _, _ in sources]
+    if len(set(pools)) != len(pools):
+        raise ValueError(f"two rewrite files share a name: {pools}")
+    num_shards = max(1, -(-len(captions) // shard_size))
+    for s in range(num_shards):
+        lo, hi = s * shard_size, min(len(captions), (s + 1) * shard_size)
+        for name, txt, lines in sources:
+            header = {"engine": "laclip-import", "model": None, "pool": name, "seed": None,
+                      "shard": s, "num_captions": hi - lo, "source": str(txt)}
+            records = [{"key": k, "caption": c, "rewrites": [lines[i].strip()]}
+                       for i, (k, c) in enumerate(captions[lo:hi], lo)]
+            write_shard(out_dir, name, s, header, records)
+    run = {"format_version": FORMAT_VERSION, "engine": "laclip-import", "model": None, "pools": pools,
+           "seed": None, "rewrites_per_pool": 1, "shard_size": shard_size, "num_shards": num_shards,
+           "num_captions": len(captions), "input": str(csv_path)}
+    write_atomic(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
+    return out_dir
+
