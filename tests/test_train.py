@@ -1,0 +1,278 @@
+"""train.py end to end on CPU: the real deepspeed launcher with 2 gloo ranks against 1-process runs of the
+same global batch (ZeRO 1/2/3, gradient-cache accumulation, CLIP / LaCLIP-MT / SLIP losses), SIGTERM
+checkpoint + exact resume, the non-finite-loss stop, and a short run on real packed data.
+
+Launching is the cost (about 10 s per deepspeed launch), so each launch checks several things.
+"""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 2e-4  # fp32 losses of 1 vs 2 ranks differ by reduction order only (observed ~1e-6)
+# Every run: the tiny model on synthetic data; a long cosine so the 6-8 steps run at nearly peak lr.
+COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=1024", "lr=1e-3", "warmup_steps=2",
+          "total_steps=10000", "checkpoint_every=0", "progress=false", "precision=fp32", "seed=0",
+          "text_mode=rewrite", "image_loss=clip", "accumulation=1", "zero_stage=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(run_dir, sets, ranks, resume):
+    args = ["train.py", "--config", "configs/train_tiny.yaml"]
+    for item in COMMON + [f"run_dir={run_dir}"] + list(sets):
+        args += ["--set", item]
+    if resume:
+        args += ["--resume", resume]
+    if ranks == 1:
+        return [sys.executable] + args
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(_free_port())] + args
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_train(run_dir, *sets, ranks=1, resume=None, expect_rc=0, timeout=240):
+    proc = subprocess.run(_command(run_dir, sets, ranks, resume), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect_rc, f"rc {proc.returncode} != {expect_rc}:\n{out[-6000:]}"
+    return out
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir)]
+
+
+def assert_close(got, want, tol=TOL):
+    assert len(got) == len(want), (got, want)
+    diffs = [abs(a - b) for a, b in zip(got, want)]
+    assert max(diffs) <= tol, f"losses differ by {max(diffs):.2e}:\n got  {got}\n want {want}"
+
+
+# ----------------------------------------------------------------------------- in-process units
+
+def test_config_yaml_and_overrides(tmp_path):
+    cfg = train.load_config(str(REPO / "configs/train_tiny.yaml"),
+                            ["lr=1e-3", "zero_stage=3", "betas=[0.9, 0.95]", "run_dir=/x/y",
+                             "model_overrides={vision_cfg: {qk_norm: true}}"])
+    assert (cfg.lr, cfg.zero_stage, cfg.betas, cfg.run_dir) == (1e-3, 3, (0.9, 0.95), "/x/y")
+    assert cfg.model_overrides == {"vision_cfg": {"qk_norm": True}}
+    gpu = train.load_config(str(REPO / "configs/train_vit_b16_32k.yaml"), [])
+    assert gpu.micro_batch * gpu.accumulation * 32 == 32768 and gpu.precision == "bf16"
+    with pytest.raises(ValueError, match="unknown config keys.*'lrr'"):
+        train.load_config(None, ["lrr=1"])
+    with pytest.raises(ValueError, match="text_mode"):
+        train.load_config(None, ["text_mode=bogus"])
+    with pytest.raises(ValueError, match="micro_batch: cannot read"):
+        train.load_config(None, ["micro_batch=abc"])
+
+
+def test_schedule_and_param_groups():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    f = train.lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    from model import build_model
+    model = build_model("tiny")
+    decay, no_decay = train.param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "token_embedding.weight", "positional_embedding",
+            "visual.class_embedding", "visual.ln_pre.weight", "visual.ln_pre.bias"} <= no_decay_names
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert {"text_projection", "visual.proj", "visual.conv1.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+
+
+def test_synthetic_global_batch_is_split_invariant():
+    """A step's global batch is the same set of samples for any ranks x accumulation x micro split."""
+    def step_images(world, micro, accumulation, step):
+        cfg = train.TrainConfig(micro_batch=micro, synthetic_samples=256)
+        rows = []
+        for rank in range(world):
+            it = iter(train.SyntheticLoader(cfg, rank, world, 8, epoch=0, start_batch=step * accumulation))
+            rows += [next(it)["images"] for _ in range(accumulation)]
+        return sorted(torch.cat(rows).flatten(1).sum(1).tolist())
+    assert step_images(1, 16, 1, 2) == step_images(2, 2, 4, 2) == step_images(2, 4, 2, 2)
+
+
+# ----------------------------------------------------------------------------- 1-process references
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def ref_rewrite(runs):
+    run_train(runs / "ref_rewrite", "micro_batch=16", "stop_after=6")
+    return losses(runs / "ref_rewrite")
+
+
+@pytest.fixture(scope="module")
+def ref_slip(runs):
+    run_train(runs / "ref_slip", "micro_batch=16", "image_loss=slip", "stop_after=8")
+    return losses(runs / "ref_slip")
+
+
+@pytest.fixture(scope="module")
+def z1_slip(runs, ref_slip):
+    """2 ranks, ZeRO 1, SLIP (the SimCLR head's batch norm is global across ranks)."""
+    run_dir = runs / "z1_slip"
+    run_train(run_dir, "micro_batch=8", "image_loss=slip", "stop_after=8", ranks=2)
+    return run_dir
+
+
+def test_one_process_accumulation_equals_big_batch(runs, ref_rewrite):
+    """4 micro batches of 4 with the gradient cache == 1 batch of 16, loss for loss."""
+    run_train(runs / "acc4", "micro_batch=4", "accumulation=4", "stop_after=6")
+    assert_close(losses(runs / "acc4"), ref_rewrite)
+    assert ref_rewrite[-1] < ref_rewrite[0]
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+
+def test_two_ranks_zero1_slip_matches_one_process(z1_slip, ref_slip):
+    assert_close(losses(z1_slip), ref_slip)
+    rows = metrics(z1_slip)
+    assert set(rows[0]) >= {"step", "loss", "lr", "logit_scale", "samples_per_s", "data_wait"}
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[1]["lr"] == pytest.approx(1e-3)
+    assert rows[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    assert all(0 <= r["data_wait"] < 1 for r in rows)
+    assert list((z1_slip / "tensorboard").glob("events.out.tfevents.*"))
+    saved = train.load_config(str(z1_slip / "config.yaml"), [])
+    assert (saved.image_loss, saved.micro_batch, saved.stop_after) == ("slip", 8, 8)
+
+
+def test_two_ranks_zero2_accumulation_laclip_mt(runs):
+    """LaCLIP-MT (all texts, masks): 2 ranks x 4 micro batches of 2 under ZeRO 2 == 1 batch of 16."""
+    run_train(runs / "ref_all", "micro_batch=16", "text_mode=all", "stop_after=4")
+    run_train(runs / "z2_all", "micro_batch=2", "accumulation=4", "text_mode=all", "zero_stage=2",
+              "stop_after=4", ranks=2)
+    assert_close(losses(runs / "z2_all"), losses(runs / "ref_all"))
+
+
+def test_two_ranks_zero3_accumulation_and_export(runs, ref_rewrite):
+    """ZeRO 3 with 2 micro batches of 4 per rank and activation checkpointing == 1 batch of 16; the
+    consolidated export equals DeepSpeed's own zero_to_fp32 consolidation and loads with
+    model.checkpoint.load_checkpoint."""
+    run_dir = runs / "z3"
+    run_train(run_dir, "micro_batch=4", "accumulation=2", "zero_stage=3", "grad_checkpointing=true",
+              "stop_after=6", ranks=2)
+    assert_close(losses(run_dir), ref_rewrite)
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from model.checkpoint import load_checkpoint
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step-0000006"
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step-0000006")
+    model, info = load_checkpoint(ckpt / "step-0000006" / "export")
+    exported = model.state_dict()
+    assert set(exported) == set(reference)
+    for k, v in reference.items():
+        torch.testing.assert_close(exported[k], v.float(), rtol=0, atol=0, msg=k)
+    assert 0 <= exported["logit_scale"].item() <= math.log(100)
+    assert json.loads((ckpt / "step-0000006" / "export" / "config.json").read_text())["embed_dim"] == 64
+
+
+def _rank_processes(launcher_pid):
+    kids = psutil.Process(launcher_pid).children(recursive=True)
+    return [p for p in kids if any(a.startswith("--local_rank") for a in p.cmdline())]
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(runs, z1_slip):
+    """SIGTERM to every rank mid-run: a checkpoint at the next step boundary and a clean exit; the
+    resumed run's losses equal the uninterrupted run's (model, optimizer, schedule, data position)."""
+    run_dir = runs / "sigterm"
+    cmd = _command(run_dir, ["micro_batch=8", "image_loss=slip"], 2, None)  # would run 10000 steps
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
+            time.sleep(0.05)
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by SIGTERM after step" in out
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    k = int(tag.split("-")[1])
+    assert 2 <= k < 8 and len(metrics(run_dir)) == k
+    assert (run_dir / "checkpoints" / tag / "export" / "model.safetensors").is_file()
+
+    run_train(run_dir, "micro_batch=8", "image_loss=slip", "stop_after=8", ranks=2, resume="latest")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
+    assert_close(losses(run_dir), losses(z1_slip), tol=1e-6)
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
+    """lr=1e30: step 1 is fine, its update blows the weights up, step 2's loss is not finite."""
+    run_dir = runs / "nan"
+    out = run_train(run_dir, "micro_batch=8", "lr=1e30", "warmup_steps=1", "checkpoint_every=1",
+                    expect_rc=train.EXIT_NONFINITE)
+    assert "non-finite loss at step 2; last good checkpoint:" in out
+    assert str(run_dir / "checkpoints" / "step-0000001") in out
+    assert len(metrics(run_dir)) == 1 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+
+
+# ----------------------------------------------------------------------------- real data
+
+def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
+    """253 real emoji images with their names, packed by loaders.pack, read by the torch loader;
+    the tiny model in bf16 memorises them: the loss falls clearly within 60 steps."""
+    from loaders import datasets
+    from loaders.pack import PackConfig, pack
+    folder = datasets.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=256, image_size=64)
+    packed = tmp_path / "packed"
+    pack(PackConfig(input=folder, out=str(packed), max_side=48, quality=90, workers=2))
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "data=torch", f"data_root={packed}", "num_workers=0", "micro_batch=32",
+              "precision=bf16", "lr=2e-3", "warmup_steps=5", "total_steps=60")
+    got = losses(run_dir)
+    assert len(got) == 60 and all(math.isfinite(x) for x in got)
+    first, last = sum(got[:5]) / 5, sum(got[-10:]) / 10
+    assert last < 0.7 * first, (first, last, got)
+    assert metrics(run_dir)[-1]["epoch"] >= 1  # crossed epochs (7 batches of 32 per epoch)
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/train.py runs both sides and writes the documented keys (speed is not asserted)."""
+    from benchmarks.train import main
+    out = tmp_path / "train.json"
+    result = main(["--model", "tiny", "--micro-batch", "8", "--steps", "1", "--warmup", "1",
+                   "--repeats", "1", "--threads", "1", "--no-data", "--out", str(out)])
+    assert json.loads(out.read_text())["ratio"] == result["ratio"] > 0
+    assert {"ours_samples_per_s", "open_clip_samples_per_s", "ours_peak_memory_mib",
+            "open_clip_peak_memory_mib"} <= set(result)
