@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test benchmarks
+.PHONY: setup demo test benchmarks rewrites
 
 setup:
 	@bash scripts/setup.sh
@@ -17,3 +17,7 @@ test: setup
 
 benchmarks: setup
 	$(PY) -m benchmarks all --out results/benchmarks.json
+
+# Regenerates the shipped LLM rewrite store of the demo (about an hour on 2 cores; resumable).
+rewrites: setup
+	$(PY) scripts/make_rewrites.py

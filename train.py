@@ -94,10 +94,6 @@ class TrainConfig:
         for key in ("micro_batch", "accumulation", "total_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
-        if self.image_loss == "slip" and self.zero_stage == 3:
-            # CLIP.encode_image_ssl reads the image tower's own parameters outside that tower's
-            # forward, where ZeRO-3 has not gathered them
-            raise ValueError("image_loss=slip does not run under zero_stage=3 yet: use stage 0-2")
         if len(self.betas) != 2:
             raise ValueError(f"config betas={self.betas}: expected two numbers")
 

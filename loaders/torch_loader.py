@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -251,9 +252,16 @@ class TorchLoader:
         order = range(self.sampler.start_batch, self.sampler.num_batches)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=order, num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+            worker_init_fn=_ignore_sigterm)
         for raw in loader:
             yield finish_batch(raw, self.text_mode, self.return_dict, self.generator, self.normalize)
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # Launchers and schedulers send SIGTERM to the whole process tree; the trainer checkpoints and
+    # exits on it, which needs its workers alive until then (they exit with their parent).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def finish_batch(raw: dict, text_mode: str, return_dict: bool, generator=None, normalize=True):

@@ -139,8 +139,10 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0])
 
-    def forward(self, images):
-        return self.pooled(images) @ self.proj
+    def forward(self, images, pooled: bool = False):
+        # SLIP's head reads the pooled features through forward too, so ZeRO-3 gathers this module.
+        features = self.pooled(images)
+        return features if pooled else features @ self.proj
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -238,7 +240,7 @@ class CLIP(nn.Module):
         """SLIP's SimCLR embedding of one augmented view: MLP head on the pooled image features."""
         if not hasattr(self, "image_mlp"):
             raise RuntimeError("encode_image_ssl needs a model built with slip=True")
-        return self.image_mlp(self.visual.pooled(images))
+        return self.image_mlp(self.visual(images, pooled=True))
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at 100, shape [1]."""

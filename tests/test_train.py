@@ -169,6 +169,12 @@ def test_two_ranks_zero1_slip_matches_one_process(z1_slip, ref_slip):
     assert (saved.image_loss, saved.micro_batch, saved.stop_after) == ("slip", 8, 8)
 
 
+def test_two_ranks_zero3_slip_matches_one_process(runs, ref_slip):
+    """SLIP's head reads the image tower through its forward, so ZeRO 3 gathers it: same losses."""
+    run_train(runs / "z3_slip", "micro_batch=8", "image_loss=slip", "zero_stage=3", "stop_after=4", ranks=2)
+    assert_close(losses(runs / "z3_slip"), ref_slip[:4])
+
+
 def test_two_ranks_zero2_accumulation_laclip_mt(runs):
     """LaCLIP-MT (all texts, masks): 2 ranks x 4 micro batches of 2 under ZeRO 2 == 1 batch of 16."""
     run_train(runs / "ref_all", "micro_batch=16", "text_mode=all", "stop_after=4")
