@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data. Stages land here as they are built; each one is re-runnable
-# and reuses finished work.
+# The main job on the embedded default data (README's first command, `make demo`): build the data, rewrite,
+# pack, train CLIP / LaCLIP / LaCLIP-MT / EDA with deepspeed on CPU, evaluate, write results/demo/report.md.
+# Every stage is re-runnable and reuses finished work; arguments go to scripts/demo.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-mkdir -p results/demo
-echo "== caption store on real offline captions (openclipart metadata + emoji names)"
-$PY -m benchmarks store --out results/demo/store.json
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+exec $PY scripts/demo.py "$@"

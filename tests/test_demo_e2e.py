@@ -1,0 +1,66 @@
+"""End to end: scripts/demo.py --quick on a few dozen real samples (build, rewrite live + EDA, pack,
+four deepspeed training runs with 2 ranks on CPU, eval.py, report), then a re-run that reuses every stage."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHOD_ROWS = ("CLIP", "LaCLIP", "LaCLIP-MT", "EDA")
+
+
+def _demo(out: Path, data: Path, shipped: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/demo.py", "--quick", "--out", str(out), "--set", f"data_cache={data}",
+           "--set", f"shipped_rewrites={shipped}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc
+
+
+def _table_rows(report: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in METHOD_ROWS:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
+    out, data, shipped = tmp_path / "demo", tmp_path / "data", tmp_path / "shipped"
+    if (REPO / "data" / "rewrites").is_dir():  # a snapshot: `make rewrites` may be adding shards meanwhile
+        shutil.copytree(REPO / "data" / "rewrites", shipped)
+    first = _demo(out, data, shipped)
+
+    report = (out / "report.md").read_text()
+    rows = _table_rows(report)
+    assert set(rows) == set(METHOD_ROWS), report
+    for method, cells in rows.items():
+        assert len(cells) == 9, (method, cells)
+        for cell in cells:  # every metric is a real number in percent (bold marks the best)
+            value = float(re.match(r"\**([0-9.]+)", cell).group(1))
+            assert 0.0 <= value <= 100.0, (method, cells)
+    assert "## Does LaCLIP beat CLIP here?" in report and "LaCLIP - CLIP =" in report
+    assert "samples/s" in report and "captions/s" in report
+    assert (out / "curves.png").stat().st_size > 10_000
+    for method in ("clip", "laclip", "laclip_mt", "eda"):
+        run = out / "runs" / f"{method}-seed0"
+        assert (run / "checkpoints" / "step-0000006" / "export" / "model.safetensors").is_file()
+        assert len(list((out / "eval" / f"{method}-seed0").glob("heldout-step-*.json"))) == 2  # steps 3, 6
+    assert "| CLIP |" in first.stdout  # the table is printed at the end
+
+    # a re-run reuses every finished stage: nothing is trained or evaluated again
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/launcher.log")}
+    second = _demo(out, data, shipped)
+    reused = re.findall(r"\[([\w-]+)\] finished earlier", second.stdout)
+    assert {"data", "rewrite", "pack-llm", "pack-eda", "loader", "train-clip-seed0", "train-eda-seed0",
+            "eval-laclip_mt-seed0"} <= set(reused), second.stdout[-3000:]
+    assert "done in" not in second.stdout.split("== [6/6]")[0]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/launcher.log")} == logs
+    assert _table_rows((out / "report.md").read_text()) == rows
