@@ -218,7 +218,7 @@ def _captions(spec: str) -> EvalSet:
             captions = [r["caption"] for r in sel]
     if "test" not in splits:
         _fail(f"captions:{spec}", path, "rows whose split is not 'train' (the held-out split)")
-    return EvalSet(f"captions:{d.name if d.suffix != '.jsonl' else d.parent.name}", classes,
+    return EvalSet(f"captions:{d.name if d.suffix != '.jsonl' else d.parent.name}", [_clean(c) for c in classes],
                    load_templates("captions"), splits, captions=captions, source=str(path))
 
 
