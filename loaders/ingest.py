@@ -217,19 +217,25 @@ def iter_image_folder(root: str, report: IngestReport, captions_file: str | None
             yield sample
 
 
+def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file; a bad line raises `error`
+    naming the file and line. Every JSONL reader of the project goes through here."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise error(f"{path}:{line_no}: invalid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, row
+
+
 def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise IngestError(f"{path}:{line_no}: invalid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise IngestError(f"{path}:{line_no}: expected a JSON object")
-                yield line_no, row
+        yield from read_jsonl(path, IngestError)
         return
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)

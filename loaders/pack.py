@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import IngestReport, Sample, expand_shards, find_captions_file, open_source, iter_webdataset
+from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source,
+                            read_jsonl)
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
 FORMAT_VERSION = 1
@@ -395,18 +396,14 @@ def load_rewrites(path: str) -> dict[str, list[str]]:
 
         return load_store(path)
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                key, texts = row["key"], row["rewrites"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise PackError(f"{path}:{line_no}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise PackError(f"{path}:{line_no}: 'rewrites' must be a list of strings")
-            out.setdefault(str(key), []).extend(texts)
+    for line_no, row in read_jsonl(path, PackError):
+        try:
+            key, texts = row["key"], row["rewrites"]
+        except KeyError as e:
+            raise PackError(f"{path}:{line_no}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise PackError(f"{path}:{line_no}: 'rewrites' must be a list of strings")
+        out.setdefault(str(key), []).extend(texts)
     return out
 
 

@@ -9,8 +9,9 @@ Malformed rows stop the run with an error naming the file and the line.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+
+from loaders.ingest import read_jsonl
 
 KEY_COLUMNS = ("key", "relative_image_path")
 
@@ -46,17 +47,13 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
                 _check(path, lineno, row[key_col], row[cap_col], seen)
                 rows.append((row[key_col], row[cap_col]))
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    key, caption = str(obj["key"]), obj["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with 'key' and 'caption' ({e!r})") from e
-                _check(path, lineno, key, caption, seen)
-                rows.append((key, caption))
+        for lineno, obj in read_jsonl(path):
+            try:
+                key, caption = str(obj["key"]), obj["caption"]
+            except KeyError as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'key' and 'caption' ({e!r})") from e
+            _check(path, lineno, key, caption, seen)
+            rows.append((key, caption))
     else:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

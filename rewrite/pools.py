@@ -5,9 +5,10 @@ data written for this project (rewrite/pools/*.jsonl); users can pass their own 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from loaders.ingest import read_jsonl
 
 POOL_DIR = Path(__file__).parent / "pools"
 # The fixed order in which a caption's rewrites are listed in the store (one pool = one style).
@@ -28,18 +29,14 @@ def load_pool(name_or_path: str) -> Pool:
     if not path.is_file():
         raise FileNotFoundError(f"meta pool {name_or_path!r}: no file {path} (shipped: {', '.join(DEFAULT_POOLS)})")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pair = (str(row["input"]).strip(), str(row["output"]).strip())
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output' ({e})") from e
-            if not pair[0] or not pair[1] or "\n" in pair[0] + pair[1]:
-                raise ValueError(f"{path}:{lineno}: input and output must be non-empty single lines")
-            pairs.append(pair)
+    for lineno, row in read_jsonl(path):
+        try:
+            pair = (str(row["input"]).strip(), str(row["output"]).strip())
+        except KeyError as e:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'input' and 'output' ({e})") from e
+        if not pair[0] or not pair[1] or "\n" in pair[0] + pair[1]:
+            raise ValueError(f"{path}:{lineno}: input and output must be non-empty single lines")
+        pairs.append(pair)
     if len(pairs) < 3:
         raise ValueError(f"{path}: a meta pool needs at least 3 pairs, found {len(pairs)}")
     return Pool(name=path.stem, pairs=tuple(pairs))
