@@ -12,9 +12,10 @@ Protocols (all numbers in percent):
   fewshot       5-way 5-shot episodes on the test split (15 queries per class unless too few images):
                 features centred with the train-split mean and L2-normalised, nearest class prototype;
                 mean accuracy over episodes with a 95% confidence interval.
-  linear_probe  L2-regularised multinomial logistic regression (full-batch L-BFGS in torch) on
-                standardised features; strength chosen on the val split (or 20% of train) by a
-                coarse-to-fine log search with warm starts, then refit on train+val.
+  linear_probe  L2-regularised multinomial logistic regression (evaluation/probe.py: scipy's L-BFGS-B on
+                CPU, torch's L-BFGS on GPU) on standardised features; strength chosen on the val split
+                (or 20% of train) by a coarse-to-fine log search with warm starts, then refit on
+                train+val.
   retrieval     image-text sets: recall@1/5/10 image->text and text->image.
 The JSON holds the checkpoint's identity and config; a Markdown table in the paper's layout is printed.
 """
@@ -34,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.lbfgs import _strong_wolfe
 from tqdm import tqdm
 
+from evaluation.probe import linear_probe
 from loaders.augment import CLIP_MEAN, CLIP_STD
 from loaders.eval_sets import PAPER_SETS, EvalSet, Split, open_eval_set
 
@@ -219,189 +220,6 @@ def fewshot(features: np.ndarray, labels: np.ndarray, base_mean: np.ndarray, *, 
     accs = 100 * np.asarray(accs)
     return {"accuracy": float(accs.mean()), "ci95": float(1.96 * accs.std(ddof=1) / math.sqrt(len(accs))),
             "episodes": len(accs), "ways": ways, "shots": shots, "queries": int(len(q_y) // ways)}
-
-
-# ---- linear probe --------------------------------------------------------------------------------
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # On CPU numpy's OpenBLAS runs these tall-skinny float32 products 2-3x faster than torch's MKL path
-    # (measured on the 2-core machines); on GPU, torch.
-    if a.device.type == "cpu":
-        return torch.from_numpy(a.numpy() @ b.numpy())
-    return a @ b
-
-
-class LogReg:
-    """Multinomial logistic regression with an L2 penalty on the weights (not the bias):
-        f(W) = mean cross-entropy + lam/2 ||W||^2,
-    scikit-learn's lbfgs objective with C = 1 / (lam * n). Solved by L-BFGS (strong-Wolfe search) on
-    the flat parameter vector [(D+1) * C]. The penalty is exactly quadratic, so curvature pairs are kept
-    as (s, y_data) and re-priced for any lam (y = y_data + lam * s on the weights): a fit warm-started at
-    a new lam starts with the curvature history of the previous one, not from scratch."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, n_classes: int, history: int = 10):
-        self.x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1).contiguous()
-        self.x1t = self.x1.T.contiguous()
-        self.y, self.c, self.m = y, n_classes, history
-        self.onehot = F.one_hot(y, n_classes).to(x.dtype)
-        self.mask = torch.ones(x.shape[1] + 1, n_classes, dtype=x.dtype, device=x.device)
-        self.mask[-1] = 0                                  # the bias row is not penalised
-        self.mask = self.mask.reshape(-1)
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []   # (s, y_data), newest last
-
-    def data_fg(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
-        z = _mm(self.x1, theta.view(-1, self.c))
-        lse = torch.logsumexp(z, 1)
-        loss = (lse - z.gather(1, self.y[:, None])[:, 0]).mean()
-        g = (torch.exp(z - lse[:, None]) - self.onehot) / len(self.y)
-        return float(loss), _mm(self.x1t, g).reshape(-1)
-
-    def fit(self, lam: float, theta: torch.Tensor | None = None, tol: float = 1e-4, max_iter: int = 1000):
-        lam, p = float(lam), self.x1.shape[1] * self.c
-        theta = torch.zeros(p, dtype=self.x1.dtype, device=self.x1.device) if theta is None else theta.clone()
-        pen = lambda t: 0.5 * lam * float((t * t * self.mask).sum())   # noqa: E731
-        def total_fg(x, step, d):
-            fd, gd = self.data_fg(x + step * d)
-            return fd + pen(x + step * d), gd + lam * self.mask * (x + step * d)
-        fd, gd = self.data_fg(theta)
-        f, g = fd + pen(theta), gd + lam * self.mask * theta
-        hist = [(s, yd + lam * self.mask * s) for s, yd in self.pairs]
-        hist = [(s, y, 1.0 / float(s @ y)) for s, y in hist if float(s @ y) > 1e-10]
-        self.iterations = 0
-        for _ in range(max_iter):
-            if float(g.abs().max()) <= tol:
-                break
-            q, alphas = g.clone(), []
-            for s, y, rho in reversed(hist):              # two-loop recursion
-                a = rho * float(s @ q)
-                q -= a * y
-                alphas.append(a)
-            if hist:
-                s, y, _ = hist[-1]
-                q *= float(s @ y) / float(y @ y)
-            for (s, y, rho), a in zip(hist, reversed(alphas)):
-                q += s * (a - rho * float(y @ q))
-            d = -q
-            gd_dot = float(g @ d)
-            if gd_dot >= 0:                               # not a descent direction: restart
-                hist, d, gd_dot = [], -g, -float(g @ g)
-            t = 1.0 if hist else min(1.0, 1.0 / float(g.abs().sum()))
-            # strong-Wolfe line search (torch's, as torch.optim.LBFGS uses): unlike backtracking it
-            # can extend the step, which the stiff-weights / free-bias directions need
-            f_new, g_new, t, _ = _strong_wolfe(total_fg, theta, t, d, f, g, gd_dot)
-            if f_new > f - 1e-12 * abs(f):
-                break                                     # no decrease left at float precision
-            new = theta + t * d
-            gd_new = g_new - lam * self.mask * new
-            s, yd = new - theta, gd_new - gd
-            y = yd + lam * self.mask * s
-            sy = float(s @ y)
-            if sy > 1e-10:
-                hist = (hist + [(s, y, 1.0 / sy)])[-self.m:]
-                self.pairs = (self.pairs + [(s, yd)])[-self.m:]
-            theta, f, g, gd = new, f_new, g_new, gd_new
-            self.iterations += 1
-        return theta
-
-    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = theta.view(-1, self.c)
-        return w[:-1], w[-1]
-
-
-def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, lam: float, init=None, max_iter=1000,
-               tol=1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fit: (W [D, C], b [C]) minimising mean cross-entropy + lam/2 ||W||^2."""
-    model = LogReg(x, y, n_classes)
-    theta = None if init is None else torch.cat([init[0], init[1][None]]).reshape(-1)
-    return model.split(model.fit(lam, theta, tol, max_iter))
-
-
-def _score(pred: np.ndarray, y: np.ndarray, metric: str) -> float:
-    if metric == "mean_per_class":
-        return 100 * float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-    return 100 * float((pred == y).mean())
-
-
-def search_strength(fit, predict, y_val: np.ndarray, metric: str, grid=tuple(10.0 ** np.arange(2, -7, -1)),
-                    refine=(0.5, 0.25)):
-    """Coarse-to-fine search of the L2 strength on validation: the log grid from strong to weak
-    (each fit warm-started from the previous), then best*10^(+-step) for each refine step.
-    fit(lam, init) -> state; predict(state) -> labels. Ties keep the stronger regularisation."""
-    history, best, state = [], None, None
-    for lam in grid:
-        state = fit(lam, state)
-        acc = _score(predict(state), y_val, metric)
-        history.append((float(lam), acc))
-        if best is None or acc > best[1]:
-            best = (float(lam), acc, state)
-    for step in refine:
-        center = best
-        for lam in (center[0] * 10 ** step, center[0] * 10 ** -step):
-            st = fit(lam, center[2])
-            acc = _score(predict(st), y_val, metric)
-            history.append((float(lam), acc))
-            if acc > best[1] or (acc == best[1] and lam > best[0]):
-                best = (float(lam), acc, st)
-    return best, history
-
-
-def _val_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(len(labels))
-    n_val = max(1, int(round(len(labels) * fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
-def _sklearn_fit(x: np.ndarray, y: np.ndarray, lam: float, init=None, max_iter=1000, tol=1e-4):
-    """The reference: scikit-learn's LogisticRegression(lbfgs) with C = 1 / (lam * n), warm-started."""
-    import warnings
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    clf = LogisticRegression(C=1.0 / (lam * len(y)), solver="lbfgs", max_iter=max_iter, tol=tol,
-                             warm_start=init is not None)
-    if init is not None:
-        clf.coef_, clf.intercept_ = init[0].T.copy(), init[1].copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x, y)
-    return clf.coef_.T.copy(), clf.intercept_.copy()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, *, n_classes: int, metric="accuracy", val=None,
-                 val_fraction=0.2, seed=0, device="cpu", max_iter=1000, backend="torch", tol=1e-4) -> dict:
-    """val = (val_x, val_y) or None (then a fixed part of train is held out for the search).
-    backend "sklearn" runs the same split, standardisation and search with scikit-learn's solver."""
-    if val is None:
-        tr, va = _val_split(train_y, val_fraction, seed)
-        (train_x, val_x), (train_y, val_y) = (train_x[tr], train_x[va]), (train_y[tr], train_y[va])
-    else:
-        val_x, val_y = val
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6         # standardise with train statistics
-    xtr, xva, xte = ((a - mean) / std for a in (train_x, val_x, test_x))
-    yall = np.concatenate([train_y, val_y])
-    start = time.perf_counter()
-    if backend == "torch":
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)   # noqa: E731
-        xtr, xva, xte = t(xtr), t(xva), t(xte)
-        ytr, yall_t = (torch.from_numpy(a).long().to(device) for a in (train_y, yall))
-        def fit(x, y):
-            solver = LogReg(x, y, n_classes)              # keeps curvature pairs across the search
-            return lambda lam, init: solver.split(solver.fit(lam, None if init is None else torch.cat(
-                [init[0], init[1][None]]).reshape(-1), tol=tol, max_iter=max_iter))
-        predict = lambda x: lambda st: (x @ st[0] + st[1]).argmax(1).cpu().numpy()            # noqa: E731
-        fit_all = fit(torch.cat([xtr, xva]), yall_t)
-    elif backend == "sklearn":
-        fit = lambda x, y: lambda lam, init: _sklearn_fit(x, y, lam, init, max_iter, tol)  # noqa: E731
-        predict = lambda x: lambda st: (x @ st[0] + st[1]).argmax(1)                   # noqa: E731
-        ytr = train_y
-        fit_all = fit(np.concatenate([xtr, xva]), yall)
-    else:
-        raise ValueError(f"unknown probe backend {backend!r}")
-    (lam, val_acc, state), history = search_strength(fit(xtr, ytr), predict(xva), val_y, metric)
-    pred = predict(xte)(fit_all(lam, state))
-    return {"accuracy": _score(pred, test_y, metric), "top1": _score(pred, test_y, "accuracy"),
-            "mean_per_class": _score(pred, test_y, "mean_per_class"), "metric": metric, "lambda": lam,
-            "C": 1.0 / (lam * len(yall)), "val_accuracy": val_acc, "search": history, "backend": backend,
-            "seconds": time.perf_counter() - start}
 
 
 # ---- running a checkpoint over the sets ----------------------------------------------------------

@@ -169,3 +169,16 @@ def test_wrong_architecture_names_keys(checkpoints, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="visual.transformer.resblocks.2"):
         E.main(["--checkpoint", str(checkpoints / "wrong.pt"), "--model", "tiny", "--datasets", "digits",
                 "--out", str(tmp_path / "x.json"), "--workers", "0"])
+
+
+def test_probe_solvers_agree():
+    """scipy's L-BFGS-B (CPU) and torch's L-BFGS (the GPU path, run here on CPU) reach the same optimum."""
+    from evaluation.probe import LogReg
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(300, 12)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 4, 300))
+    fits = [LogReg(x, y, 4, solver=s).fit(1e-2, tol=1e-6) for s in ("scipy", "torch")]
+    for a, b in zip(*fits):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="solver"):
+        LogReg(x, y, 4, solver="newton")
