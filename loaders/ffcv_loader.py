@@ -282,7 +282,11 @@ class FfcvLoader:
 
     def _runs(self):
         """(shard, local ids) runs covering this rank's positions from start_batch: one per shard visit
-        (at most one shard's ids in memory; a wrapped-round padding tail is a run of its own)."""
+        (at most one shard's ids in memory; a wrapped-round padding tail is a run of its own).
+        FFCV cuts a run into batch_size chunks from its first id, so a visit that starts inside a batch
+        is split: a head that completes that batch, then a rest that lands on batch bounds. Otherwise
+        every later batch would straddle two chunks and be re-cut by a copy (14% of the CPU per epoch,
+        measured on 256 px clip art)."""
         s = self.sampler
         lo = s.start_batch * s.batch_size
         stop = lo + s.positions_left()
@@ -291,7 +295,12 @@ class FfcvLoader:
             visit = int(np.searchsorted(s.visit_ends, pos, side="right"))
             hi = min(stop, lo + int(s.visit_ends[visit]) - pos)
             shard = int(s.shard_order[visit])
-            yield shard, s.indices(lo, hi) - s.shards.first_index[shard]
+            local = s.indices(lo, hi) - s.shards.first_index[shard]
+            head = -lo % s.batch_size
+            if 0 < head < len(local):
+                yield shard, local[:head]
+                local = local[head:]
+            yield shard, local
             lo = hi
 
     def _start(self, run):
