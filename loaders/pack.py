@@ -33,8 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source,
-                            read_jsonl)
+from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source)
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
 FORMAT_VERSION = 1
@@ -157,44 +156,56 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
 
 # ---------------------------------------------------------------- stage 2: captions
 def build_captions(cfg: PackConfig, num_shards: int) -> dict:
+    """Join each staged sample with its rewrites (loaders.join: on disk, memory independent of the set's
+    size) into the caption store; write keys.txt and plan.json (last)."""
+    from loaders.join import CaptionJoin, iter_rewrite_rows
     from loaders.store import write_store
 
     staging = os.path.join(cfg.out, "staging")
-    manifests = [read_staged(cfg.out, i, captions_only=True) for i in range(num_shards)]
-    rewrites = load_rewrites(cfg.rewrites) if cfg.rewrites else {}
-    seen: set[str] = set()
-    shards, first, counts = [], 0, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
-    for i, m in enumerate(manifests):
-        for key in m["keys"]:
-            if key in seen:
-                raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {key!r}")
-            seen.add(key)
+    join = CaptionJoin(os.path.join(staging, "join.sqlite"))
+    if cfg.rewrites:
+        join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
+    shards, first, skipped = [], 0, {}
+    for i in range(num_shards):
+        m = read_staged(cfg.out, i, captions_only=True)
+        duplicate = join.add_keys(m["keys"])
+        if duplicate is not None:
+            join.close()
+            raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {duplicate!r}")
         if m["keys"]:  # a shard whose images were all broken gets no files
             shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
         first += len(m["keys"])
+        for reason, n in m["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if first == 0:
+        join.close()
+        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+
+    counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
+    matched = [0]
 
     def records():
-        for m in manifests:
+        for i in range(num_shards):
+            m = read_staged(cfg.out, i, captions_only=True)
             for rkey, caption in zip(m["rewrite_keys"], m["captions"]):
-                texts = [caption] + [t for t in rewrites.get(rkey, []) if t and t.strip()]
+                rewrites = join.rewrites(rkey)
+                matched[0] += rewrites is not None
+                texts = [caption] + [t for t in rewrites or [] if t and t.strip()]
                 counts["samples"] += 1
                 counts["with_rewrites"] += len(texts) > 1
                 counts["texts"] += len(texts)
                 counts["max_texts"] = max(counts["max_texts"], len(texts))
                 yield texts
 
-    if first == 0:
-        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
     write_store(os.path.join(cfg.out, "captions"), records())
-    keys = "".join(k + "\n" for m in manifests for k in m["keys"]).encode()
-    atomic_write_bytes(os.path.join(cfg.out, "keys.txt"), keys)
-    skipped: dict[str, int] = {}
-    for m in manifests:
-        for reason, n in m["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
+    keys_path = os.path.join(cfg.out, "keys.txt")
+    with open(_tmp_path(keys_path), "w", encoding="utf-8") as f:
+        for i in range(num_shards):
+            f.writelines(k + "\n" for k in read_staged(cfg.out, i, captions_only=True)["keys"])
+    _fsync_rename(f.name, keys_path)
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
-            "rewrites_matched": sum(k in rewrites for m in manifests for k in m["rewrite_keys"]),
-            "rewrites_given": len(rewrites)}
+            "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given}
+    join.close()
     atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
     return plan
 
@@ -390,20 +401,13 @@ def _check_count(path: str, n: int) -> None:
 
 
 def load_rewrites(path: str) -> dict[str, list[str]]:
-    """key -> rewrites. A JSONL of {"key": ..., "rewrites": [...]} lines, or a rewrite store directory."""
-    if os.path.isdir(path):
-        from rewrite import load_rewrites as load_store  # the rewrite stage's reader
+    """key -> rewrites in memory (small sets, inspection). A JSONL of {"key": ..., "rewrites": [...]}
+    lines, or a rewrite store directory. Packing itself joins on disk (loaders.join)."""
+    from loaders.join import iter_rewrite_rows
 
-        return load_store(path)
     out: dict[str, list[str]] = {}
-    for line_no, row in read_jsonl(path, PackError):
-        try:
-            key, texts = row["key"], row["rewrites"]
-        except KeyError as e:
-            raise PackError(f"{path}:{line_no}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise PackError(f"{path}:{line_no}: 'rewrites' must be a list of strings")
-        out.setdefault(str(key), []).extend(texts)
+    for key, texts in iter_rewrite_rows(path, PackError):
+        out.setdefault(key, []).extend(texts)
     return out
 
 

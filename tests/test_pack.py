@@ -272,3 +272,33 @@ def test_laclip_csv_with_rewrite_store(source, tmp_path):
     for i, r in enumerate(rows):
         expected = tok.encode([r["caption"], f"chatgpt says {r['caption']}", f"bard says {r['caption']}"])
         assert all(np.array_equal(a, b) for a, b in zip(store.texts(i), expected))
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_duplicate_sample_key_names_the_key_and_repeated_rewrite_rows_concatenate(source, tmp_path):
+    rows = source["rows"][:4]
+    images = [open(os.path.join(source["folder"], r["file"]), "rb").read() for r in rows]
+    _tar(tmp_path / "00000.tar", [(f"k{i}", images[i], rows[i]["caption"]) for i in range(2)])
+    _tar(tmp_path / "00001.tar", [("k2", images[2], rows[2]["caption"]), ("k0", images[3], "again")])
+    with pytest.raises(PackError, match=r"part-00001\.json: duplicate sample key 'k0'"):
+        pack(PackConfig(input=str(tmp_path / "*.tar"), out=str(tmp_path / "dup"), max_side=64, workers=1))
+    os.remove(tmp_path / "00001.tar")
+    (tmp_path / "rw.jsonl").write_text('{"key": "k1", "rewrites": ["one"]}\n{"key": "k9", "rewrites": ["x"]}\n'
+                                       '{"key": "k1", "rewrites": ["two", "three"]}\n')
+    out = str(tmp_path / "ok")
+    pack(PackConfig(input=str(tmp_path / "00000.tar"), out=out, rewrites=str(tmp_path / "rw.jsonl"),
+                    max_side=64, workers=1))
+    meta = verify_pack(out)
+    assert meta["source"]["rewrites_given"] == 2 and meta["source"]["rewrites_matched"] == 1
+    store, tok = CaptionStore(os.path.join(out, "captions")), get_tokenizer()
+    expected = tok.encode([rows[1]["caption"], "one", "two", "three"])
+    assert all(np.array_equal(a, b) for a, b in zip(store.texts(1), expected))
+    assert not os.path.exists(os.path.join(out, "staging", "join.sqlite"))
