@@ -174,6 +174,49 @@ def _caption_decoder_class():
     return CaptionDecoder
 
 
+def _crop_decoder_class(base_name: str):
+    """FFCV's (Random|Center)ResizedCrop decoder with one decode buffer per thread instead of one per
+    batch slot. FFCV decodes sample i of a batch into its own max_h x max_w x 3 slot, so every image
+    lands in cache-cold memory (12 MB per batch of 64 at 256 px); reusing a warm per-thread buffer cut
+    the op's cost per image (measured on 256 px clip art). Same decode, crop and resize calls."""
+    from ffcv.fields import rgb_image
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    base = getattr(rgb_image, base_name)
+
+    class WarmBufferCropDecoder(base):
+        def generate_code(self):
+            mem_read, rows = self.memory_read, Compiler.get_iterator()
+            decode_jpeg, crop_resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            pick_crop = Compiler.compile(self.get_crop_generator)
+            as_array = lambda v: np.array(v) if isinstance(v, tuple) else v   # noqa: E731 (None / float stay)
+            scale, ratio = as_array(self.scale), as_array(self.ratio)
+            jpg = rgb_image.IMAGE_MODES["jpg"]
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, buffers = my_storage
+                for k in rows(len(batch_indices)):
+                    field = metadata[batch_indices[k]]
+                    data = mem_read(field["data_ptr"], storage_state)
+                    h, w = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        image = buffers[numba.get_thread_id()]    # this thread's warm buffer
+                        decode_jpeg(data, image, h, w, h, w, 0, 0, 1, 1, False, False)
+                        image = image.reshape(-1)[:3 * h * w].reshape(h, w, 3)
+                    else:
+                        image = data.reshape(h, w, 3)
+                    top, left, ch, cw = pick_crop(h, w, scale, ratio)
+                    crop_resize(image, top, top + ch, left, left + cw, destination[k])
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    WarmBufferCropDecoder.__name__ = "WarmBuffer" + base_name
+    return WarmBufferCropDecoder
+
+
 _M1, _M2, _GOLDEN = store._M1, store._M2, store._GOLDEN
 
 
@@ -257,8 +300,13 @@ class FfcvLoader:
         from model.tokenizer import get_tokenizer
 
         c, size = self.config, (self.config["image_size"],) * 2
-        crop = (RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO) if c["augment"]
-                else CenterCropRGBImageDecoder(size, ratio=1.0))
+        # one warm buffer per decode thread needs threads <= batch slots (the buffers FFCV allocates)
+        warm = c["num_workers"] <= c["batch_size"]
+        random_crop = (_crop_decoder_class("RandomResizedCropRGBImageDecoder") if warm
+                       else RandomResizedCropRGBImageDecoder)
+        center_crop = _crop_decoder_class("CenterCropRGBImageDecoder") if warm else CenterCropRGBImageDecoder
+        crop = (random_crop(size, scale=CROP_SCALE, ratio=CROP_RATIO) if c["augment"]
+                else center_crop(size, ratio=1.0))
         pipelines = {"image": [crop, ToTensor()], "index": [IntDecoder(), ToTensor()], "record_len": None}
         params = np.zeros(2, dtype=np.int64)
         if c["text_mode"] is not None:
@@ -272,8 +320,8 @@ class FfcvLoader:
             pipelines["record"] = None
         if c["slip_views"]:
             for v in ("view1", "view2"):
-                pipelines[v] = PipelineSpec("image", RandomResizedCropRGBImageDecoder(
-                    size, scale=SIMCLR_SCALE, ratio=CROP_RATIO), transforms=[ToTensor()])
+                pipelines[v] = PipelineSpec("image", random_crop(size, scale=SIMCLR_SCALE, ratio=CROP_RATIO),
+                                            transforms=[ToTensor()])
         name = self.packed.meta["shards"][shard]["name"]
         loader = Loader(str(self._beton(name)), batch_size=c["batch_size"], num_workers=c["num_workers"],
                         order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines,
