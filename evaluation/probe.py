@@ -42,7 +42,7 @@ class LogReg:
         self.onehot = F.one_hot(y, n_classes).to(x.dtype)
         if self.solver == "scipy":
             self.x1t_np = self.x1t.numpy()
-            self.target = np.eye(n_classes)[y.numpy()].T.copy()   # [C, N]
+            self.target = self.onehot.numpy().T.astype(np.float64)   # [C, N]
             self.rows = (y.numpy(), np.arange(self.n))
         self.mask = np.ones((self.d + 1, n_classes))
         self.mask[-1] = 0                                          # the bias row is not penalised

@@ -166,20 +166,28 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
     if cfg.rewrites:
         join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
     shards, first, skipped = [], 0, {}
-    for i in range(num_shards):
-        m = read_staged(cfg.out, i, captions_only=True)
-        duplicate = join.add_keys(m["keys"])
-        if duplicate is not None:
-            join.close()
-            raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {duplicate!r}")
-        if m["keys"]:  # a shard whose images were all broken gets no files
-            shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
-        first += len(m["keys"])
-        for reason, n in m["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    if first == 0:
+    keys_path = os.path.join(cfg.out, "keys.txt")
+    keys_file = open(_tmp_path(keys_path), "w", encoding="utf-8")
+    try:
+        for i in range(num_shards):
+            m = read_staged(cfg.out, i, captions_only=True)
+            duplicate = join.add_keys(m["keys"])
+            if duplicate is not None:
+                raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {duplicate!r}")
+            keys_file.writelines(k + "\n" for k in m["keys"])
+            if m["keys"]:  # a shard whose images were all broken gets no files
+                shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
+            first += len(m["keys"])
+            for reason, n in m["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        if first == 0:
+            raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+    except BaseException:
+        keys_file.close()
+        os.remove(keys_file.name)
         join.close()
-        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+        raise
+    keys_file.close()
 
     counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
     matched = [0]
@@ -198,11 +206,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
                 yield texts
 
     write_store(os.path.join(cfg.out, "captions"), records())
-    keys_path = os.path.join(cfg.out, "keys.txt")
-    with open(_tmp_path(keys_path), "w", encoding="utf-8") as f:
-        for i in range(num_shards):
-            f.writelines(k + "\n" for k in read_staged(cfg.out, i, captions_only=True)["keys"])
-    _fsync_rename(f.name, keys_path)
+    _fsync_rename(keys_file.name, keys_path)
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
             "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given}
     join.close()

@@ -149,6 +149,17 @@ def _retrieval(data: dict, method: str, cfg) -> list:
     return [float(np.mean(v)) if None not in v else None for v in zip(*per)]
 
 
+def _paired(data: dict, cfg, method: str, fn) -> tuple[float, float, int] | None:
+    """method - CLIP per seed: (mean, standard error, seeds)."""
+    if method not in data or "clip" not in data:
+        return None
+    diffs = [y - x for x, y in zip(fn(data, "clip", cfg), fn(data, method, cfg)) if x is not None and y is not None]
+    if not diffs:
+        return None
+    se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
+    return float(np.mean(diffs)), se, len(diffs)
+
+
 def verdict(data: dict, cfg, info: dict) -> list[str]:
     """Does LaCLIP beat CLIP here? Paired by seed; a difference counts only beyond ~2 standard errors."""
     if "clip" not in data or "laclip" not in data:
@@ -157,16 +168,15 @@ def verdict(data: dict, cfg, info: dict) -> list[str]:
     for name, fn in (("zero-shot top-1 (mean of the held-out sets)", _headline),
                      ("retrieval R@5 (mean of both directions and sets)", _retrieval)):
         a, b = fn(data, "clip", cfg), fn(data, "laclip", cfg)
-        diffs = [y - x for x, y in zip(a, b) if x is not None and y is not None]
-        if not diffs:
+        paired = _paired(data, cfg, "laclip", fn)
+        if paired is None:
             continue
-        d = float(np.mean(diffs))
-        if len(diffs) >= 2:
-            se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
-            spread = f"{d:+.1f} ± {float(np.std(diffs, ddof=1)):.1f} (std of the paired difference over {len(diffs)} seeds)"
-            if len(diffs) >= 3 and d > 2 * se:
+        d, se, seeds = paired
+        if seeds >= 2:
+            spread = f"{d:+.1f} ± {se * math.sqrt(seeds):.1f} (std of the paired difference over {seeds} seeds)"
+            if seeds >= 3 and d > 2 * se:
                 call = "LaCLIP **beats** CLIP"
-            elif len(diffs) >= 3 and d < -2 * se:
+            elif seeds >= 3 and d < -2 * se:
                 call = "LaCLIP is **worse** than CLIP"
             else:
                 call = "**no difference beyond the seed-to-seed spread**"
@@ -201,17 +211,6 @@ def noise_floor(data: dict, cfg, info: dict) -> list[str]:
     elif lines:
         lines[-1] += "."
     return lines
-
-
-def _paired(data: dict, cfg, method: str, fn) -> tuple[float, float, int] | None:
-    """method - CLIP per seed: (mean, standard error, seeds)."""
-    if method not in data or "clip" not in data:
-        return None
-    diffs = [y - x for x, y in zip(fn(data, "clip", cfg), fn(data, method, cfg)) if x is not None and y is not None]
-    if not diffs:
-        return None
-    se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
-    return float(np.mean(diffs)), se, len(diffs)
 
 
 def augmentation_control(data: dict, cfg, info: dict) -> list[str]:
