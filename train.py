@@ -53,6 +53,7 @@ class TrainConfig:
     data_root: str = ""                  # packed dataset directory (loaders/pack)
     text_mode: str = "rewrite"           # original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)
     max_texts: int = 5                   # text slots per sample in text_mode=all
+    mt_text_to_image: str = "all"        # LaCLIP-MT's text-to-image term: all texts | original caption
     image_loss: str = "clip"             # clip | slip (adds SimCLR on two views)
     ssl_weight: float = 1.0              # SLIP's weight of the SimCLR term
     augment: bool = True
@@ -85,6 +86,7 @@ class TrainConfig:
     def validate(self):
         choices = {"data": ("synthetic", "torch", "ffcv", "dali"),
                    "text_mode": ("original", "rewrite", "all"), "image_loss": ("clip", "slip"),
+                   "mt_text_to_image": ("all", "original"),
                    "precision": ("fp32", "bf16"), "zero_stage": (0, 1, 2, 3)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -606,7 +608,7 @@ def main(argv=None) -> int:
     resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
     engine = build_engine(cfg, model_config)
     image_size = engine.module.image_size
-    losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(), "simclr": SimClrLoss()}
+    losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
 
     step, epoch, batch_in_epoch = 0, 0, 0
     last_checkpoint = None

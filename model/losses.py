@@ -80,10 +80,24 @@ class LaClipMTLoss(nn.Module):
           ce_t2i[i, j] = -log softmax_n( s * T[i, j] . I_n )[i]   over all N images.
       Each sample averages over its own valid slots, w[i, j] = M[i, j] / sum_j M[i, j], so a sample
       with fewer texts contributes only through its valid slots and still weighs as one sample:
-          L_I* = mean_i sum_j w[i, j] ce_i2t[i, j],   L_T = mean_i sum_j w[i, j] ce_t2i[i, j]
+          L_I* = mean_i sum_j w[i, j] ce_i2t[i, j]
       loss = (L_I* + L_T) / 2, the mean over local images i (so mean over ranks = global loss).
-    With K = 1 and a full mask this is exactly ClipLoss. A sample with no valid text contributes 0.
+
+    The paper (Fan et al. 2023, eq. 4) defines L_I* over the M+1 texts as above and writes the total as
+    L_I* + L_T without saying which texts L_T uses. `text_to_image` makes that choice explicit:
+      "all"      (default) every valid text is an anchor: L_T = mean_i sum_j w[i, j] ce_t2i[i, j];
+      "original" only the original caption (slot 0, always present): L_T = mean_i ce_t2i[i, 0],
+                 i.e. CLIP's text-to-image term on the original captions.
+    With K = 1 and a full mask both are exactly ClipLoss. A sample with no valid text contributes 0.
     """
+
+    TEXT_TO_IMAGE = ("all", "original")
+
+    def __init__(self, text_to_image: str = "all"):
+        super().__init__()
+        if text_to_image not in self.TEXT_TO_IMAGE:
+            raise ValueError(f"text_to_image={text_to_image!r}: expected one of {self.TEXT_TO_IMAGE}")
+        self.text_to_image = text_to_image
 
     def forward(self, image_features, text_features, mask, logit_scale):
         b, k, _ = text_features.shape
@@ -102,7 +116,10 @@ class LaClipMTLoss(nn.Module):
         weights = mask.to(ce_i2t.dtype)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
         loss_i = (ce_i2t * weights).sum() / b
-        loss_t = (ce_t2i * weights).sum() / b
+        if self.text_to_image == "all":
+            loss_t = (ce_t2i * weights).sum() / b
+        else:  # slot 0 is the original caption of every sample
+            loss_t = ce_t2i[:, 0].sum() / b
         return (loss_i + loss_t) / 2
 
 

@@ -28,7 +28,7 @@ def ref_clip(img, txt, scale):
     return total / (2 * n)
 
 
-def ref_mt(img, txt, mask, scale):
+def ref_mt(img, txt, mask, scale, text_to_image="all"):
     n, k = mask.shape
     loss_i, loss_t = 0.0, 0.0
     for i in range(n):
@@ -37,8 +37,10 @@ def ref_mt(img, txt, mask, scale):
             cands = [m for m in range(n) if mask[m, j]]  # the j-th texts that exist
             logits = torch.stack([scale * img[i] @ txt[m, j] for m in cands]).reshape(-1)
             loss_i = loss_i + (torch.logsumexp(logits, 0) - logits[cands.index(i)]) / len(valid)
-            logits = torch.stack([scale * txt[i, j] @ img[m] for m in range(n)]).reshape(-1)
-            loss_t = loss_t + (torch.logsumexp(logits, 0) - logits[i]) / len(valid)
+            if text_to_image == "all" or j == 0:
+                logits = torch.stack([scale * txt[i, j] @ img[m] for m in range(n)]).reshape(-1)
+                weight = 1 / len(valid) if text_to_image == "all" else 1.0
+                loss_t = loss_t + (torch.logsumexp(logits, 0) - logits[i]) * weight
     return (loss_i + loss_t) / (2 * n)
 
 
@@ -84,18 +86,28 @@ def test_clip_loss_matches_reference():
         torch.testing.assert_close(a, b)
 
 
-def test_mt_loss_matches_reference_and_reduces_to_clip():
+@pytest.mark.parametrize("text_to_image", ["all", "original"])
+def test_mt_loss_matches_reference_and_reduces_to_clip(text_to_image):
     img, txt, mask, scale, _ = make_batch()
-    ours, g_ours = grads(lambda i, t, s: LaClipMTLoss()(i, t, mask, s), img, txt, scale)
-    ref, g_ref = grads(lambda i, t, s: ref_mt(i, t, mask, s), img, txt, scale)
+    loss = LaClipMTLoss(text_to_image)
+    ours, g_ours = grads(lambda i, t, s: loss(i, t, mask, s), img, txt, scale)
+    ref, g_ref = grads(lambda i, t, s: ref_mt(i, t, mask, s, text_to_image), img, txt, scale)
     torch.testing.assert_close(ours, ref)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b)
     # texts behind the mask get no gradient
     assert g_ours[1][~mask].abs().max() == 0
     # K = 1 with a full mask is plain CLIP
-    one = LaClipMTLoss()(img, txt[:, :1], torch.ones(N, 1, dtype=torch.bool), scale)
+    one = loss(img, txt[:, :1], torch.ones(N, 1, dtype=torch.bool), scale)
     torch.testing.assert_close(one, ClipLoss()(img, txt[:, 0], scale))
+
+
+def test_mt_text_to_image_conventions_differ_and_bad_value_is_refused():
+    img, txt, mask, scale, _ = make_batch()
+    every, original = (LaClipMTLoss(c)(img, txt, mask, scale) for c in ("all", "original"))
+    assert not torch.isclose(every, original)
+    with pytest.raises(ValueError, match="text_to_image"):
+        LaClipMTLoss("rewrites")
 
 
 def test_simclr_loss_matches_reference():
