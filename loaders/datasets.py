@@ -11,8 +11,11 @@
                Sequences the font has no single glyph for (they render as several glyphs) are skipped.
 
 `build_dataset` writes an image folder: images/<key>.jpg + captions.jsonl (key, file, caption, category,
-split) with a fixed held-out split by hash of the key. Re-running with the same arguments reuses the
-result; images already written are kept.
+split) with a fixed held-out split by hash of the key. A held-out sample whose image (same bytes) or
+caption (same words, case-insensitive) also occurs in the training split or earlier in the held-out
+split is marked "duplicate" instead: retrieval on the held-out split has no ties with a training
+pair and no repeats inside itself. Re-running with the same arguments reuses the result; images already
+written are kept.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from loaders.ingest import IngestReport, Sample, iter_image_folder
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: held-out duplicates of training or held-out samples marked "duplicate"
 
 
 def default_cache() -> str:
@@ -44,6 +47,31 @@ def heldout_split(key: str, fraction: float) -> str:
     """Fixed split from the key alone: stable when the set grows or is subsampled."""
     h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
     return "test" if h < fraction else "train"
+
+
+def mark_heldout_duplicates(rows: list[dict], image_digest) -> int:
+    """Set split = "duplicate" on held-out rows that repeat a training row's image or caption, or an
+    earlier held-out row's (rows in key order). `image_digest(row)` gives the bytes' hash. Returns the
+    number marked."""
+    def caption_key(row):
+        return " ".join(row["caption"].lower().split())
+
+    seen_images = {image_digest(r) for r in rows if r["split"] == "train"}
+    seen_captions = {caption_key(r) for r in rows if r["split"] == "train"}
+    marked = 0
+    for row in sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["key"]):
+        image, caption = image_digest(row), caption_key(row)
+        if image in seen_images or caption in seen_captions:
+            row["split"] = "duplicate"
+            marked += 1
+        seen_images.add(image)
+        seen_captions.add(caption)
+    return marked
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
 
 
 def _safe_key(text: str) -> str:
@@ -221,7 +249,7 @@ def build_dataset(name: str, out_dir: str, *, max_samples: int | None = None, im
     with ctx.Pool(max(1, workers)) as pool:
         results = list(tqdm(pool.imap(_render, jobs, chunksize=16), total=len(jobs), desc=f"build {name}",
                             leave=False))
-    lines = []
+    rows = []
     for r, (path, err) in zip(records, results):
         if err is not None:
             report.skip("broken_image", r["key"], str(r["src"]), err)
@@ -230,12 +258,16 @@ def build_dataset(name: str, out_dir: str, *, max_samples: int | None = None, im
                "category": r["category"], "split": heldout_split(r["key"], heldout_fraction)}
         if r.get("keywords"):
             row["keywords"] = r["keywords"]
-        lines.append(json.dumps(row, ensure_ascii=False))
+        rows.append(row)
+    duplicates = mark_heldout_duplicates(rows, lambda row: _file_digest(os.path.join(out_dir, row["file"])))
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     atomic_write_bytes(os.path.join(out_dir, "captions.jsonl"), ("\n".join(lines) + "\n").encode())
     summary = {"params": params, "available": available, "written": len(lines),
+               "heldout_duplicates": duplicates,
                "skipped": dict(report.counts), "skipped_records": report.records[:50]}
     atomic_write_bytes(done, json.dumps(summary, indent=1).encode())
-    print(f"build {name}: {len(lines)} samples written to {out_dir} ({report.summary()})")
+    print(f"build {name}: {len(lines)} samples written to {out_dir}, {duplicates} held-out duplicates "
+          f"set aside ({report.summary()})")
     return out_dir
 
 

@@ -197,7 +197,8 @@ def _digits(root: Path) -> EvalSet:
 
 def _captions(spec: str) -> EvalSet:
     """A captions.jsonl set (key, file, caption, category, split): the held-out split (every split but
-    "train") is the test set for zero-shot (categories as classes) and retrieval; "train" for probes."""
+    "train" and "duplicate", the held-out repeats a dataset build sets aside) is the test set for
+    zero-shot (categories as classes) and retrieval; "train" for probes."""
     d = Path(spec)
     path = d if d.suffix == ".jsonl" else d / "captions.jsonl"
     if not path.is_file():
@@ -209,7 +210,7 @@ def _captions(spec: str) -> EvalSet:
     classes = sorted({r["category"] for r in rows})
     cid = {c: i for i, c in enumerate(classes)}
     splits, captions = {}, []
-    for split, keep in (("train", lambda s: s == "train"), ("test", lambda s: s != "train")):
+    for split, keep in (("train", lambda s: s == "train"), ("test", lambda s: s not in ("train", "duplicate"))):
         sel = [r for r in rows if keep(r["split"])]
         if sel:
             splits[split] = Split(np.asarray([cid[r["category"]] for r in sel], np.int64),

@@ -171,13 +171,14 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
         rows = read_jsonl(folder / "captions.jsonl")
         for r in rows:
             r["file"] = str((folder / r["file"]).resolve())
-        held = [r for r in rows if r["split"] != "train"]
-        train_rows += [r for r in rows if r["split"] == "train"]
+        held = [r for r in rows if r["split"] == "test"]  # not "duplicate": held-out repeats are set aside
+        train = [r for r in rows if r["split"] == "train"]
+        train_rows += train
         write_text(out / "data" / f"heldout-{name}" / "captions.jsonl", held)
-        result["sets"][name] = {"folder": str(folder), "train": len(rows) - len(held), "heldout": len(held),
+        result["sets"][name] = {"folder": str(folder), "train": len(train), "heldout": len(held),
                                 "categories": len({r["category"] for r in rows}),
                                 "seconds": round(time.time() - t, 1)}
-        print(f"  {name}: {len(rows) - len(held)} train + {len(held)} held-out samples, "
+        print(f"  {name}: {len(train)} train + {len(held)} held-out samples, "
               f"{result['sets'][name]['categories']} categories ({folder})")
     write_text(out / "data" / "train" / "captions.jsonl", train_rows)
     result["train"] = len(train_rows)
