@@ -236,7 +236,10 @@ class UsageError(Exception):
     """A problem with the run's inputs, found before training: one line, exit EXIT_USAGE."""
 
 
-LAUNCHER_MARKS = ("deepspeed", "torchrun", "torch.distributed.run", "torch/distributed/run")
+def is_launcher(cmdline: list[str]) -> bool:
+    """`deepspeed ...`, `python -m deepspeed.launcher.{runner,launch}`, `torchrun`, `-m torch.distributed.run`."""
+    return any(os.path.basename(arg) in ("deepspeed", "torchrun")
+               or arg.startswith(("deepspeed.launcher.", "torch.distributed.run")) for arg in cmdline)
 
 
 def launcher_chain() -> list:
@@ -245,7 +248,7 @@ def launcher_chain() -> list:
     chain, proc = [], psutil.Process().parent()
     while proc is not None and proc.pid > 1:
         try:
-            if not any(mark in " ".join(proc.cmdline()) for mark in LAUNCHER_MARKS):
+            if not is_launcher(proc.cmdline()):
                 break
             chain.append(proc)
             proc = proc.parent()
