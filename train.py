@@ -9,9 +9,9 @@ Global batch = micro_batch x ranks x accumulation. With accumulation > 1 every o
 sees the whole global batch as negatives (gradient cache): the features of all micro batches are
 computed without grad and gathered, the contrastive loss and its gradient w.r.t. those features are
 computed once on the global batch, then each micro batch is recomputed with grad and back-propagates
-its slice of that feature gradient. For CLIP, LaCLIP and LaCLIP-MT the result equals one big batch, up
-to float rounding. SLIP is refused with accumulation > 1: its head's batch norm normalises each forward
-(one micro batch), so the gradient cache would not equal one big batch there.
+its slice of that feature gradient. SLIP's head (whose batch norm normalises over every row it sees)
+runs once per step on the cached tower features of the whole batch. The result equals one big batch,
+up to float rounding, for CLIP, LaCLIP, LaCLIP-MT and SLIP alike.
 
 Writes <run_dir>/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-XXXXXXX/ (DeepSpeed, with
 export/{model.safetensors,config.json}: fp32 weights and the model config). `latest` names a
@@ -22,6 +22,7 @@ directory, a missing data_root or --resume checkpoint, a bad config) print one l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -103,10 +104,6 @@ class TrainConfig:
                 raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
         if len(self.betas) != 2:
             raise ValueError(f"config betas={self.betas}: expected two numbers")
-        if self.image_loss == "slip" and self.accumulation > 1:
-            raise ValueError(f"config image_loss=slip with accumulation={self.accumulation}: SLIP's head "
-                             "batch-normalises each micro batch, so accumulation would not equal one big "
-                             "batch; use accumulation=1 (a larger micro_batch or more ranks)")
 
 
 def _coerce(value, hint, key):
@@ -522,14 +519,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def forward(engine, batch: dict, cfg: TrainConfig):
-    """One micro batch -> (features dict of [b, ...] tensors, exponentiated logit scale)."""
+def forward(engine, batch: dict, cfg: TrainConfig, ssl_head: bool = True):
+    """One micro batch -> (features dict of [b, ...] tensors, exponentiated logit scale).
+    SLIP's views: their head embeddings "ssl1", "ssl2"; with ssl_head=False the pooled tower features
+    "pool1", "pool2" instead, for the gradient cache to run the head once on the whole batch."""
     image_features, text_features, scale = engine(batch["images"], batch["tokens"])
     feats = {"image": image_features, "text": text_features}
     if cfg.image_loss == "slip":
-        feats["ssl1"] = engine.module.encode_image_ssl(batch["view1"])
-        feats["ssl2"] = engine.module.encode_image_ssl(batch["view2"])
+        for v in ("1", "2"):
+            if ssl_head:
+                feats["ssl" + v] = engine.module.encode_image_ssl(batch["view" + v])
+            else:
+                feats["pool" + v] = engine.module.visual(batch["view" + v], pooled=True)
     return feats, scale
+
+
+@contextlib.contextmanager
+def running_stats_kept(module):
+    """Batch-norm running statistics as they were before the block (the block's forward and backward)."""
+    saved = [b.clone() for b in module.buffers()]
+    yield
+    with torch.no_grad():
+        for buffer, value in zip(module.buffers(), saved):
+            buffer.copy_(value)
+
+
+def slip_head(engine, pooled: torch.Tensor) -> torch.Tensor:
+    """SLIP's MLP head on pooled features. Its batch norm normalises over every row it is given (and
+    over the ranks), so the gradient cache calls it on the whole accumulated batch."""
+    head = engine.module.image_mlp
+    return head(pooled.to(next(head.parameters()).dtype))
 
 
 def contrastive_loss(feats: dict, scale, mask, cfg: TrainConfig, losses: dict):
@@ -558,28 +577,39 @@ def train_step(engine, micro: list[dict], cfg: TrainConfig, losses: dict, step: 
         engine.step()
         return global_loss, scale.item()
 
+    slip = cfg.image_loss == "slip"
     # 1. features of every micro batch without grad: the global batch's negatives
     with torch.no_grad():
-        outs = [forward(engine, b, cfg) for b in micro]
+        outs = [forward(engine, b, cfg, ssl_head=False) for b in micro]
     keys = list(outs[0][0])
     cache = {k: torch.cat([o[0][k] for o in outs]).float().requires_grad_() for k in keys}
     scale = outs[0][1].detach().float().requires_grad_()
     mask = torch.cat([b["mask"] for b in micro]) if cfg.text_mode == "all" else None
-    # 2. the loss on the whole batch and its gradient w.r.t. the cached features (and the scale)
-    loss = contrastive_loss(cache, scale, mask, cfg, losses)
-    grads = torch.autograd.grad(loss, [cache[k] for k in keys] + [scale])
+    # 2. the loss on the whole batch and its gradient w.r.t. the cached features (and the scale);
+    # SLIP's head runs here on the whole batch, so its batch norm sees what one big batch would
+    feats = dict(cache)
+    heads = ["ssl1", "ssl2"] if slip else []
+    # the step's running-statistics update is the head's second call, in step 3: once, like one batch
+    with running_stats_kept(engine.module.image_mlp) if slip else contextlib.nullcontext():
+        for k in heads:
+            feats[k] = slip_head(engine, cache["pool" + k[-1]])
+        loss = contrastive_loss(feats, scale, mask, cfg, losses)
+        grads = torch.autograd.grad(loss, [cache[k] for k in keys] + [feats[k] for k in heads] + [scale])
     global_loss = all_mean(loss.item())
     if not math.isfinite(global_loss):
         raise NonFiniteLoss(step)
-    feat_grads, scale_grad = dict(zip(keys, grads[:-1])), grads[-1]
+    feat_grads, scale_grad = dict(zip(keys + heads, grads[:-1])), grads[-1]
     # 3. recompute each micro batch with grad and push its slice of the feature gradient through
     start = 0
     for m, b in enumerate(micro):
-        feats, s = forward(engine, b, cfg)
+        feats, s = forward(engine, b, cfg, ssl_head=False)
         n = feats["image"].shape[0]
         surrogate = sum((feats[k].float() * feat_grads[k][start:start + n]).sum() for k in keys)
-        if m == 0:  # d loss / d scale enters once per step
+        if m == 0:  # d loss / d scale, and d loss / d (SLIP head weights), enter once per step
             surrogate = surrogate + (s.float() * scale_grad).sum()
+            for k in heads:
+                head_out = slip_head(engine, cache["pool" + k[-1]].detach())
+                surrogate = surrogate + (head_out.float() * feat_grads[k]).sum()
         engine.backward(surrogate, scale_wrt_gas=False)  # already the gradient of the step's loss
         engine.step()
         start += n

@@ -1,8 +1,8 @@
 """Fault injection for training and evaluation: kill -9 at a random point of a 2-rank run on a tiny real
 pack, then resume, on each loader (torch, FFCV, DALI): the losses and gradient norms equal an
-uninterrupted same-seed run bit for bit. Bad inputs (an unwritable run directory, a missing pack, SLIP
-with accumulation, truncated checkpoints in eval.py) end with one line naming the file and a non-zero
-exit, before any training step.
+uninterrupted same-seed run bit for bit. Bad inputs (an unwritable run directory, a missing pack, a bad
+config, truncated checkpoints in eval.py) end with one line naming the file and a non-zero exit,
+before any training step.
 
 The kill point is random: FAULT_SEED=<n> replays one (it is printed with every failure).
 """
@@ -99,14 +99,9 @@ def test_unwritable_run_dir_and_missing_pack_fail_before_the_first_step(tmp_path
 
 
 def test_config_mistakes_are_one_line(tmp_path):
-    """SLIP normalises each micro batch in its head, so SLIP with accumulation is refused (the gradient
-    cache would not equal one big batch); like every config mistake, in one line before any work."""
-    with pytest.raises(ValueError, match="image_loss=slip with accumulation=2"):
-        train.load_config(None, ["image_loss=slip", "accumulation=2"])
-    train.load_config(None, ["image_loss=slip", "accumulation=1"])
-    out = run_train(tmp_path / "run", "image_loss=slip", "accumulation=2", expect_rc=train.EXIT_USAGE)
+    out = run_train(tmp_path / "run", "zero_stage=5", expect_rc=train.EXIT_USAGE)
     (line,) = _lines(out, "train: error:")
-    assert "image_loss=slip with accumulation=2" in line and "Traceback" not in out
+    assert "zero_stage=5: expected one of (0, 1, 2, 3)" in line and "Traceback" not in out
     assert not (tmp_path / "run").exists()
 
 
