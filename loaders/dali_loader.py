@@ -29,6 +29,7 @@ from loaders.pack import IDX_VERSION, PackError
 from loaders.sampling import EpochSampler
 from loaders.torch_loader import PackedMeta, read_meta
 
+PREFETCH = 2                              # batches DALI prepares ahead
 NO_AUGMENT = (-1.0, -1.0, 0.0, 0.0, 0)   # dali_ops: a negative scale = the centred square
 
 
@@ -68,11 +69,34 @@ class ShardIndex:
             self._lines[shard] = np.array(rows, dtype=object)
         return self._lines[shard]
 
+    def _line(self, index: int) -> tuple[int, list[bytes]]:
+        shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
+        return shard, self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
+
     def key(self, index: int) -> str:
         """The sample key of a global index (for error messages)."""
-        shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
-        line = self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
-        return line[3].decode().rsplit(".", 1)[0]
+        return self._line(index)[1][3].decode().rsplit(".", 1)[0]
+
+    def jpeg(self, index: int) -> tuple[str, bytes]:
+        """(tar path, JPEG bytes) of a global index, read directly (error diagnosis only)."""
+        shard, parts = self._line(index)
+        at = parts.index(b"jpg")
+        offset, size = int(parts[at + 1]), int(parts[at + 2])
+        with open(self.tar(shard), "rb") as f:
+            f.seek(offset)
+            return self.tar(shard), f.read(size)
+
+    def find_broken_jpeg(self, indices) -> str | None:
+        """'<tar>: JPEG of sample i (key k) does not decode (why)' for the first of indices that fails."""
+        import simplejpeg
+
+        for i in map(int, indices):
+            tar, data = self.jpeg(i)
+            try:
+                simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ValueError as e:
+                return f"{tar}: JPEG of sample {i} (key {self.key(i)!r}) does not decode ({e})"
+        return None
 
     def write_epoch(self, sampler: EpochSampler, folder: str) -> tuple[list[str], list[str]]:
         """Index files for this rank's positions from start_batch on, one per run of one shard, in order.
@@ -98,7 +122,7 @@ def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
-                  prefetch_queue_depth=2, exec_dynamic=True)
+                  prefetch_queue_depth=PREFETCH, exec_dynamic=True)
     def pipe():
         jpeg, record, idx = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=["jpg", "cap", "idx"], dtypes=[types.UINT8] * 3,
@@ -177,13 +201,37 @@ class DaliLoader:
             names = ["images", "tokens", "index"] + (["v1", "v2"] if self.kw["slip_views"] else [])
             it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=False,
                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+            batch = self.sampler.start_batch
             try:
                 for out in it:
                     yield self._finish(out[0])
+                    batch += 1
+            except PackError:
+                raise
+            except RuntimeError as e:  # DALI stops the pipeline on a sample it cannot read or decode
+                raise PackError(self._diagnose(batch, e)) from None
             finally:
                 del it, pipe  # stops DALI's threads
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _diagnose(self, batch: int, error: RuntimeError) -> str:
+        """Name the sample behind a DALI failure: DALI's message does not, so decode the JPEGs of the
+        batches it may have been working on (the failed one and those prefetched after it)."""
+        last = min(batch + PREFETCH + 2, self.sampler.num_batches)
+        for b in range(batch, last):
+            found = self.index.find_broken_jpeg(self.sampler.batch_indices(b))
+            if found:
+                return found
+        lines = [ln for ln in str(error).splitlines() if ln.strip()]
+        return (f"{self.packed.root}/dali: DALI stopped at batch {batch} of epoch {self.sampler.epoch}: "
+                f"{lines[-1] if lines else error!r}")
+
+    def _bad_record(self, index: int) -> str:
+        if index < 0:
+            return f"{self.packed.root}/dali: a sample's .idx member is not a decimal index (corrupted tar?)"
+        return (f"{self.index.tar(self.index._line(index)[0])}: caption record of sample {index} "
+                f"(key {self.index.key(index)!r}) does not decompress (corrupted?)")
 
     def _finish(self, d):
         images = d["images"] if self.kw["normalize"] else d["images"].permute(0, 3, 1, 2)
@@ -191,10 +239,7 @@ class DaliLoader:
         if self.draw_text:
             bad = d["tokens"].flatten(1)[:, 0] < 0
             if bad.any():
-                i = int(out["index"][bad][0])
-                where = f"sample {i} (key {self.index.key(i)!r})" if i >= 0 else "a sample with a damaged .idx member"
-                raise PackError(f"{self.packed.root}/dali: caption record of {where} does not decompress "
-                                "(corrupted tar?)")
+                raise PackError(self._bad_record(int(out["index"][bad][0])))
             out["tokens"] = d["tokens"]
             if self.text_mode == "all":
                 out["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
