@@ -291,15 +291,14 @@ def watch_launcher(on_death, interval: float = 0.5):
 def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
     """This rank's problems that would otherwise surface mid-run (at the first save, the first batch)."""
     problems = []
-    checkpoints = Path(cfg.run_dir) / "checkpoints"
-    try:  # every rank writes its own optimizer shards, so every rank checks
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        probe = checkpoints / f".write-probe-{os.getpid()}-{rank}"
+    run_dir = Path(cfg.run_dir)
+    try:  # every rank writes its own optimizer shards under run_dir, so every rank checks
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}-{rank}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        problems.append(f"run_dir {cfg.run_dir}: cannot write checkpoints to {checkpoints} "
-                        f"({err.strerror or err})")
+        problems.append(f"run_dir {run_dir}: cannot write checkpoints there ({err.strerror or err})")
     if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
         problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
     if resume:

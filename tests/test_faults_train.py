@@ -93,7 +93,8 @@ def test_unwritable_run_dir_and_missing_pack_fail_before_the_first_step(tmp_path
     out = run_train(run_dir, "data=torch", f"data_root={tmp_path / 'no-pack'}", "stop_after=2", ranks=2,
                     expect_rc=train.EXIT_USAGE)
     (line,) = _lines(out, "train: error:")
-    assert f"cannot write checkpoints to {run_dir / 'checkpoints'}" in line and "(ranks 0, 1)" in line
+    assert f"run_dir {run_dir}: cannot write checkpoints there (Not a directory)" in line
+    assert "(ranks 0, 1)" in line
     assert f"data_root {tmp_path / 'no-pack'}: no such directory" in line
     assert "Traceback" not in out
 
