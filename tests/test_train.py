@@ -134,6 +134,21 @@ def test_synthetic_global_batch_is_split_invariant():
     assert step_images(1, 16, 1, 2) == step_images(2, 2, 4, 2) == step_images(2, 4, 2, 2)
 
 
+def test_slip_head_in_bf16_like_deepspeed_casts_it():
+    """DeepSpeed's bf16 casts parameters, not buffers: SLIP's batch norm gets bf16 weights and fp32
+    running statistics (this raised 'expected scalar type BFloat16 but found Float' on CPU)."""
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model("tiny", slip=True).train()
+    views = torch.randn(8, 3, model.image_size, model.image_size)
+    want = model.encode_image_ssl(views)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    got = model.encode_image_ssl(views.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and model.image_mlp.bn1.running_mean.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want.detach(), rtol=0.05, atol=0.05)
+
+
 # ----------------------------------------------------------------------------- 1-process references
 
 @pytest.fixture(scope="module")
