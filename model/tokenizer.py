@@ -65,6 +65,11 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def has_tokens(text: str | None) -> bool:
+    """Whether a text gives at least one token: not empty once cleaned (ftfy drops control characters)."""
+    return bool(text) and bool(clean_caption(text))
+
+
 class _WordTable:
     """Word -> its BPE ids, kept as slices of one growing token buffer so a batch gathers in numpy.
 
