@@ -747,6 +747,14 @@ def _step_of(line: str) -> float:
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    # first: a launcher that dies while this rank starts up is reparented away from the chain
+    stop_requested = {"reason": None}
+
+    def on_launcher_death(what: str):
+        print(f"train: rank {os.environ.get('RANK', 0)}: {what}; stopping with a checkpoint at the next "
+              "step", flush=True)
+        stop_requested.update(reason="the launcher's exit")
+    watch_launcher(on_launcher_death)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -786,13 +794,7 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams for anything random below
     data = MicroBatches(cfg, rank, world, image_size, epoch, batch_in_epoch)
 
-    stop_requested = {"reason": None}
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(reason="SIGTERM"))
-
-    def on_launcher_death(what: str):
-        print(f"train: rank {rank}: {what}; stopping with a checkpoint at the next step", flush=True)
-        stop_requested.update(reason="the launcher's exit")
-    watch_launcher(on_launcher_death)
     end_step = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
     logger = Logger(cfg, rank, step)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
