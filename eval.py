@@ -352,12 +352,21 @@ def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
     return cfg, a.compare
 
 
+class CheckpointError(Exception):
+    """--checkpoint cannot be used; main prints the message and exits 2."""
+
+
 def run(cfg: EvalConfig) -> dict:
     from model.checkpoint import load_checkpoint
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     sets = [open_eval_set(name, cfg.data_root) for name in cfg.datasets]   # fail early on missing sets
+    if not Path(cfg.checkpoint).exists():
+        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
     identity = checkpoint_identity(cfg.checkpoint)
-    model, info = load_checkpoint(cfg.checkpoint, cfg.model)
+    try:
+        model, info = load_checkpoint(cfg.checkpoint, cfg.model)
+    except (ValueError, OSError) as err:  # unreadable, mismatched, no config: the user's input
+        raise CheckpointError(str(err)) from err
     model = model.to(device).eval()
     ckpt_key = (identity.get("sha256") or identity["listing_sha256"])[:16]
     results, timing = {}, {}
@@ -390,7 +399,11 @@ def main(argv=None) -> int:
     if not cfg.checkpoint:
         raise SystemExit("eval.py: --checkpoint is required (or --compare A.json B.json)")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except CheckpointError as err:
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
     print(report["table"])
     print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> {cfg.out}")
     return 0

@@ -9,14 +9,20 @@ Global batch = micro_batch x ranks x accumulation. With accumulation > 1 every o
 sees the whole global batch as negatives (gradient cache): the features of all micro batches are
 computed without grad and gathered, the contrastive loss and its gradient w.r.t. those features are
 computed once on the global batch, then each micro batch is recomputed with grad and back-propagates
-its slice of that feature gradient. The result equals one big batch, up to float rounding.
+its slice of that feature gradient. SLIP's head (whose batch norm normalises over every row it sees)
+runs once per step on the cached tower features of the whole batch. The result equals one big batch,
+up to float rounding, for CLIP, LaCLIP, LaCLIP-MT and SLIP alike.
 
 Writes <run_dir>/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-XXXXXXX/ (DeepSpeed, with
-export/{model.safetensors,config.json}: fp32 weights and the model config). SIGTERM: checkpoint at
-the next step boundary, then exit 0. A non-finite loss stops the run (exit 3) before the bad update.
+export/{model.safetensors,config.json}: fp32 weights and the model config). `latest` names a
+checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
+launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
+stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
+directory, a missing data_root or --resume checkpoint, a bad config) print one line and exit 2.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +30,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -38,6 +45,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
 EXIT_NONFINITE = 3
+EXIT_USAGE = 2
 CHECKPOINT_FORMAT_VERSION = 1
 
 
@@ -219,6 +227,101 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- launcher death and preflight
+
+class UsageError(Exception):
+    """A problem with the run's inputs, found before training: one line, exit EXIT_USAGE."""
+
+
+def is_launcher(cmdline: list[str]) -> bool:
+    """`deepspeed ...`, `python -m deepspeed.launcher.{runner,launch}`, `torchrun`, `-m torch.distributed.run`."""
+    return any(os.path.basename(arg) in ("deepspeed", "torchrun")
+               or arg.startswith(("deepspeed.launcher.", "torch.distributed.run")) for arg in cmdline)
+
+
+def launcher_chain() -> list:
+    """The launcher processes above this rank (deepspeed's runner and launch.py, torchrun), nearest first."""
+    import psutil  # noqa: PLC0415
+    chain, proc = [], psutil.Process().parent()
+    while proc is not None and proc.pid > 1:
+        try:
+            if not is_launcher(proc.cmdline()):
+                break
+            chain.append(proc)
+            proc = proc.parent()
+        except psutil.Error:
+            break
+    return chain
+
+
+def _alive(proc) -> bool:
+    import psutil  # noqa: PLC0415
+    try:  # is_running also compares the start time, so a reused pid counts as dead
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def watch_launcher(on_death, interval: float = 0.5):
+    """Call on_death(description) once if any launcher above this rank exits.
+
+    The deepspeed runner on one node installs no signal handler: SIGTERM kills it at once and its
+    launch.py keeps the ranks running with nobody left to stop them. So each rank polls its whole
+    launcher chain, and asks the kernel for SIGTERM (PR_SET_PDEATHSIG) when its direct parent dies.
+    """
+    chain = launcher_chain()
+    if not chain:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    def poll():
+        while True:
+            for proc in chain:
+                if not _alive(proc):
+                    on_death(f"launcher process {proc.pid} exited")
+                    return
+            time.sleep(interval)
+
+    threading.Thread(target=poll, name="launcher-watch", daemon=True).start()
+
+
+def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
+    """This rank's problems that would otherwise surface mid-run (at the first save, the first batch)."""
+    problems = []
+    run_dir = Path(cfg.run_dir)
+    try:  # every rank writes its own optimizer shards under run_dir, so every rank checks
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}-{rank}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        problems.append(f"run_dir {run_dir}: cannot write checkpoints there ({err.strerror or err})")
+    if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
+        problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
+    if resume:
+        try:
+            resolve_resume(resume, Path(cfg.run_dir))
+        except FileNotFoundError as err:
+            problems.append(str(err))
+    return problems
+
+
+def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int):
+    """Every rank checks; every rank raises the same UsageError naming the problems and their ranks."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, preflight(cfg, resume, rank))
+    by_problem = {}
+    for r, problems in enumerate(found):
+        for problem in problems:
+            by_problem.setdefault(problem, []).append(r)
+    if by_problem:
+        raise UsageError("; ".join(f"{p} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
+                                   for p, rs in by_problem.items()))
 
 
 # ----------------------------------------------------------------------------- data
@@ -417,14 +520,36 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def forward(engine, batch: dict, cfg: TrainConfig):
-    """One micro batch -> (features dict of [b, ...] tensors, exponentiated logit scale)."""
+def forward(engine, batch: dict, cfg: TrainConfig, ssl_head: bool = True):
+    """One micro batch -> (features dict of [b, ...] tensors, exponentiated logit scale).
+    SLIP's views: their head embeddings "ssl1", "ssl2"; with ssl_head=False the pooled tower features
+    "pool1", "pool2" instead, for the gradient cache to run the head once on the whole batch."""
     image_features, text_features, scale = engine(batch["images"], batch["tokens"])
     feats = {"image": image_features, "text": text_features}
     if cfg.image_loss == "slip":
-        feats["ssl1"] = engine.module.encode_image_ssl(batch["view1"])
-        feats["ssl2"] = engine.module.encode_image_ssl(batch["view2"])
+        for v in ("1", "2"):
+            if ssl_head:
+                feats["ssl" + v] = engine.module.encode_image_ssl(batch["view" + v])
+            else:
+                feats["pool" + v] = engine.module.visual(batch["view" + v], pooled=True)
     return feats, scale
+
+
+@contextlib.contextmanager
+def running_stats_kept(module):
+    """Batch-norm running statistics as they were before the block (the block's forward and backward)."""
+    saved = [b.clone() for b in module.buffers()]
+    yield
+    with torch.no_grad():
+        for buffer, value in zip(module.buffers(), saved):
+            buffer.copy_(value)
+
+
+def slip_head(engine, pooled: torch.Tensor) -> torch.Tensor:
+    """SLIP's MLP head on pooled features. Its batch norm normalises over every row it is given (and
+    over the ranks), so the gradient cache calls it on the whole accumulated batch."""
+    head = engine.module.image_mlp
+    return head(pooled.to(next(head.parameters()).dtype))
 
 
 def contrastive_loss(feats: dict, scale, mask, cfg: TrainConfig, losses: dict):
@@ -453,28 +578,39 @@ def train_step(engine, micro: list[dict], cfg: TrainConfig, losses: dict, step: 
         engine.step()
         return global_loss, scale.item()
 
+    slip = cfg.image_loss == "slip"
     # 1. features of every micro batch without grad: the global batch's negatives
     with torch.no_grad():
-        outs = [forward(engine, b, cfg) for b in micro]
+        outs = [forward(engine, b, cfg, ssl_head=False) for b in micro]
     keys = list(outs[0][0])
     cache = {k: torch.cat([o[0][k] for o in outs]).float().requires_grad_() for k in keys}
     scale = outs[0][1].detach().float().requires_grad_()
     mask = torch.cat([b["mask"] for b in micro]) if cfg.text_mode == "all" else None
-    # 2. the loss on the whole batch and its gradient w.r.t. the cached features (and the scale)
-    loss = contrastive_loss(cache, scale, mask, cfg, losses)
-    grads = torch.autograd.grad(loss, [cache[k] for k in keys] + [scale])
+    # 2. the loss on the whole batch and its gradient w.r.t. the cached features (and the scale);
+    # SLIP's head runs here on the whole batch, so its batch norm sees what one big batch would
+    feats = dict(cache)
+    heads = ["ssl1", "ssl2"] if slip else []
+    # the step's running-statistics update is the head's second call, in step 3: once, like one batch
+    with running_stats_kept(engine.module.image_mlp) if slip else contextlib.nullcontext():
+        for k in heads:
+            feats[k] = slip_head(engine, cache["pool" + k[-1]])
+        loss = contrastive_loss(feats, scale, mask, cfg, losses)
+        grads = torch.autograd.grad(loss, [cache[k] for k in keys] + [feats[k] for k in heads] + [scale])
     global_loss = all_mean(loss.item())
     if not math.isfinite(global_loss):
         raise NonFiniteLoss(step)
-    feat_grads, scale_grad = dict(zip(keys, grads[:-1])), grads[-1]
+    feat_grads, scale_grad = dict(zip(keys + heads, grads[:-1])), grads[-1]
     # 3. recompute each micro batch with grad and push its slice of the feature gradient through
     start = 0
     for m, b in enumerate(micro):
-        feats, s = forward(engine, b, cfg)
+        feats, s = forward(engine, b, cfg, ssl_head=False)
         n = feats["image"].shape[0]
         surrogate = sum((feats[k].float() * feat_grads[k][start:start + n]).sum() for k in keys)
-        if m == 0:  # d loss / d scale enters once per step
+        if m == 0:  # d loss / d scale, and d loss / d (SLIP head weights), enter once per step
             surrogate = surrogate + (s.float() * scale_grad).sum()
+            for k in heads:
+                head_out = slip_head(engine, cache["pool" + k[-1]].detach())
+                surrogate = surrogate + (head_out.float() * feat_grads[k]).sum()
         engine.backward(surrogate, scale_wrt_gas=False)  # already the gradient of the step's loss
         engine.step()
         start += n
@@ -524,14 +660,28 @@ def save_checkpoint(engine, cfg: TrainConfig, model_config: dict, step: int, dat
     dist.all_gather_object(rngs, rng_state())
     client = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "epoch": data.epoch,
               "batch_in_epoch": data.batch, "rng": rngs, "config": config_dict(cfg)}
-    engine.save_checkpoint(str(root), tag=tag, client_state=client)
+    # DeepSpeed writes `latest` before the other ranks finish their shards; we move it ourselves, last
+    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     sd = full_fp32_state_dict(engine)
     if rank == 0:
         model = build_model(model_config)
         model.load_state_dict(sd)
         save_export(model, model_config, root / tag / "export")
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        write_latest(root, tag)
     dist.barrier()
     return root / tag
+
+
+def write_latest(root: Path, tag: str):
+    """Point <root>/latest at tag atomically: a kill leaves the old pointer or the new, never half."""
+    tmp = root / f".latest.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "latest")
 
 
 def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str]:
@@ -557,9 +707,10 @@ class Logger:
         run_dir = Path(cfg.run_dir)
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
         self.file = open(self.path, "a")
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
@@ -573,8 +724,9 @@ class Logger:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        for key in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait"):
-            self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+        for key in ("loss", "lr", "logit_scale", "grad_norm", "samples_per_s", "data_wait"):
+            if row.get(key) is not None:
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                              sps=f"{row['samples_per_s']:.1f}", wait=f"{row['data_wait']:.2f}")
         self.bar.update(1)
@@ -586,12 +738,32 @@ class Logger:
             self.file.close()
 
 
+def _step_of(line: str) -> float:
+    """A metrics.jsonl line's step; inf for a torn line (a kill mid-write), which is then dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    # first: a launcher that dies while this rank starts up is reparented away from the chain
+    stop_requested = {"reason": None}
+
+    def on_launcher_death(what: str):
+        print(f"train: rank {os.environ.get('RANK', 0)}: {what}; stopping with a checkpoint at the next "
+              "step", flush=True)
+        stop_requested.update(reason="the launcher's exit")
+    watch_launcher(on_launcher_death)
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config, args.set)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise UsageError(err) from err
     rank, world, device = init_distributed()
+    preflight_all_ranks(cfg, args.resume, rank)
     run_dir = Path(cfg.run_dir)
     from model import get_model_config  # noqa: PLC0415
     from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss  # noqa: PLC0415
@@ -605,7 +777,7 @@ def main(argv=None) -> int:
         tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         os.replace(tmp, run_dir / "config.yaml")
 
-    resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
+    resume_from = resolve_resume(args.resume, run_dir) if args.resume else None
     engine = build_engine(cfg, model_config)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
@@ -624,8 +796,7 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams for anything random below
     data = MicroBatches(cfg, rank, world, image_size, epoch, batch_in_epoch)
 
-    stop_requested = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(flag=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(reason="SIGTERM"))
     end_step = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
     logger = Logger(cfg, rank, step)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -646,17 +817,19 @@ def main(argv=None) -> int:
                     print(f"ERROR: {msg}", file=sys.stderr, flush=True)
                 status, exit_code = msg, EXIT_NONFINITE
                 break
+            grad_norm = engine.get_global_grad_norm()  # before clipping; None at ZeRO 0
             clamp_logit_scale(engine)
             step += 1
             dt = time.perf_counter() - t0
             logger.log({"step": step, "loss": loss, "lr": lr, "logit_scale": scale,
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
                         "samples_per_s": global_batch / dt, "data_wait": t_data / dt,
                         "epoch": data.epoch, "time": time.time()})
-            stopping = any_rank(stop_requested["flag"])
+            stopping = any_rank(stop_requested["reason"] is not None)
             if stopping or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_checkpoint = save_checkpoint(engine, cfg, model_config, step, data, rank)
             if stopping:
-                status = f"stopped by SIGTERM after step {step}"
+                status = f"stopped by {stop_requested['reason'] or 'another rank'} after step {step}"
                 break
     finally:
         logger.close()
@@ -668,5 +841,16 @@ def main(argv=None) -> int:
     return exit_code
 
 
+def cli() -> int:
+    try:
+        return main()
+    except UsageError as err:  # the same on every rank: rank 0 says it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: error: {err}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return EXIT_USAGE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,22 +1,36 @@
-"""DALI pipeline over the packed webdataset tars, caption draw inside the pipeline.
+"""DALI pipeline over the packed webdataset tars: DALI's own reader, the per-sample work compiled.
 
-A parallel external source (worker processes, batch=False) maps each sample slot of the epoch through
-our EpochSampler to a global index, slices the JPEG bytes and the caption record out of the
-memory-mapped tar (offsets from the .idx), decompresses the record and draws the text with
-draw_text_index(seed, epoch, index, n) -- so the texts equal the other loaders' -- and returns
-(jpeg uint8, tokens int32 [77] or [max_texts, 77], mask uint8 [max_texts], index int64). DALI then
-decodes (CPU here, "mixed" on a GPU, chosen at run time), crops (random_resized_crop, area 0.5-1) and
-normalises to float CHW (crop_mirror_normalize). Tokens are int32: DALI's torch iterator has no uint16.
+    fn.readers.webdataset  ->  jpg, cap (compressed caption record), idx (global index, ASCII)
+    fn.peek_image_shape    ->  image height and width from the JPEG header
+    loaders.dali_ops       ->  one numba_function: index, crop boxes from (seed, epoch, index, h, w),
+                               caption draw (zstd + draw_text_index + padding), no Python per sample
+    fn.decoders.image_slice ->  decodes the crop window only (CPU here, "mixed" on a GPU), then resize
+    crop_mirror_normalize   ->  float CHW (or uint8 HWC with normalize=False)
+
+Order: the reader follows its index files line by line, with random access into the tar by offset. So
+for each epoch the loader writes this rank's part of the EpochSampler order (from start_batch on) as one
+small index file per shard visit, in a temporary folder, and lists the visited tars in order: DALI then
+reads exactly the samples the FFCV and torch loaders read, in the same order, with its own threads.
+Crops and texts are functions of (seed, epoch, index), so batches are bit-identical for a seed and a
+resumed epoch continues with the crops and texts of the full one. Tokens are int32 (DALI's torch
+iterator has no uint16).
 """
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import torch
 
-from loaders import augment
+from loaders import augment as aug
+from loaders.pack import IDX_VERSION, PackError
 from loaders.sampling import EpochSampler
-from loaders.store import RecordCodec
-from loaders.torch_loader import TarShards, read_meta, texts_for
+from loaders.torch_loader import PackedMeta, read_meta
+
+PREFETCH = 2                              # batches DALI prepares ahead
+NO_AUGMENT = (-1.0, -1.0, 0.0, 0.0, 0)   # dali_ops: a negative scale = the centred square
 
 
 def _import_dali():
@@ -32,74 +46,108 @@ def _gpu_id() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
-def _start_method() -> str:
-    """fork is fastest, but a forked child must not inherit a live CUDA context: spawn once one exists."""
-    return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+class ShardIndex:
+    """The lines of each shard's DALI index file (one sample per line), read when a shard is first used."""
+
+    def __init__(self, packed: PackedMeta):
+        self.packed = packed
+        self._lines: dict[int, np.ndarray] = {}
+
+    def tar(self, shard: int) -> str:
+        return str(self.packed.root / "dali" / f"{self.packed.shard_names[shard]}.tar")
+
+    def lines(self, shard: int) -> np.ndarray:
+        if shard not in self._lines:
+            path = self.tar(shard)[:-4] + ".idx"
+            if not os.path.isfile(path):
+                raise PackError(f"{path}: missing tar index")
+            with open(path, "rb") as f:
+                head, *rows = f.read().splitlines()
+            n = int(self.packed.shards.sizes[shard])
+            if head.split() != [IDX_VERSION.encode(), str(n).encode()] or len(rows) != n:
+                raise PackError(f"{path}: expected a '{IDX_VERSION} {n}' index with {n} lines")
+            self._lines[shard] = np.array(rows, dtype=object)
+        return self._lines[shard]
+
+    def _line(self, index: int) -> tuple[int, list[bytes]]:
+        shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
+        return shard, self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
+
+    def key(self, index: int) -> str:
+        """The sample key of a global index (for error messages)."""
+        return self._line(index)[1][3].decode().rsplit(".", 1)[0]
+
+    def jpeg(self, index: int) -> tuple[str, bytes]:
+        """(tar path, JPEG bytes) of a global index, read directly (error diagnosis only)."""
+        shard, parts = self._line(index)
+        at = parts.index(b"jpg")
+        offset, size = int(parts[at + 1]), int(parts[at + 2])
+        with open(self.tar(shard), "rb") as f:
+            f.seek(offset)
+            return self.tar(shard), f.read(size)
+
+    def find_broken_jpeg(self, indices) -> str | None:
+        """'<tar>: JPEG of sample i (key k) does not decode (why)' for the first of indices that fails."""
+        import simplejpeg
+
+        for i in map(int, indices):
+            tar, data = self.jpeg(i)
+            try:
+                simplejpeg.decode_jpeg(data, colorspace="RGB")
+            except ValueError as e:
+                return f"{tar}: JPEG of sample {i} (key {self.key(i)!r}) does not decode ({e})"
+        return None
+
+    def write_epoch(self, sampler: EpochSampler, folder: str) -> tuple[list[str], list[str]]:
+        """Index files for this rank's positions from start_batch on, one per run of one shard, in order.
+        Returns (tar paths, index paths) for fn.readers.webdataset."""
+        lo = sampler.start_batch * sampler.batch_size
+        order = sampler.indices(lo, lo + sampler.positions_left())
+        shard_of = np.searchsorted(self.packed.shards.first_index, order, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        tars, indexes = [], []
+        for k, (a, b) in enumerate(zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)])):
+            shard = int(shard_of[a])
+            rows = self.lines(shard)[order[a:b] - self.packed.shards.first_index[shard]]
+            path = os.path.join(folder, f"run-{k:06d}.idx")
+            with open(path, "wb") as f:
+                f.write(f"{IDX_VERSION} {b - a}\n".encode() + b"\n".join(rows) + b"\n")
+            tars.append(self.tar(shard))
+            indexes.append(path)
+        return tars, indexes
 
 
-class _Source:
-    """Per-sample callback of the parallel external source (pickled into DALI's worker processes)."""
-
-    def __init__(self, shards: TarShards, sampler: EpochSampler, *, text_mode, max_texts, draw_text):
-        self.shards, self.sampler = shards, sampler
-        self.text_mode, self.max_texts, self.draw_text = text_mode, max_texts, draw_text
-        self.start = sampler.start_batch * sampler.batch_size
-        self.left = sampler.positions_left()
-        # Slots: whole batches; a partial last batch is padded by repeating its samples (trimmed later).
-        self.slots = len(sampler) * sampler.batch_size
-        self.codec = None
-
-    def __call__(self, info):
-        if info.idx_in_epoch >= self.slots:
-            raise StopIteration
-        pos = info.idx_in_epoch
-        if pos >= self.left:  # padding slot of a partial last batch
-            last = self.left - (self.left - 1) % self.sampler.batch_size - 1
-            pos = last + (pos - last) % (self.left - last)
-        index = int(self.sampler.indices(self.start + pos, self.start + pos + 1)[0])
-        jpeg = np.frombuffer(self.shards.jpeg(index), dtype=np.uint8)
-        mask = np.zeros(self.max_texts, dtype=np.uint8)
-        if not self.draw_text:
-            tokens = np.zeros(77, dtype=np.int32)
-        else:
-            if self.codec is None:
-                self.codec = RecordCodec(self.shards.packed.dictionary)
-            tokens, m = texts_for(self.codec, self.shards.record(index), index, mode=self.text_mode,
-                                  seed=self.sampler.seed, epoch=self.sampler.epoch, max_texts=self.max_texts)
-            if m is not None:
-                mask[:] = m
-        return jpeg, tokens, mask, np.array([index], dtype=np.int64)
-
-
-def build_pipeline(source: _Source, *, batch_size, num_workers, image_size, augment_images, slip_views,
-                   seed, device_id, normalize=True):
+def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_size, augment_images, slip_views,
+                   seed, epoch, device_id, normalize=True):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
-                  py_num_workers=max(1, num_workers), py_start_method=_start_method(), seed=seed,
-                  prefetch_queue_depth=2, exec_dynamic=True)
+                  prefetch_queue_depth=PREFETCH, exec_dynamic=True)
     def pipe():
-        jpeg, tokens, mask, index = fn.external_source(source=source, num_outputs=4, batch=False,
-                                                       parallel=True, prefetch_queue_depth=2)
+        jpeg, record, idx = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=["jpg", "cap", "idx"], dtypes=[types.UINT8] * 3,
+            random_shuffle=False, pad_last_batch=True, name="reader")
+        shape = fn.peek_image_shape(jpeg, dtype=types.INT64)
+        params = types.Constant(np.array([seed, epoch], dtype=np.int64), dtype=types.INT64, device="cpu")
+        index, boxes, tokens = op(idx, shape, record, params)
         decoder = "mixed" if device_id is not None else "cpu"
-        images = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB)
-        mean = [m * 255 for m in augment.CLIP_MEAN]
-        std = [s * 255 for s in augment.CLIP_STD]
-        size = [image_size, image_size]
 
-        def crop(scale):
-            if augment_images:
-                return fn.random_resized_crop(images, size=size, random_area=list(scale),
-                                              random_aspect_ratio=list(augment.CROP_RATIO))
-            short = fn.resize(images, resize_shorter=image_size)
-            return fn.crop(short, crop=size)
+        def view(v):
+            crop = fn.decoders.image_slice(jpeg, boxes[v, 0:2], boxes[v, 2:4], axis_names="HW",
+                                           normalized_anchor=False, normalized_shape=False,
+                                           device=decoder, output_type=types.RGB)
+            if decoder == "cpu" and resize is not None:
+                return resize(crop)
+            return fn.resize(crop, size=[image_size, image_size])
 
-        main = crop(augment.CROP_SCALE)
+        main = view(0)
         if normalize:
-            main = fn.crop_mirror_normalize(main, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-        out = [main, tokens, mask, index]
+            main = fn.crop_mirror_normalize(main, dtype=types.FLOAT, output_layout="CHW",
+                                            mean=[m * 255 for m in aug.CLIP_MEAN],
+                                            std=[s * 255 for s in aug.CLIP_STD])
+        out = [main, tokens, index]
         if slip_views:  # raw uint8 crops; the SimCLR colour part runs batched in torch
-            out += [crop(augment.SIMCLR_SCALE), crop(augment.SIMCLR_SCALE)]
+            out += [view(1), view(2)]
         return tuple(out)
 
     return pipe()
@@ -112,14 +160,17 @@ class DaliLoader:
                  image_size=224, max_texts=5, slip_views=False, start_batch=0, drop_last=True, augment=True,
                  draw_text=True, return_dict=False, normalize=True):
         _import_dali()
-        packed = read_meta(root)
-        self.sampler = EpochSampler(packed.shards, seed=seed, epoch=epoch, batch_size=batch_size, rank=rank,
-                                    world_size=world_size, drop_last=drop_last, start_batch=start_batch)
-        self.source = _Source(TarShards(packed), self.sampler, text_mode=text_mode, max_texts=max_texts,
-                              draw_text=draw_text)
+        self.packed = read_meta(root)
+        self.sampler = EpochSampler(self.packed.shards, seed=seed, epoch=epoch, batch_size=batch_size,
+                                    rank=rank, world_size=world_size, drop_last=drop_last,
+                                    start_batch=start_batch)
+        self.index = ShardIndex(self.packed)
+        main = (*augment_scale(augment), 0)
+        views = (main,) + (((*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 1),
+                            (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if slip_views else ())
+        self.op_config = dict(mode=text_mode if draw_text else None, max_texts=max_texts, views=views)
         self.kw = dict(batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                       augment_images=augment, slip_views=slip_views, normalize=normalize,
-                       seed=(seed * 1_000_003 + epoch * 1009 + rank) % (2**31))
+                       augment_images=augment, slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
         self.text_mode, self.draw_text = text_mode, draw_text
         self.return_dict = return_dict or slip_views
         self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
@@ -127,36 +178,74 @@ class DaliLoader:
     def __len__(self):
         return len(self.sampler)
 
+    def _op(self):
+        from loaders.dali_ops import sample_op
+        from loaders.ffcv_loader import _ddict
+        from model.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
+
+        return sample_op(ddict=_ddict(self.packed.dictionary), sot=SOT_TOKEN_ID, eot=EOT_TOKEN_ID,
+                         **self.op_config)
+
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         if len(self.sampler) == 0:
             return
-        device_id = _gpu_id()
-        pipe = build_pipeline(self.source, device_id=device_id, **self.kw)
-        names = ["images", "tokens", "mask", "index"] + (["v1", "v2"] if self.kw["slip_views"] else [])
-        it = DALIGenericIterator([pipe], names, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False,
-                                 prepare_first_batch=False)
+        folder = tempfile.mkdtemp(prefix="laclip-dali-epoch-")
         try:
-            left = self.sampler.positions_left()
-            for out in it:
-                d = out[0]
-                n = min(self.sampler.batch_size, left)
-                left -= n
-                yield self._finish({k: v[:n] for k, v in d.items()})
+            tars, indexes = self.index.write_epoch(self.sampler, folder)
+            from loaders.dali_ops import resize_op
+
+            pipe = build_pipeline(tars, indexes, op=self._op(), resize=resize_op(self.kw["image_size"]),
+                                  device_id=_gpu_id(), **self.kw)
+            names = ["images", "tokens", "index"] + (["v1", "v2"] if self.kw["slip_views"] else [])
+            it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+            batch = self.sampler.start_batch
+            try:
+                for out in it:
+                    yield self._finish(out[0])
+                    batch += 1
+            except PackError:
+                raise
+            except RuntimeError as e:  # DALI stops the pipeline on a sample it cannot read or decode
+                raise PackError(self._diagnose(batch, e)) from None
+            finally:
+                del it, pipe  # stops DALI's threads
         finally:
-            del it, pipe  # stops the worker processes
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _diagnose(self, batch: int, error: RuntimeError) -> str:
+        """Name the sample behind a DALI failure: DALI's message does not, so decode the JPEGs of the
+        batches it may have been working on (the failed one and those prefetched after it)."""
+        last = min(batch + PREFETCH + 2, self.sampler.num_batches)
+        for b in range(batch, last):
+            found = self.index.find_broken_jpeg(self.sampler.batch_indices(b))
+            if found:
+                return found
+        lines = [ln for ln in str(error).splitlines() if ln.strip()]
+        return (f"{self.packed.root}/dali: DALI stopped at batch {batch} of epoch {self.sampler.epoch}: "
+                f"{lines[-1] if lines else error!r}")
+
+    def _bad_record(self, index: int) -> str:
+        if index < 0:
+            return f"{self.packed.root}/dali: a sample's .idx member is not a decimal index (corrupted tar?)"
+        return (f"{self.index.tar(self.index._line(index)[0])}: caption record of sample {index} "
+                f"(key {self.index.key(index)!r}) does not decompress (corrupted?)")
 
     def _finish(self, d):
         images = d["images"] if self.kw["normalize"] else d["images"].permute(0, 3, 1, 2)
         out = {"images": images, "index": d["index"].view(-1)}
         if self.draw_text:
+            bad = d["tokens"].flatten(1)[:, 0] < 0
+            if bad.any():
+                raise PackError(self._bad_record(int(out["index"][bad][0])))
             out["tokens"] = d["tokens"]
             if self.text_mode == "all":
-                out["mask"] = d["mask"].bool()
+                out["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
         if "v1" in d:
-            out["view1"] = augment.simclr_view(d["v1"], self.generator)
-            out["view2"] = augment.simclr_view(d["v2"], self.generator)
+            out["view1"] = aug.simclr_view(d["v1"], self.generator)
+            out["view2"] = aug.simclr_view(d["v2"], self.generator)
         if self.return_dict:
             return out
         if not self.draw_text:
@@ -164,3 +253,8 @@ class DaliLoader:
         if self.text_mode == "all":
             return out["images"], out["tokens"], out["mask"]
         return out["images"], out["tokens"]
+
+
+def augment_scale(on: bool) -> tuple:
+    """(scale_lo, scale_hi, ratio_lo, ratio_hi) of the main view: the paper's crop, or the centred square."""
+    return (*aug.CROP_SCALE, *aug.CROP_RATIO) if on else NO_AUGMENT[:4]

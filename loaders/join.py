@@ -81,6 +81,10 @@ class CaptionJoin:
         finally:
             self.db.commit()
 
+    def some_rewrite_key(self) -> str | None:
+        row = self.db.execute("SELECT key FROM rewrites LIMIT 1").fetchone()
+        return row[0] if row else None
+
     def rewrites(self, key: str) -> list[str] | None:
         """The key's rewrites (lists of repeated rows concatenated), or None when it has none."""
         rows = self.db.execute("SELECT texts FROM rewrites WHERE key = ? ORDER BY rowid", (key,)).fetchall()

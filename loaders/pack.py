@@ -27,6 +27,7 @@ import shutil
 import sys
 import tarfile
 import time
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
 from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source)
+from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
 FORMAT_VERSION = 1
@@ -51,6 +53,12 @@ class PackError(RuntimeError):
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}"
+
+
+def record_crc_file(name: str) -> str:
+    """Per-record checksums of a shard: uint32 little-endian [n, 2] = CRC-32 of each sample's JPEG and of
+    its compressed caption record, in shard order (the same bytes in the .beton and the DALI tar)."""
+    return f"checksums/{name}.crc32"
 
 
 @dataclasses.dataclass
@@ -79,8 +87,81 @@ class PackConfig:
             data = yaml.safe_load(f) or {}
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            raise PackError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+# ---------------------------------------------------------------- settings each stage depends on
+def stage_settings(cfg: PackConfig) -> dict:
+    """What the staged images depend on: a staged part made under other settings is restaged."""
+    return {"format_version": FORMAT_VERSION, "input": cfg.input, "image_root": cfg.image_root,
+            "max_side": cfg.max_side, "quality": cfg.quality, "keep_images": cfg.keep_images,
+            "samples_per_shard": cfg.samples_per_shard, "max_samples": cfg.max_samples}
+
+
+def caption_settings(cfg: PackConfig) -> dict:
+    """What the caption store, keys and final shards depend on: the staged parts plus the rewrites."""
+    rewrites = None
+    if cfg.rewrites:
+        st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
+        rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {**stage_settings(cfg), "rewrites": rewrites}
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _is_temp(name: str) -> bool:
+    """Temporary files of pack's atomic writes (.<name>.<pid|random>.tmp) and the store's (<name>.tmp-<pid>)."""
+    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
+
+
+def remove_temp_files(out: str) -> int:
+    """Remove the temporary files a killed run left in `out` and its stage folders; returns how many."""
+    removed = 0
+    for folder in ("", "staging", "captions", "shards", "ffcv", "dali", "checksums"):
+        path = os.path.join(out, folder)
+        if os.path.isdir(path):
+            for name in os.listdir(path):
+                if _is_temp(name):
+                    os.remove(os.path.join(path, name))
+                    removed += 1
+    return removed
+
+
+def _other_files(out: str) -> dict:
+    """Sizes and sha256 of the files beside the shards (keys, caption store), for verify_pack."""
+    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not _is_temp(n))
+    return {k: v for rel in rels for k, v in _file_entry(out, rel).items()}
+
+
+def _remove_other_shards(out: str, names: set[str]) -> None:
+    """Shard files of an earlier run under other settings that this pack does not list (fewer shards)."""
+    for folder in ("shards", "ffcv", "dali", "checksums"):
+        path = os.path.join(out, folder)
+        for name in os.listdir(path) if os.path.isdir(path) else ():
+            if name.startswith("part-") and name.split(".")[0] not in names:
+                os.remove(os.path.join(path, name))
+
+
+def _json_or_none(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _current(path: str, key: str) -> bool:
+    """A stage's output exists and was made under the settings `key` (else: redo it)."""
+    done = _json_or_none(path)
+    return done is not None and done.get("settings") == key
 
 
 # ---------------------------------------------------------------- units of work
@@ -92,7 +173,7 @@ def iter_units(cfg: PackConfig) -> Iterator[tuple[int, IngestReport, Iterator[Sa
                    or (os.path.isdir(spec) and find_captions_file(spec)))
     if is_tars:
         if cfg.max_samples is not None:
-            raise ValueError("--max-samples is not supported for tar inputs (shards map 1:1 to input tars)")
+            raise PackError("--max-samples is not supported for tar inputs (shards map 1:1 to input tars)")
         for i, tar in enumerate(expand_shards(spec)):
             report = IngestReport()
             yield i, report, (iter_webdataset(tar, report) if i % cfg.world_size == cfg.rank else None)
@@ -151,7 +232,7 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
                 continue
             kept.append((s.key, s.caption, *result, s.meta.get("rewrite_key", s.key)))
         bar.update(len(batch))
-    return write_staged(cfg.out, index, kept, report)
+    return write_staged(cfg.out, index, kept, report, settings_key(stage_settings(cfg)))
 
 
 # ---------------------------------------------------------------- stage 2: captions
@@ -162,6 +243,12 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
     from loaders.store import write_store
 
     staging = os.path.join(cfg.out, "staging")
+    key = settings_key(caption_settings(cfg))
+    captions_dir = os.path.join(cfg.out, "captions")
+    marker = os.path.join(captions_dir, "pack-settings.json")
+    if os.path.isdir(captions_dir) and not _current(marker, key):
+        shutil.rmtree(captions_dir)  # made under other settings (or before they were recorded): rebuild
+    atomic_write_bytes(marker, json.dumps({"settings": key}).encode())
     join = CaptionJoin(os.path.join(staging, "join.sqlite"))
     if cfg.rewrites:
         join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
@@ -189,26 +276,43 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
         raise
     keys_file.close()
 
-    counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
-    matched = [0]
+    counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0, "empty_rewrites_dropped": 0}
+    matched, dropped, example_key = [0], [], []
 
     def records():
         for i in range(num_shards):
             m = read_staged(cfg.out, i, captions_only=True)
             for rkey, caption in zip(m["rewrite_keys"], m["captions"]):
+                example_key[:] = example_key or [rkey]
                 rewrites = join.rewrites(rkey)
                 matched[0] += rewrites is not None
-                texts = [caption] + [t for t in rewrites or [] if t and t.strip()]
+                usable = [t for t in rewrites or [] if has_tokens(t)]
+                if len(usable) < len(rewrites or []):  # nothing left once cleaned: not a text to train on
+                    counts["empty_rewrites_dropped"] += len(rewrites) - len(usable)
+                    if len(dropped) < 20:
+                        dropped.append({"file": cfg.rewrites, "key": rkey})
+                texts = [caption] + usable
                 counts["samples"] += 1
                 counts["with_rewrites"] += len(texts) > 1
                 counts["texts"] += len(texts)
                 counts["max_texts"] = max(counts["max_texts"], len(texts))
                 yield texts
 
-    write_store(os.path.join(cfg.out, "captions"), records())
+    write_store(captions_dir, records())
+    if cfg.rewrites and matched[0] == 0:
+        message = (f"{cfg.rewrites}: none of its {join.rewrites_given} keys matches a sample of {cfg.input} "
+                   f"(its keys look like {join.some_rewrite_key()!r}, the samples' like {example_key[0]!r})")
+        shutil.rmtree(captions_dir)
+        os.remove(keys_file.name)
+        join.close()
+        raise PackError(message)
+    if counts["empty_rewrites_dropped"]:
+        print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "
+              f"e.g. {dropped[0]['file']} key {dropped[0]['key']!r}", file=sys.stderr)
     _fsync_rename(keys_file.name, keys_path)
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
-            "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given}
+            "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given, "dropped_rewrites": dropped,
+            "settings": key}
     join.close()
     atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
     return plan
@@ -222,9 +326,12 @@ def finalize_shard(cfg: PackConfig, shard: dict, store) -> dict:
         raise PackError(f"{cfg.out}/staging/{shard['name']}: {len(staged['keys'])} samples, plan says {n}")
     records = [store.record(first + j) for j in range(n)]
     files = {}
+    crcs = np.array([(zlib.crc32(j), zlib.crc32(r)) for j, r in zip(staged["jpegs"], records)], dtype="<u4")
+    atomic_write_bytes(os.path.join(cfg.out, record_crc_file(shard["name"])), crcs.tobytes())
+    files.update(_file_entry(cfg.out, record_crc_file(shard["name"])))
     files.update(write_dali_shard(cfg.out, shard["name"], staged, records, first))
     files.update(write_ffcv_shard(cfg.out, shard["name"], staged, records, first, cfg.quality, cfg.workers))
-    done = {**shard, "files": files}
+    done = {**shard, "files": files, "settings": settings_key(caption_settings(cfg))}
     atomic_write_bytes(os.path.join(cfg.out, "shards", shard["name"] + ".json"), json.dumps(done).encode())
     return done
 
@@ -235,14 +342,15 @@ def _stage_paths(out: str, index: int) -> tuple[str, str]:
     return base + ".bin", base + ".json"
 
 
-def write_staged(out: str, index: int, kept: list, report: IngestReport) -> dict:
+def write_staged(out: str, index: int, kept: list, report: IngestReport, settings: str) -> dict:
     """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
     blob, manifest_path = _stage_paths(out, index)
     offsets = np.cumsum([0] + [len(k[2]) for k in kept]).tolist()
     atomic_write_bytes(blob, b"".join(k[2] for k in kept))
     manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
                 "rewrite_keys": [k[5] for k in kept],
-                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100]}
+                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100],
+                "settings": settings}
     atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
     return manifest
 
@@ -351,13 +459,20 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
     """Check a packed dataset before reading it; returns meta.json's dict or raises PackError naming the file.
 
     Always: meta.json format, keys.txt count, contiguous shards, every file's exact size (a truncated or
-    half-copied file fails here), .beton headers and DALI index counts, caption store length.
-    checksums=True also re-hashes every file against the sha256 recorded at pack time (reads everything)."""
+    half-copied file fails here), .beton headers, DALI index and checksum-table counts, caption store
+    length. checksums=True also re-hashes every file it wrote (shards, per-record checksums, keys, caption
+    store) against the sha256 recorded at pack time, and reads every caption-store block against its CRC
+    (reads everything)."""
+    from loaders.store import CaptionStore, StoreError
+
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise PackError(f"{meta_path}: missing (not a packed dataset, or packing did not finish)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+    except ValueError as e:
+        raise PackError(f"{meta_path}: not valid JSON ({e}): corrupted?") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     n = meta["num_samples"]
@@ -367,15 +482,10 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
             raise PackError(f"{meta_path}: shard {s['name']} starts at {s['first_index']}, expected {expected_first}")
         expected_first += s["num_samples"]
         for rel, info in s["files"].items():
-            path = os.path.join(out_dir, rel)
-            if not os.path.isfile(path):
-                raise PackError(f"{path}: missing")
-            size = os.path.getsize(path)
-            if size != info["bytes"]:
-                raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
-            if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
-                raise PackError(f"{path}: sha256 mismatch (corrupted)")
-            _check_count(path, s["num_samples"])
+            _check_file(out_dir, rel, info, checksums)
+            _check_count(os.path.join(out_dir, rel), s["num_samples"])
+    for rel, info in meta.get("files", {}).items():
+        _check_file(out_dir, rel, info, checksums)
     if expected_first != n:
         raise PackError(f"{meta_path}: shards hold {expected_first} samples, num_samples says {n}")
     keys_path = os.path.join(out_dir, meta.get("keys_file", "keys.txt"))
@@ -383,12 +493,26 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     if lines != n:
         raise PackError(f"{keys_path}: {lines} keys, expected {n}")
-    from loaders.store import CaptionStore
-
-    store_len = len(CaptionStore(os.path.join(out_dir, "captions")))
-    if store_len != n:
-        raise PackError(f"{out_dir}/captions: {store_len} records, expected {n}")
+    try:
+        store = CaptionStore(os.path.join(out_dir, "captions"))
+        if checksums:
+            store.verify()
+    except StoreError as e:
+        raise PackError(str(e)) from None
+    if len(store) != n:
+        raise PackError(f"{out_dir}/captions: {len(store)} records, expected {n}")
     return meta
+
+
+def _check_file(out_dir: str, rel: str, info: dict, checksums: bool) -> None:
+    path = os.path.join(out_dir, rel)
+    if not os.path.isfile(path):
+        raise PackError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if size != info["bytes"]:
+        raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
+    if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
+        raise PackError(f"{path}: sha256 mismatch (corrupted)")
 
 
 def _check_count(path: str, n: int) -> None:
@@ -397,6 +521,9 @@ def _check_count(path: str, n: int) -> None:
             header = np.frombuffer(f.read(FFCV_HEADER.itemsize), FFCV_HEADER)
         if len(header) != 1 or int(header[0]["num_samples"]) != n:
             raise PackError(f"{path}: header does not say {n} samples")
+    elif path.endswith(".crc32"):
+        if os.path.getsize(path) != 8 * n:
+            raise PackError(f"{path}: {os.path.getsize(path)} bytes, expected {8 * n} (two CRC-32s per sample)")
     elif path.endswith(".idx"):
         with open(path) as f:
             first = f.readline().split()
@@ -415,10 +542,10 @@ def load_rewrites(path: str) -> dict[str, list[str]]:
     return out
 
 
-def _wait_for(paths: list[str], cfg: PackConfig, what: str) -> bool:
+def _wait_for(paths: list[str], cfg: PackConfig, what: str, ready=os.path.exists) -> bool:
     deadline = time.time() + cfg.wait_s
     while True:
-        missing = [p for p in paths if not os.path.exists(p)]
+        missing = [p for p in paths if not ready(p)]
         if not missing:
             return True
         if time.time() >= deadline:
@@ -433,16 +560,25 @@ def pack(cfg: PackConfig) -> dict:
     from loaders.store import CaptionStore
 
     if not cfg.input or not cfg.out:
-        raise ValueError("pack needs --input and --out")
+        raise PackError("pack needs --input and --out")
     if not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+        raise PackError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+    if cfg.rewrites and not os.path.exists(cfg.rewrites):
+        raise PackError(f"{cfg.rewrites}: rewrites file not found")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
+    settings = caption_settings(cfg)
+    stage_key, caption_key = settings_key(stage_settings(cfg)), settings_key(settings)
     if os.path.exists(os.path.join(cfg.out, "meta.json")):
         meta = verify_pack(cfg.out)
+        if meta.get("settings") not in (None, settings):  # packs from before settings were recorded: trusted
+            raise PackError(f"{cfg.out}: already packed with other settings ({_differences(meta['settings'], settings)});"
+                            " pack into a new --out, or delete it to repack")
         print(f"pack: {cfg.out} is complete ({meta['num_samples']} samples); nothing to do")
         return {"num_samples": meta["num_samples"], "skipped": meta.get("skipped", {}), "new_samples": 0,
                 "complete": True}
+    if cfg.world_size == 1:  # alone: any temporary file here is a killed run's leftover
+        remove_temp_files(cfg.out)
 
     # stage 1
     ctx = multiprocessing.get_context("fork")
@@ -450,9 +586,9 @@ def pack(cfg: PackConfig) -> dict:
     with ctx.Pool(max(1, cfg.workers)) as pool, tqdm(desc="pack: stage images", unit="img") as bar:
         for index, report, samples in iter_units(cfg):
             num_shards = index + 1
-            if samples is None or os.path.exists(os.path.join(cfg.out, "staging", shard_name(index) + ".json")) \
-                    or os.path.exists(os.path.join(cfg.out, "shards", shard_name(index) + ".json")):
-                continue  # another rank's shard, or already staged
+            if samples is None or _current(os.path.join(cfg.out, "staging", shard_name(index) + ".json"), stage_key) \
+                    or _current(os.path.join(cfg.out, "shards", shard_name(index) + ".json"), caption_key):
+                continue  # another rank's shard, or already staged under these settings
             m = stage_shard(cfg, index, report, samples, pool, bar)
             staged_new += len(m["keys"])
             reports.merge(report)
@@ -460,12 +596,12 @@ def pack(cfg: PackConfig) -> dict:
     plan_path = os.path.join(cfg.out, "plan.json")
 
     # stage 2 (rank 0)
-    if not os.path.exists(plan_path):
+    if not _current(plan_path, caption_key):
         if cfg.rank != 0:
-            if not _wait_for([plan_path], cfg, "caption plan"):
+            if not _wait_for([plan_path], cfg, "caption plan", lambda p: _current(p, caption_key)):
                 return {"staged": staged_new, "complete": False}
         else:
-            if not _wait_for(staging, cfg, "staged shards"):
+            if not _wait_for(staging, cfg, "staged shards", lambda p: _current(p, stage_key)):
                 return {"staged": staged_new, "complete": False}
             build_captions(cfg, num_shards)
     with open(plan_path) as f:
@@ -474,13 +610,13 @@ def pack(cfg: PackConfig) -> dict:
     # stage 3
     store = CaptionStore(os.path.join(cfg.out, "captions"))
     mine = [s for i, s in enumerate(plan["shards"]) if i % cfg.world_size == cfg.rank
-            and not os.path.exists(os.path.join(cfg.out, "shards", s["name"] + ".json"))]
+            and not _current(os.path.join(cfg.out, "shards", s["name"] + ".json"), caption_key)]
     finalized = 0
     for shard in tqdm(mine, desc="pack: write ffcv + dali", unit="shard"):
         finalize_shard(cfg, shard, store)
         finalized += shard["num_samples"]
     done_paths = [os.path.join(cfg.out, "shards", s["name"] + ".json") for s in plan["shards"]]
-    if not _wait_for(done_paths, cfg, "final shards"):
+    if not _wait_for(done_paths, cfg, "final shards", lambda p: _current(p, caption_key)):
         return {"staged": staged_new, "finalized": finalized, "complete": False}
 
     # meta.json last: the dataset exists from here on
@@ -493,10 +629,14 @@ def pack(cfg: PackConfig) -> dict:
             "shards": shards, "keys_file": "keys.txt",
             "source": {"input": cfg.input, "rewrites": cfg.rewrites, "rewrites_given": plan["rewrites_given"],
                        "rewrites_matched": plan["rewrites_matched"]},
-            "text_counts": plan["text_counts"], "skipped": plan["skipped"]}
+            "text_counts": plan["text_counts"], "skipped": plan["skipped"], "settings": settings,
+            "files": _other_files(cfg.out)}
     atomic_write_bytes(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1).encode())
     if cfg.rank == 0 and not cfg.keep_staging:
         shutil.rmtree(os.path.join(cfg.out, "staging"), ignore_errors=True)
+    if cfg.rank == 0:  # every shard is final: nothing is being written any more
+        remove_temp_files(cfg.out)
+        _remove_other_shards(cfg.out, {s["name"] for s in shards})
     elapsed = time.time() - t0
     nbytes = sum(f["bytes"] for s in shards for f in s["files"].values())
     summary = {"complete": True, "num_samples": plan["num_samples"], "new_samples": staged_new, "finalized_samples": finalized,
@@ -531,5 +671,16 @@ def main(argv=None) -> dict:
     return pack(parse_args(argv))
 
 
+def cli(argv=None) -> None:
+    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 1."""
+    from loaders.ingest import IngestError
+    from loaders.store import StoreError
+
+    try:
+        main(argv)
+    except (PackError, IngestError, StoreError) as e:
+        sys.exit(f"pack: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numba
 import numpy as np
 
 
@@ -120,3 +121,85 @@ class EpochSampler:
         if self.num_batches == self.start_batch:
             return 0
         return self.batch_bounds(self.num_batches - 1)[1] - self.start_batch * self.batch_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-sample augmentation draws: crop box and flip as pure functions of (seed, epoch, index, view).
+#
+# Each draw hashes (seed, epoch, index) like the caption draw (loaders/store.py), then mixes in a salt
+# so the crop, flip and caption streams are independent, and a view number so SLIP's two views (and
+# the main image, view 0) get independent crops. They are numba-compiled, so the same code serves
+# Python callers (torch loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader,
+# worker count and resumed run therefore crops sample i of an epoch the same way.
+
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN_64 = np.uint64(0x9E3779B97F4A7C15)
+CROP_SALT = np.uint64(0x43524F50)  # "CROP"
+FLIP_SALT = np.uint64(0x464C4950)  # "FLIP"
+SIMCLR_SALT = np.uint64(0x53494D43)  # "SIMC": SLIP's colour jitter, grayscale and blur
+
+
+@numba.njit(nogil=True)
+def _mix(z):
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(nogil=True)
+def sample_stream(seed, epoch, index, salt, view):
+    """A uint64 key for one (seed, epoch, sample, purpose, view); draws then hash (key, k)."""
+    epoch_key = _mix(np.uint64(seed) * _GOLDEN_64 + np.uint64(epoch))
+    sample_key = _mix(epoch_key ^ (np.uint64(index) * _GOLDEN_64))
+    return _mix(_mix(sample_key ^ (np.uint64(salt) * _GOLDEN_64)) + np.uint64(view) * _GOLDEN_64)
+
+
+@numba.njit(nogil=True)
+def uniform(key, k):
+    """The k-th uniform float in [0, 1) of stream `key` (53 random bits)."""
+    return np.float64(_mix(key + np.uint64(k + 1) * _GOLDEN_64) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@numba.njit(nogil=True)
+def crop_box(seed, epoch, index, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, view=0):
+    """torchvision RandomResizedCrop.get_params for one sample: (top, left, h, w).
+
+    Ten tries of (area fraction in [scale_lo, scale_hi], log-uniform aspect in [ratio_lo, ratio_hi]);
+    the first box that fits wins, else a centre crop clamped to the ratio range."""
+    key = sample_stream(seed, epoch, index, CROP_SALT, view)
+    area = float(height) * float(width)
+    log_lo, log_hi = np.log(ratio_lo), np.log(ratio_hi)
+    for attempt in range(10):
+        target = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, 4 * attempt))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * uniform(key, 4 * attempt + 1))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+            left = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+            return top, left, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < ratio_lo:
+        w, h = int(width), int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        h, w = int(height), int(round(height * ratio_hi))
+    else:
+        h, w = int(height), int(width)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@numba.njit(nogil=True)
+def flip(seed, epoch, index, view=0):
+    """Whether sample `index` is mirrored left-right in this epoch (probability 1/2)."""
+    return uniform(sample_stream(seed, epoch, index, FLIP_SALT, view), 0) < 0.5
+
+
+@numba.njit(nogil=True)
+def sample_uniforms(seed, epoch, indices, salt, view, count):
+    """float64 [len(indices), count]: row i holds the uniforms of sample indices[i]'s (salt, view) stream."""
+    out = np.empty((indices.shape[0], count), dtype=np.float64)
+    for i in range(indices.shape[0]):
+        key = sample_stream(seed, epoch, indices[i], salt, view)
+        for k in range(count):
+            out[i, k] = uniform(key, k)
+    return out

@@ -16,9 +16,11 @@ Formats load_checkpoint(path, model_name=None) accepts:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -32,6 +34,23 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not match the model architecture."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file could not be read (truncated, corrupt, not the format its name says)."""
+
+
+@contextlib.contextmanager
+def reading(path, role: str):
+    """Re-raise a reader's low-level failure (torch's zip error, safetensors' header error, a short
+    read) as one line naming the file and what it is."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    try:
+        yield
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointReadError(f"{path}: cannot read the {role} ({reason}); the file is truncated, "
+                                  "corrupt or not a checkpoint") from err
 
 
 # ---------------------------------------------------------------- open_clip state dicts
@@ -138,14 +157,16 @@ def _load_export(path: Path):
     from safetensors import safe_open  # noqa: PLC0415
     import safetensors.torch  # noqa: PLC0415
     weights = path / WEIGHTS_NAME if path.is_dir() else path
-    with safe_open(str(weights), "pt") as f:
-        meta = f.metadata() or {}
+    with reading(weights, "exported weights (safetensors)"):
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
     if meta.get("format") != EXPORT_FORMAT:
         return None
     if int(meta.get("format_version", -1)) > EXPORT_VERSION:
         raise ValueError(f"{weights}: format_version {meta['format_version']} is newer than "
                          f"this code ({EXPORT_VERSION})")
-    sd = safetensors.torch.load_file(str(weights))
+    with reading(weights, "exported weights (safetensors)"):
+        sd = safetensors.torch.load_file(str(weights))
     digest = tensors_sha256(sd)
     if digest != meta.get("sha256"):
         raise ValueError(f"{weights}: checksum mismatch (stored {meta.get('sha256')}, "
@@ -191,10 +212,12 @@ def _load_deepspeed(path: Path, model_name):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
     config = _deepspeed_config(path, model_name)
     if list(path.glob("*zero_pp_rank_*optim_states.pt")):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        with reading(path, "DeepSpeed ZeRO checkpoint (model and optimizer state shards)"):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:  # ZeRO stage 0: full weights sit in the model states file
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        sd = states["module"]
+        states_file = path / "mp_rank_00_model_states.pt"
+        with reading(states_file, "DeepSpeed model states (ZeRO 0 weights)"):
+            sd = torch.load(states_file, map_location="cpu", weights_only=True)["module"]
     model = build_model(config)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in _strip_prefixes(sd).items()}
     load_strict(model, sd, str(path))
@@ -245,9 +268,11 @@ def _load_open_clip(path: Path, model_name):
                          "(one of model/configs) or a config dict")
     if path.suffix == ".safetensors":
         import safetensors.torch  # noqa: PLC0415
-        sd = safetensors.torch.load_file(str(path))
+        with reading(path, "open_clip state dict (safetensors)"):
+            sd = safetensors.torch.load_file(str(path))
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with reading(path, "open_clip state dict (torch.save file)"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -150,12 +150,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     Like SyncBatchNorm (which SLIP uses) but built on differentiable functional all-reduces, so it
     also runs on CPU/gloo and under torch.compile. Single process: identical to nn.BatchNorm1d.
+    It normalises in fp32 and returns the input's dtype: under bf16, DeepSpeed casts the weights but
+    not the running statistics, and bf16 sums of squares would lose most of their digits.
     """
 
     def forward(self, x):
         from model.losses import all_reduce_sum, world_size  # noqa: PLC0415 (avoid a cycle)
+        dtype = x.dtype
+        x, weight, bias = x.float(), self.weight.float(), self.bias.float()  # no-ops in fp32
         if not self.training or world_size() == 1:
-            return super().forward(x)
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training,
+                                self.momentum, self.eps).to(dtype)
         stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
         stats = all_reduce_sum(stats)
         c = x.shape[1]
@@ -167,7 +174,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return ((x - mean) * torch.rsqrt(var + self.eps) * weight + bias).to(dtype)
 
 
 def slip_head(in_dim: int, mlp_dim: int, out_dim: int) -> nn.Sequential:

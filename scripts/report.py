@@ -174,9 +174,11 @@ def verdict(data: dict, cfg, info: dict) -> list[str]:
         d, se, seeds = paired
         if seeds >= 2:
             spread = f"{d:+.1f} ± {se * math.sqrt(seeds):.1f} (std of the paired difference over {seeds} seeds)"
-            if seeds >= 3 and d > 2 * se:
+            if seeds < 3:  # a standard deviation from 2 values is too rough to call a null result
+                call = "**not established** (two seeds estimate the spread too roughly; run `--seeds 3`)"
+            elif d > 2 * se:
                 call = "LaCLIP **beats** CLIP"
-            elif seeds >= 3 and d < -2 * se:
+            elif d < -2 * se:
                 call = "LaCLIP is **worse** than CLIP"
             else:
                 call = "**no difference beyond the seed-to-seed spread**"

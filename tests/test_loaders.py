@@ -14,7 +14,7 @@ from scipy import stats
 
 from loaders import build_loader, datasets
 from loaders.pack import PackConfig, PackError, pack
-from loaders.sampling import EpochSampler, ShardTable
+from loaders.sampling import EpochSampler, ShardTable, crop_box, flip
 from loaders.store import CaptionStore, draw_text_index
 
 KINDS = ["torch", "ffcv", "dali"]
@@ -85,6 +85,36 @@ def test_sampler_resume_is_the_tail_of_the_epoch():
     assert all(np.array_equal(a, b) for a, b in zip(full[4:], tail))
 
 
+def test_crop_box_is_a_pure_function_of_seed_epoch_index_and_view():
+    boxes = np.array([crop_box(3, 1, i, 200, 300, 0.5, 1.0, 3 / 4, 4 / 3) for i in range(4000)])
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 200).all() and (left + w <= 300).all()
+    area = h * w / (200 * 300)
+    assert area.min() > 0.49 and area.max() < 1.01 and 0.55 < area.mean() < 0.75  # big boxes miss more
+    assert 0.74 < (w / h).min() and (w / h).max() < 1.35
+    assert len({tuple(b) for b in boxes}) > 3900  # a different box per sample
+    # the same for any integer types (FFCV passes uint32 sizes and uint64 indices) and on every call
+    assert crop_box(np.int64(3), np.int64(1), np.uint64(7), np.uint32(200), np.uint32(300),
+                    0.5, 1.0, 3 / 4, 4 / 3) == tuple(boxes[7])
+    # other epoch, seed or view: another box
+    assert crop_box(3, 2, 7, 200, 300, 0.5, 1.0, 3 / 4, 4 / 3) != tuple(boxes[7])
+    assert crop_box(4, 1, 7, 200, 300, 0.5, 1.0, 3 / 4, 4 / 3) != tuple(boxes[7])
+    assert crop_box(3, 1, 7, 200, 300, 0.5, 1.0, 3 / 4, 4 / 3, 1) != tuple(boxes[7])
+    # no box fits a 10 x 1000 strip at 90 % of its area: centre crop at the widest allowed ratio
+    assert crop_box(0, 0, 0, 10, 1000, 0.9, 1.0, 3 / 4, 4 / 3) == (0, 493, 10, 13)
+
+
+def test_flip_is_a_fair_coin_independent_of_the_crop_and_caption_draws():
+    flips = np.array([flip(3, 1, i) for i in range(4000)])
+    assert abs(flips.mean() - 0.5) < 0.04
+    assert flips.tolist() == [flip(3, 1, i) for i in range(4000)]
+    assert (flips != np.array([flip(3, 1, i, 1) for i in range(4000)])).mean() > 0.4  # views independent
+    tops = np.array([crop_box(3, 1, i, 200, 300, 0.5, 1.0, 3 / 4, 4 / 3)[0] for i in range(4000)])
+    texts = np.asarray(draw_text_index(3, 1, np.arange(4000), 2))
+    for other in (tops % 2, texts):
+        assert stats.chi2_contingency(np.histogram2d(flips, other, bins=2)[0])[1] > 1e-3
+
+
 # ------------------------------------------------------------------------------------ loaders
 
 @pytest.fixture(scope="session")
@@ -119,6 +149,23 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(kind, packed):
     assert len(tail) == len(full) - 5
     for a, b in zip(full[5:], tail):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+@pytest.mark.parametrize("kind", ["torch", "ffcv"])
+def test_same_seed_gives_bit_identical_batches_for_any_worker_count_and_on_resume(kind, packed):
+    """Crops, SLIP views and texts are functions of (seed, epoch, index): FFCV's own crop decoder drew
+    from numba's global generator, so two same-seed runs differed from the first batch."""
+    args = dict(epoch=4, batch_size=8, slip_views=True)
+    first, second = run(kind, packed, num_workers=1, **args), run(kind, packed, num_workers=2, **args)
+    resumed = run(kind, packed, num_workers=1, start_batch=5, **args)
+    keys = ("images", "view1", "view2", "tokens", "index")
+    assert len(first) == len(second) == len(resumed) + 5 == 11
+    for a, b in zip(first, second):
+        assert all(torch.equal(a[k], b[k]) for k in keys)
+    for a, b in zip(first[5:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in keys)
+    other_epoch = run(kind, packed, num_workers=1, **{**args, "epoch": 5})
+    assert not torch.equal(first[0]["images"], other_epoch[0]["images"])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -156,13 +203,17 @@ def test_text_draw_is_uniform_and_follows_draw_text_index(packed, store):
 
 
 def test_image_matches_its_index_across_loaders(packed):
-    """Center crops (no augmentation) of the same index agree between decoders and resizers."""
+    """Center crops (no augmentation) of the same index agree between decoders and resizers; so do the
+    random crops of FFCV and torch, which draw the same box for a (seed, epoch, index)."""
     ref = run("torch", packed, augment=False, num_workers=0)[0]
     for kind in ("ffcv", "dali"):
         other = run(kind, packed, augment=False)[0]
         assert torch.equal(other["index"], ref["index"])
         diff = (other["images"] - ref["images"]).abs().flatten(1).mean(1)
         assert diff.max() < 0.05, (kind, diff.max())
+    ref, ffcv = run("torch", packed, num_workers=0)[0], run("ffcv", packed)[0]
+    diff = (ffcv["images"] - ref["images"]).abs().flatten(1).mean(1)
+    assert torch.equal(ffcv["index"], ref["index"]) and diff.max() < 0.05, diff.max()
 
 
 @pytest.mark.parametrize("kind", KINDS)

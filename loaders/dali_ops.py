@@ -1,0 +1,177 @@
+"""The per-sample work of the DALI pipeline as one compiled DALI operator (numba_function).
+
+For every sample the webdataset reader hands over (JPEG, caption record, ".idx" member), the operator
+  - parses the global sample index from the ".idx" member (ASCII digits),
+  - computes each view's crop box from (seed, epoch, index, image height, width) with
+    loaders.sampling.crop_box (the image size comes from the JPEG header: fn.peek_image_shape), so the
+    crop never depends on DALI's own seed, worker count or where an epoch was resumed,
+  - zstd-decompresses the caption record (libzstd through ctypes, dictionary pre-loaded as a DDict) and
+    draws the text with the store's draw_text_index hash, writing sot + ids + eot as int32 [77] (or all
+    texts, [max_texts, 77]); a record that fails zstd's checksum or does not parse is flagged with -1 in
+    its first token, which the loader turns into an error naming the sample.
+Nothing here runs Python per sample. Operators are compiled once per configuration and process and
+reused by every pipeline built later (DALI compiles a numba_function when it is constructed).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from loaders.ffcv_loader import (RECORD_CAPACITY, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS, _create_dctx, _decompress,
+                                 _draw, _free_dctx, _is_error, _pad, _ref_ddict, _set_param)
+from loaders.sampling import crop_box
+
+CONTEXT_LENGTH = 77
+MODES = {"rewrite": 0, "original": 1, "all": 2, None: 3}   # None: no caption (benchmarks' draw off)
+BAD_RECORD = -1
+MAX_TEXTS = RECORD_CAPACITY // 2  # more texts than uint16 words cannot fit a record
+
+
+@numba.njit(nogil=True)
+def parse_index(digits) -> np.int64:
+    """The ".idx" member's ASCII decimal; -1 when it holds anything else."""
+    if digits.shape[0] == 0:
+        return np.int64(-1)
+    value = np.int64(0)
+    for c in digits:
+        if c < 48 or c > 57:
+            return np.int64(-1)
+        value = value * 10 + (np.int64(c) - 48)
+    return value
+
+
+@numba.njit(nogil=True)
+def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
+    """Decompress one record into buf and find its texts: the text count (texts k at buf[starts[k]:] with
+    lengths[k] ids), or -1 when the record is damaged. Layout: uint16 LE [n, len_1..len_n, ids...]
+    (loaders/store.py)."""
+    got = _decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
+    if _is_error(got) or got < 2:
+        return np.int64(-1)
+    n_texts = np.int64(buf[0]) | (np.int64(buf[1]) << 8)
+    if 2 * (1 + n_texts) > got or n_texts > starts.shape[0]:
+        return np.int64(-1)
+    at = 2 * (1 + n_texts)
+    for k in range(n_texts):
+        lengths[k] = np.int64(buf[2 + 2 * k]) | (np.int64(buf[3 + 2 * k]) << 8)
+        starts[k] = at
+        at += 2 * lengths[k]
+    return n_texts if at == got else np.int64(-1)
+
+
+def _compile(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: int, eot: int):
+    """A DALI NumbaFunction: (idx, image shape, record, params) -> (index, boxes [views, 4], tokens).
+    views: (scale_lo, scale_hi, ratio_lo, ratio_hi, view) per output image; scale_lo < 0 = centre square."""
+    from nvidia.dali import types
+    from nvidia.dali.plugin.numba.experimental import NumbaFunction
+
+    mode_id, n_views = MODES[mode], len(views)
+    view_table = np.array(views, dtype=np.float64)
+    token_shape = {0: (CONTEXT_LENGTH,), 1: (CONTEXT_LENGTH,), 2: (max_texts, CONTEXT_LENGTH), 3: (1,)}[mode_id]
+
+    def setup(outs, ins):
+        for s in range(len(outs[0])):
+            outs[0][s][0] = 1
+            outs[1][s][0], outs[1][s][1] = n_views, 4
+            for d in range(len(token_shape)):
+                outs[2][s][d] = token_shape[d]
+
+    def run(index_out, boxes_out, tokens_out, idx_in, shape_in, record_in, params_in):
+        buf = np.empty(RECORD_CAPACITY, dtype=np.uint8)
+        starts = np.empty(MAX_TEXTS, dtype=np.int64)
+        lengths = np.empty(MAX_TEXTS, dtype=np.int64)
+        dctx = _create_dctx()
+        _set_param(dctx, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS)
+        if ddict != 0:
+            _ref_ddict(dctx, ddict)
+        for s in range(len(idx_in)):
+            seed, epoch = params_in[s][0], params_in[s][1]
+            index = parse_index(idx_in[s])
+            index_out[s][0] = index
+            height, width = shape_in[s][0], shape_in[s][1]
+            for v in range(n_views):
+                lo, hi, r_lo, r_hi, view = view_table[v]
+                if lo < 0:  # no augmentation: the centred square
+                    side = min(height, width)
+                    box = ((height - side) // 2, (width - side) // 2, side, side)
+                else:
+                    box = crop_box(seed, epoch, max(index, 0), height, width, lo, hi, r_lo, r_hi, np.int64(view))
+                for j in range(4):
+                    boxes_out[s][v, j] = box[j]
+            tokens = tokens_out[s]
+            tokens[:] = 0
+            if mode_id == 3:
+                continue
+            n_texts = unpack_record(dctx, buf, record_in[s], starts, lengths) if index >= 0 else -1
+            if n_texts < 0:
+                tokens.reshape(-1)[0] = BAD_RECORD
+            elif mode_id == 2:
+                for k in range(min(n_texts, max_texts)):
+                    _pad(tokens[k], buf, starts[k], lengths[k], sot, eot)
+            elif n_texts > 0:
+                k = _draw(seed, epoch, index, n_texts) if mode_id == 0 and n_texts > 1 else 0
+                _pad(tokens, buf, starts[k], lengths[k], sot, eot)
+        _free_dctx(dctx)
+
+    return NumbaFunction(run_fn=run, setup_fn=setup, batch_processing=True,
+                         out_types=[types.INT64, types.FLOAT, types.INT32],
+                         in_types=[types.UINT8, types.INT64, types.UINT8, types.INT64],
+                         outs_ndim=[1, 2, len(token_shape)], ins_ndim=[1, 1, 1, 1])
+
+
+_COMPILED: dict = {}
+
+
+def sample_op(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: int, eot: int):
+    """The compiled operator for this configuration, built on first use and kept for the process."""
+    key = (mode, max_texts, views, ddict, sot, eot)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(*key)
+    return _COMPILED[key]
+
+
+def _opencv_resize():
+    """FFCV's compiled resize (OpenCV INTER_AREA, the FFCV loader's filter) as a ctypes function, found
+    without importing ffcv; None when FFCV is not installed."""
+    import ctypes
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("ffcv")
+    found = glob.glob(os.path.join(os.path.dirname(spec.origin), "_libffcv*.so")) if spec and spec.origin else []
+    if not found:
+        return None
+    fn = ctypes.CDLL(found[0]).resize
+    fn.argtypes, fn.restype = [ctypes.c_int64] * 11, None
+    return fn
+
+
+def resize_op(size: int):
+    """A DALI NumbaFunction resizing a uint8 HWC image to size x size with OpenCV (through FFCV's library):
+    DALI's own CPU resize costs about 1 ms per 224 px image here, several times its ROI decode. None when
+    FFCV is not installed (then fn.resize serves)."""
+    key = ("resize", size)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile_resize(size)
+    return _COMPILED[key]
+
+
+def _compile_resize(size: int):
+    from nvidia.dali import types
+    from nvidia.dali.plugin.numba.experimental import NumbaFunction
+
+    resize = _opencv_resize()
+    if resize is None:
+        return None
+
+    def setup(outs, ins):
+        for s in range(len(outs[0])):
+            outs[0][s][0], outs[0][s][1], outs[0][s][2] = size, size, 3
+
+    def run(out, image):
+        resize(0, image.ctypes.data, image.shape[0], image.shape[1], 0, image.shape[0], 0, image.shape[1],
+               out.ctypes.data, size, size)
+
+    return NumbaFunction(run_fn=run, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8],
+                         outs_ndim=[3], ins_ndim=[3])

@@ -1,0 +1,112 @@
+"""Every verdict branch of the demo report (scripts/report.py) on constructed per-seed results: the call
+on LaCLIP vs CLIP, the noise floor, the text-augmentation control and the over-fitting check."""
+from types import SimpleNamespace
+
+import pytest
+
+from scripts import report
+
+DATASETS = ["emoji", "openclipart"]
+CFG = SimpleNamespace(datasets=DATASETS, checkpoint_every=50, steps=300)
+INFO = {"data": {"sets": {d: {"train": 900, "heldout": 100, "categories": 10} for d in DATASETS}},
+        "labels": {"clip": "CLIP", "laclip": "LaCLIP", "laclip_mt": "LaCLIP-MT", "eda": "EDA"},
+        "packs": {"llm": {"text_counts": {"samples": 1000, "with_rewrites": 300, "max_texts": 5,
+                                          "texts": 1900}}},
+        "rewrite": {}, "global_batch": 64}
+
+
+def method(zs: list, r5: list, curve=None) -> dict:
+    """One method's results per seed: zero-shot top-1 and retrieval R@5 (the same on every set)."""
+    final = {}
+    for head, _, _, path in report.columns(DATASETS):
+        final[head] = list(zs) if path == "zeroshot/top1" else list(r5) if "R@5" in path else [None] * len(zs)
+    curves = [curve] * len(zs) if curve else []
+    return {"final": final, "curves": curves, "loss": [[(1, 4.0), (2, 3.5)]] * len(zs), "train_sps": [10.0]}
+
+
+CLIP3 = method([30.0, 32.0, 31.0], [50.0, 52.0, 51.0])
+
+
+def verdict_lines(data) -> list[str]:
+    return report.verdict(data, CFG, INFO)
+
+
+def test_verdict_without_both_methods():
+    assert verdict_lines({"clip": CLIP3}) == ["(CLIP or LaCLIP was not run: no comparison.)"]
+
+
+@pytest.mark.parametrize("laclip_zs, call", [
+    ([35.0, 37.1, 35.9], "LaCLIP **beats** CLIP"),              # +5 every seed
+    ([25.0, 27.2, 25.8], "LaCLIP is **worse** than CLIP"),       # -5 every seed
+    ([33.0, 29.0, 32.5], "**no difference beyond the seed-to-seed spread**"),  # +0.5 +- 2
+])
+def test_verdict_three_seeds(laclip_zs, call):
+    lines = verdict_lines({"clip": CLIP3, "laclip": method(laclip_zs, [51.0, 52.0, 51.0])})
+    zs = next(line for line in lines if line.startswith("- zero-shot"))
+    assert call in zs and "over 3 seeds" in zs
+
+
+def test_verdict_one_seed_is_not_established():
+    lines = verdict_lines({"clip": method([30.0], [50.0]), "laclip": method([40.0], [60.0])})
+    assert all("**not established** (one seed" in line for line in lines[:2])
+    assert "LaCLIP - CLIP = +10.0 on a single seed" in lines[0]
+
+
+def test_verdict_two_seeds_is_not_a_null_result():
+    """Two seeds estimate the spread too roughly to call either way: a +10 difference must not read as
+    'no difference'."""
+    lines = verdict_lines({"clip": method([30.0, 31.0], [50.0, 51.0]),
+                           "laclip": method([40.0, 41.5], [60.0, 61.0])})
+    assert "no difference" not in lines[0]
+    assert "**not established**" in lines[0] and "over 2 seeds" in lines[0]
+
+
+def test_verdict_skips_a_metric_with_no_paired_values():
+    laclip = method([35.0, 37.0, 36.0], [None, None, None])
+    lines = verdict_lines({"clip": CLIP3, "laclip": laclip})
+    assert any(line.startswith("- zero-shot") for line in lines)
+    assert not any(line.startswith("- retrieval") for line in lines)
+
+
+def test_noise_floor_branches():
+    wobbly = [(50, 20.0), (100, 25.0), (150, 24.0), (200, 27.0)]
+    with_curve = report.noise_floor({"clip": method([30.0], [50.0], curve=wobbly)}, CFG, INFO)
+    assert len(with_curve) == 1 and "200 images" in with_curve[0] and "±3.2 points" in with_curve[0]
+    assert "moves by 3.0 points on average" in with_curve[0]  # second half: |27 - 24|
+    short = report.noise_floor({"clip": method([30.0], [50.0], curve=wobbly[:2])}, CFG, INFO)
+    assert short[0].endswith("points.")
+    assert report.noise_floor({}, CFG, INFO) == []
+
+
+def _control(laclip_r5, mt_r5, eda_r5) -> list[str]:
+    data = {"clip": CLIP3, "laclip": method([31.0] * 3, laclip_r5),
+            "laclip_mt": method([31.0] * 3, mt_r5), "eda": method([31.0] * 3, eda_r5)}
+    return report.augmentation_control(data, CFG, INFO)
+
+
+def test_augmentation_control_branches():
+    worse, level = [40.0, 42.1, 40.9], [50.5, 51.0, 51.5]
+    (line,) = _control(worse, [45.0, 47.0, 46.2], level)
+    assert "varying the text is not what hurts" in line and line.endswith("loses less.")
+    (line,) = _control(worse, [30.0, 32.0, 31.0], level)
+    assert line.endswith("loses as much.")
+    (line,) = _control(worse, worse, worse)
+    assert "Both kinds of text augmentation cost accuracy" in line
+    (line,) = _control(level, level, level)
+    assert line.startswith("- **Text-augmentation control**") and "hurt" not in line
+    two_seeds = {m: method([31.0] * 2, [40.0] * 2) for m in ("clip", "laclip", "laclip_mt", "eda")}
+    assert report.augmentation_control(two_seeds, CFG, INFO) == []
+
+
+@pytest.mark.parametrize("curve, says", [
+    ([(50, 20.0), (100, 25.0), (150, 28.0)], "highest at the last checkpoint: still improving"),
+    ([(50, 20.0), (100, 29.0), (150, 26.0)], "highest at step 100 (29.0) and ended at 26.0"),
+])
+def test_overfitting_check(curve, says):
+    lines = report.diagnosis({"clip": method([30.0], [50.0], curve=curve)}, CFG, INFO)
+    (check,) = [line for line in lines if "Over-fitting check" in line]
+    assert says in check
+    coverage = next(line for line in lines if "Rewrite coverage" in line)
+    assert "300 of 1000" in coverage and "mostly CLIP" in coverage
+    length = next(line for line in lines if "Training length" in line)
+    assert "19.2 epochs" in length and "Captions repeat many times" in length
