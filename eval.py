@@ -375,7 +375,11 @@ def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
 def run(cfg: EvalConfig) -> dict:
     from model.checkpoint import load_checkpoint
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    sets = [open_eval_set(name, cfg.data_root) for name in cfg.datasets]   # fail early on missing sets
+    # Under a multi-process launch (srun, torchrun) rank r evaluates sets r, r + W, ... (common/ranks.py).
+    from common.ranks import resolve_ranks
+    ranks = resolve_ranks()
+    names = cfg.datasets[ranks.rank::ranks.world_size]
+    sets = [open_eval_set(name, cfg.data_root) for name in names]        # fail early on missing sets
     identity = checkpoint_identity(cfg.checkpoint)
     model, info = load_checkpoint(cfg.checkpoint, cfg.model)
     model = model.to(device).eval()
@@ -397,6 +401,9 @@ def run(cfg: EvalConfig) -> dict:
                                          pretrained=cfg.checkpoint)
         return report
     out = Path(cfg.out)
+    if ranks.world_size > 1:
+        out = out.with_name(f"{out.stem}.rank{ranks.rank}-of-{ranks.world_size}{out.suffix}")
+        report["files"] = [str(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -417,7 +424,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     report = run(cfg)
     print(report["table"])
-    print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> {cfg.out}")
+    print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> "
+          f"{', '.join(report.get('files', [cfg.out]))}")
     return 0
 
 

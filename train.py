@@ -177,8 +177,16 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- distributed
 
 def init_distributed():
-    """Ranks from the deepspeed launcher's environment; plain `python train.py` is one rank."""
-    if "RANK" not in os.environ:
+    """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
+    one rank."""
+    from common.ranks import RankError, export_torch_env, resolve_ranks  # noqa: PLC0415
+    try:
+        ranks = resolve_ranks()
+        if ranks.source != "single":
+            export_torch_env(ranks)
+    except RankError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    else:
         import socket  # noqa: PLC0415
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -66,8 +66,8 @@ class PackConfig:
     samples_per_shard: int = 5000  # tar inputs: one output shard per input tar instead
     max_samples: int | None = None
     workers: int = 2
-    rank: int = 0
-    world_size: int = 1
+    rank: int | None = None  # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0 of 1
+    world_size: int | None = None
     wait_s: float = 0.0  # how long a rank waits for the others between stages (0: exit, re-run later)
     keep_staging: bool = False
 
@@ -434,8 +434,9 @@ def pack(cfg: PackConfig) -> dict:
 
     if not cfg.input or not cfg.out:
         raise ValueError("pack needs --input and --out")
-    if not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+    from common.ranks import resolve_ranks
+    ranks = resolve_ranks(cfg.rank, cfg.world_size)
+    cfg = dataclasses.replace(cfg, rank=ranks.rank, world_size=ranks.world_size)
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     if os.path.exists(os.path.join(cfg.out, "meta.json")):

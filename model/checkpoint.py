@@ -244,6 +244,8 @@ def load_checkpoint(path, model_name: str | dict | None = None):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and _is_deepspeed_dir(path):
         model, info = _load_deepspeed(path, model_name)
+    elif path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / OPEN_CLIP_CONFIG).is_file():
+        model, info = _load_open_clip_hub(path)
     elif path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
             raise ValueError(f"{path}: neither an export ({WEIGHTS_NAME}) nor a DeepSpeed checkpoint "
@@ -262,6 +264,19 @@ def load_checkpoint(path, model_name: str | dict | None = None):
     else:
         model, info = _load_open_clip(path, model_name)
     return model.eval(), info
+
+
+def _load_open_clip_hub(path: Path):
+    """A directory in open_clip's hub layout (ours, or one downloaded from a hub): model_cfg from
+    open_clip_config.json, weights from open_clip_model.safetensors (or open_clip_pytorch_model.bin)."""
+    hub = json.loads((path / OPEN_CLIP_CONFIG).read_text())
+    if "model_cfg" not in hub:
+        raise ValueError(f"{path / OPEN_CLIP_CONFIG}: no model_cfg")
+    weights = next((path / n for n in (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin") if (path / n).is_file()), None)
+    if weights is None:
+        raise ValueError(f"{path}: {OPEN_CLIP_CONFIG} but no {OPEN_CLIP_WEIGHTS} or open_clip_pytorch_model.bin")
+    model, info = _load_open_clip(weights, hub["model_cfg"])
+    return model, {**info, "format": "open_clip_hub"}
 
 
 def _load_open_clip(path: Path, model_name):

@@ -91,6 +91,19 @@ def test_export_loads_in_open_clip_with_equal_embeddings(export):
         assert float(theirs.logit_scale) == float(ours.logit_scale)
 
 
+def test_open_clip_hub_directory_loads_back(export, tmp_path):
+    """A directory holding only open_clip's two hub files (as a hub download has) loads with our code."""
+    import shutil
+    from model.checkpoint import load_checkpoint
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        shutil.copy(export / name, tmp_path / name)
+    ours, _ = load_checkpoint(export)
+    hub, info = load_checkpoint(tmp_path)
+    assert info["format"] == "open_clip_hub"
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, hub.state_dict()[k]), k
+
+
 # ---- CLIP_benchmark: names, results format, same numbers ------------------------------------------
 
 def _write_idx(path: Path, data: np.ndarray) -> None:
