@@ -99,7 +99,11 @@ def expand_shards(spec: str | os.PathLike | Iterable) -> list[str]:
         return list(dict.fromkeys(p for s in spec for p in expand_shards(s)))
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not tars:
+            raise IngestError(f"{spec}: a folder with neither a captions file (captions.jsonl or captions.csv) "
+                              "nor .tar shards")
+        return tars
     from braceexpand import braceexpand
     expanded = list(braceexpand(spec)) if "{" in spec else [spec]
     paths, missing = [], []

@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source)
+from loaders.ingest import (IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset,
+                            open_source)
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
 FORMAT_VERSION = 1
@@ -165,7 +166,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
     join = CaptionJoin(os.path.join(staging, "join.sqlite"))
     if cfg.rewrites:
         join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
-    shards, first, skipped = [], 0, {}
+    shards, first, skipped, skipped_records = [], 0, {}, []
     keys_path = os.path.join(cfg.out, "keys.txt")
     keys_file = open(_tmp_path(keys_path), "w", encoding="utf-8")
     try:
@@ -180,6 +181,8 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
             first += len(m["keys"])
             for reason, n in m["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
+            skipped_records += [{**r, "shard": shard_name(i)} for r in m.get("skipped_records", [])]
+        write_skip_report(cfg.out, skipped_records)
         if first == 0:
             raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
     except BaseException:
@@ -235,6 +238,17 @@ def _stage_paths(out: str, index: int) -> tuple[str, str]:
     return base + ".bin", base + ".json"
 
 
+SKIP_REPORT = "skipped.jsonl"
+
+
+def write_skip_report(out: str, records: list[dict]) -> None:
+    """<out>/skipped.jsonl: one line per skipped sample (key, file, reason, detail, shard); it outlives the
+    staging files. Each reader report keeps its first 1000 records; the counts in meta.json are complete."""
+    lines = "".join(json.dumps({k: r.get(k, "") for k in ("key", "file", "reason", "detail", "shard")},
+                               ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(os.path.join(out, SKIP_REPORT), lines.encode())
+
+
 def write_staged(out: str, index: int, kept: list, report: IngestReport) -> dict:
     """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
     blob, manifest_path = _stage_paths(out, index)
@@ -242,7 +256,7 @@ def write_staged(out: str, index: int, kept: list, report: IngestReport) -> dict
     atomic_write_bytes(blob, b"".join(k[2] for k in kept))
     manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
                 "rewrite_keys": [k[5] for k in kept],
-                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100]}
+                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records}
     atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
     return manifest
 
@@ -505,7 +519,8 @@ def pack(cfg: PackConfig) -> dict:
                "seconds": round(elapsed, 2), "samples_per_s": round(max(staged_new, finalized) / max(elapsed, 1e-9), 1),
                "skipped_examples": reports.records[:20]}
     print(f"pack: {plan['num_samples']} samples in {len(shards)} shards at {cfg.out}; "
-          f"{sum(plan['skipped'].values())} skipped {plan['skipped']}; {nbytes / 2**20:.1f} MiB; "
+          f"{sum(plan['skipped'].values())} skipped {plan['skipped']} (listed in {SKIP_REPORT}); "
+          f"{nbytes / 2**20:.1f} MiB; "
           f"{summary['samples_per_s']} samples/s this run ({elapsed:.1f} s)")
     return summary
 
@@ -533,4 +548,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from common.ranks import RankError
+    try:
+        main()
+    except (IngestError, PackError, RankError) as e:   # a user's input or launch: one line, no traceback
+        sys.exit(f"pack: {e}")

@@ -98,3 +98,47 @@ def test_unreadable_tar_names_the_file(tmp_path):
     (tmp_path / "00000.tar").write_bytes(b"not a tar at all" * 40)
     with pytest.raises(ValueError, match=r"00000\.tar: not a readable tar"):
         read_captions(str(tmp_path / "00000.tar"))
+
+
+def test_pack_lists_skipped_samples_in_a_report(tmp_path):
+    """A truncated JPEG and a sample without a caption are listed in skipped.jsonl with key, file, reason;
+    the report stays after the staging files are gone."""
+    from loaders.pack import PackConfig, pack
+    d = img2dataset_tars(tmp_path / "shards", shards=2, per_shard=3)
+    with tarfile.open(d / "00001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(d / "00001.tar", "w") as tar:
+        for m, data in members:
+            if m.name == "000010003.jpg":
+                data = data[: len(data) // 3]                                  # a truncated download
+            if m.name in ("000010004.txt", "000010004.json"):
+                continue                                                       # no caption at all
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    out = tmp_path / "packed"
+    summary = pack(PackConfig(input=str(d / "{00000..00001}.tar"), out=str(out), max_side=32, workers=1))
+    assert summary["num_samples"] == 4 and not (out / "staging").exists()
+    rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    by_key = {r["key"]: r for r in rows}
+    assert set(by_key) == {"000010003", "000010004"}
+    assert by_key["000010003"]["reason"] == "broken_image" and "00001.tar" in by_key["000010003"]["file"]
+    assert "00001.tar" in by_key["000010004"]["file"] and by_key["000010004"]["reason"] == "empty_caption"
+    assert {r["shard"] for r in rows} == {"part-00001"}
+    assert sum(summary["skipped"].values()) == 2
+
+
+def test_pack_cli_folder_without_captions_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.jpg")
+    proc = subprocess.run([sys.executable, "-m", "loaders.pack", "--input", str(tmp_path / "imgs"), "--out",
+                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"pack: {tmp_path / 'imgs'}: a folder with neither a captions file (captions.jsonl or " \
+                   "captions.csv) nor .tar shards"
+    assert "Traceback" not in proc.stderr
