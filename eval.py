@@ -254,7 +254,8 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
     for name, split in splits.items():
         key = hashlib.sha256(f"{ds.name}|{ds.source}|{name}|{len(split)}|{cfg.max_per_split}|{cfg.seed}|{size}"
                              .encode()).hexdigest()[:16]
-        cache = Path(cfg.cache_dir) / ckpt_key / f"{ds.name.replace(':', '-').replace('/', '_')}-{name}-{key}.npz"
+        cache = (Path(cfg.cache_dir) / ckpt_key / f"{ds.name.replace(':', '-').replace('/', '_')}-{name}-{key}.npz"
+                 if cfg.cache_dir else None)                       # "" = no feature cache
         feats[name] = extract_features(model, split, size=size, device=device, batch_size=cfg.batch_size,
                                        workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}")
     test_x, test_y = feats["test"], splits["test"].labels
