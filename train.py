@@ -198,7 +198,7 @@ def init_distributed():
             export_torch_env(ranks)
     except RankError as e:
         raise SystemExit(f"train.py: {e}") from None
-    else:
+    if ranks.source == "single":
         import socket  # noqa: PLC0415
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
