@@ -56,9 +56,10 @@ def test_export_torch_env_for_slurm():
         export_torch_env(Ranks(1, 2, 1, "slurm"), {})
 
 
-def _run_tasks(args: list[str], ntasks: int = 2, timeout: int = 240) -> list[subprocess.CompletedProcess]:
+def _run_tasks(args: list[str], ntasks: int = 2, timeout: int = 240, **extra_env) -> list[subprocess.CompletedProcess]:
     """Start `ntasks` processes at once, each with only SLURM's variables, as srun would."""
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    base.update(extra_env)
     procs = [subprocess.Popen([sys.executable] + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**base, **slurm_env(i, ntasks), "OMP_NUM_THREADS": "1"})
              for i in range(ntasks)]
@@ -123,3 +124,21 @@ def test_train_refuses_a_multi_task_launch_without_a_rank(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "not started by srun" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_train_under_two_slurm_tasks_is_one_world_of_two(tmp_path):
+    """Two tasks with srun's variables only: one DeepSpeed world of 2 (the rendezvous address from
+    SLURM_LAUNCH_NODE_IPADDR), one run directory, the same loss logged once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    run_dir = tmp_path / "run"
+    tasks = _run_tasks(["train.py", "--config", "configs/train_tiny.yaml", "--set", f"run_dir={run_dir}",
+                        "--set", "stop_after=2", "--set", "checkpoint_every=0", "--set", "progress=false"],
+                       MASTER_PORT=port)
+    for t in tasks:
+        assert t.returncode == 0, t.stdout[-3000:]
+    assert "start: 2 rank(s), global batch 32" in (run_dir / "train.log").read_text()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
