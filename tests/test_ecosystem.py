@@ -143,7 +143,8 @@ def _clip_benchmark(export: Path, dataset: str, root: Path, out: Path) -> dict:
     args = ["eval", "--dataset", dataset, "--dataset_root", str(root), "--model", f"local-dir:{export}",
             "--pretrained", "", "--no_amp", "--batch_size", "64", "--num_workers", "0",
             "--output", str(out / "{dataset}_{task}.json")]
-    code = WORKAROUND + NUMPY2_SHIM + f"from clip_benchmark.cli import main; sys.argv = ['clip_benchmark'] + {args!r}; main()"
+    code = (WORKAROUND + NUMPY2_SHIM
+            + f"from clip_benchmark.cli import main; sys.argv = ['clip_benchmark'] + {args!r}; main()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,5 +1,6 @@
 """Every command in the README, run as written, in order, on a tiny real set (12 rendered emoji with their
-names as captions.jsonl: the LLM rewrite costs seconds per caption on 2 cores, a digits set in MNIST's layout and a Flickr8k-layout set): the shell lines of its
+names as captions.jsonl, as few as training allows since the LLM rewrite costs seconds per caption on 2
+cores; a digits set in MNIST's layout; a Flickr8k-layout set): the shell lines of its
 ```bash blocks and its ```python blocks, in a copy of the repository. Only lines that need what these
 machines lack are left out, each for the reason in SKIP."""
 from __future__ import annotations
@@ -9,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,7 +76,7 @@ def test_readme_lists_what_it_skips():
     assert any(c.startswith("deepspeed --num_gpus 2 train.py") and r is None for c, r in got)
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_every_readme_command_runs_as_written(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian dataset-fashion-mnist is not installed (the README's eval line reads it)")
@@ -91,7 +91,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             continue
         argv = ["bash", "-c", cmd] if not cmd.lstrip().startswith(("from ", "import ")) else \
             [str(REPO / ".venv" / "bin" / "python"), "-c", cmd]
-        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"README command failed: {cmd}\n{(proc.stdout + proc.stderr)[-5000:]}"
         ran.append(cmd)
     assert (work / "runs" / "tiny" / "checkpoints" / "step-0000050" / "export" / "open_clip_config.json").is_file()
