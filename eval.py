@@ -43,6 +43,7 @@ from loaders.eval_sets import PAPER_SETS, EvalSet, Split, open_eval_set
 
 FORMAT, FORMAT_VERSION = "laclip-eval", 1
 PROTOCOLS = ("zeroshot", "fewshot", "linear_probe", "retrieval")
+OUTPUT_FORMATS = ("laclip", "clip_benchmark")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class EvalConfig:
     model: str | None = None            # model/configs name, needed for open_clip state dicts
     datasets: list[str] = field(default_factory=lambda: ["digits"])
     data_root: str = "data"
-    out: str = "results.json"
+    out: str = "results.json"           # with format clip_benchmark: a folder of one JSON per set and task
+    format: str = "laclip"              # or clip_benchmark (evaluation/clip_benchmark.py)
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     cache_dir: str = ".cache/eval_features"
     batch_size: int = 256
@@ -91,13 +93,15 @@ def checkpoint_identity(path: str) -> dict:
 
 
 def preprocess(image, size: int) -> torch.Tensor:
-    """CLIP's eval transform: resize the short side (bicubic), centre crop, normalise."""
+    """CLIP's eval transform, pixel for pixel as torchvision's Resize(size, BICUBIC) + CenterCrop(size)
+    (open_clip's and CLIP_benchmark's): the short side becomes `size`, the long side int(size * long /
+    short); the crop starts at int(round(excess / 2)). Then scale to [0, 1] and normalise."""
     from PIL import Image
     w, h = image.size
-    s = size / min(w, h)
-    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -163,12 +167,15 @@ def zeroshot_classifier(model, class_names: list[str], templates: list[str], dev
 
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
+    """top-1, top-5 (>= 5 classes) and mean per-class recall, in percent. Ties rank as torch.topk
+    ranks them, as in CLIP_benchmark."""
     y = torch.as_tensor(labels)
-    pred = logits.argmax(dim=1)
-    out = {"top1": 100 * (pred == y).float().mean().item()}
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    out = {"top1": 100 * int((ranked[:, 0] == y).sum()) / len(y)}
     if logits.shape[1] >= 5:
-        out["top5"] = 100 * (logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).float().mean().item()
-    recalls = [(pred[y == c] == c).float().mean().item() for c in torch.unique(y)]
+        out["top5"] = 100 * int((ranked == y[:, None]).any(dim=1).sum()) / len(y)
+    pred = logits.argmax(dim=1)
+    recalls = [int((pred[y == c] == c).sum()) / int((y == c).sum()) for c in torch.unique(y)]
     out["mean_per_class"] = 100 * float(np.mean(recalls))
     return out
 
@@ -178,15 +185,21 @@ def zeroshot(features: np.ndarray, labels: np.ndarray, classifier: torch.Tensor)
     return classification_metrics(logits, labels)
 
 
-def retrieval(image_features: np.ndarray, text_features: torch.Tensor) -> dict:
-    """Caption i belongs to image i. recall@K both ways, in percent."""
-    sim = F.normalize(torch.from_numpy(image_features), dim=-1) @ text_features.T
-    target = torch.arange(sim.shape[0])
+def retrieval(image_features: np.ndarray, text_features: torch.Tensor, caption_image=None) -> dict:
+    """recall@1/5/10 both ways, in percent. Text t belongs to image caption_image[t] (default: t).
+    image_to_text: an image is a hit if any of its texts is among its top K; text_to_image: a text is a
+    hit if its image is among its top K. Ties rank as torch.topk ranks them (as in CLIP_benchmark)."""
+    images = F.normalize(torch.from_numpy(image_features), dim=-1)
+    owner = torch.arange(len(images)) if caption_image is None else torch.as_tensor(caption_image)
+    scores = text_features @ images.T                                    # [texts, images]
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(owner)), owner] = True
     out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        rank = (s > s[target, target][:, None]).sum(dim=1)     # how many beat the true pair
+    for name, s, pos in (("image_to_text", scores.T, positive.T), ("text_to_image", scores, positive)):
         for k in (1, 5, 10):
-            out[f"{name}_R@{k}"] = 100 * (rank < k).float().mean().item()
+            top = s.topk(min(k, s.shape[1]), dim=1).indices
+            hits = pos.gather(1, top).any(dim=1)
+            out[f"{name}_R@{k}"] = 100 * int(hits.sum()) / len(hits)
     return out
 
 
@@ -241,17 +254,23 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
     for name, split in splits.items():
         key = hashlib.sha256(f"{ds.name}|{ds.source}|{name}|{len(split)}|{cfg.max_per_split}|{cfg.seed}|{size}"
                              .encode()).hexdigest()[:16]
-        cache = Path(cfg.cache_dir) / ckpt_key / f"{ds.name.replace(':', '-').replace('/', '_')}-{name}-{key}.npz"
+        cache = (Path(cfg.cache_dir) / ckpt_key / f"{ds.name.replace(':', '-').replace('/', '_')}-{name}-{key}.npz"
+                 if cfg.cache_dir else None)                       # "" = no feature cache
         feats[name] = extract_features(model, split, size=size, device=device, batch_size=cfg.batch_size,
                                        workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}")
     test_x, test_y = feats["test"], splits["test"].labels
     out = {"n_test": int(len(test_y)), "n_classes": len(ds.class_names), "metric": ds.metric}
+    if not ds.class_names:                      # a retrieval-only set (e.g. flickr30k)
+        cfg = dataclasses.replace(cfg, protocols=[p for p in cfg.protocols if p == "retrieval"])
     if "zeroshot" in cfg.protocols:
         out["zeroshot"] = zeroshot(test_x, test_y, zeroshot_classifier(model, ds.class_names, ds.templates, device))
         out["zeroshot"]["accuracy"] = out["zeroshot"]["top1" if ds.metric == "accuracy" else "mean_per_class"]
     if "retrieval" in cfg.protocols and ds.captions is not None:
-        captions = [ds.captions[i] for i in taken["test"][1]]
-        out["retrieval"] = retrieval(test_x, encode_texts(model, captions, device))
+        kept = {int(i): j for j, i in enumerate(taken["test"][1])}      # image index -> row in test_x
+        owner = ds.caption_image if ds.caption_image is not None else range(len(ds.captions))
+        pairs = [(text, kept[i]) for text, i in zip(ds.captions, owner) if i in kept]
+        out["retrieval"] = retrieval(test_x, encode_texts(model, [t for t, _ in pairs], device),
+                                     [i for _, i in pairs])
     if "fewshot" in cfg.protocols:
         base = feats["train"].mean(0) if "train" in feats else test_x.mean(0)
         try:
@@ -346,6 +365,8 @@ def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
         v = getattr(a, f.name)
         if v is not None:
             setattr(cfg, f.name, v.split(",") if f.name in ("datasets", "protocols") else v)
+    if cfg.format not in OUTPUT_FORMATS:
+        p.error(f"unknown --format {cfg.format!r}; known: {', '.join(OUTPUT_FORMATS)}")
     unknown = set(cfg.protocols) - set(PROTOCOLS)
     if unknown:
         p.error(f"unknown protocols {sorted(unknown)}; known: {PROTOCOLS}")
@@ -359,7 +380,11 @@ class CheckpointError(Exception):
 def run(cfg: EvalConfig) -> dict:
     from model.checkpoint import load_checkpoint
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    sets = [open_eval_set(name, cfg.data_root) for name in cfg.datasets]   # fail early on missing sets
+    # Under a multi-process launch (srun, torchrun) rank r evaluates sets r, r + W, ... (common/ranks.py).
+    from common.ranks import resolve_ranks
+    ranks = resolve_ranks()
+    names = cfg.datasets[ranks.rank::ranks.world_size]
+    sets = [open_eval_set(name, cfg.data_root) for name in names]        # fail early on missing sets
     if not Path(cfg.checkpoint).exists():
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
     identity = checkpoint_identity(cfg.checkpoint)
@@ -380,7 +405,15 @@ def run(cfg: EvalConfig) -> dict:
               "model_config": info["config"], "config": dataclasses.asdict(cfg), "device": device,
               "results": results, "seconds": timing}
     report["table"] = markdown_table(results)
+    if cfg.format == "clip_benchmark":
+        from evaluation.clip_benchmark import write_results
+        report["files"] = write_results(results, Path(cfg.out), model=cfg.model or info["config"].get("name", ""),
+                                         pretrained=cfg.checkpoint)
+        return report
     out = Path(cfg.out)
+    if ranks.world_size > 1:
+        out = out.with_name(f"{out.stem}.rank{ranks.rank}-of-{ranks.world_size}{out.suffix}")
+        report["files"] = [str(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -405,7 +438,8 @@ def main(argv=None) -> int:
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
     print(report["table"])
-    print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> {cfg.out}")
+    print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> "
+          f"{', '.join(report.get('files', [cfg.out]))}")
     return 0
 
 

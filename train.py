@@ -13,12 +13,16 @@ its slice of that feature gradient. SLIP's head (whose batch norm normalises ove
 runs once per step on the cached tower features of the whole batch. The result equals one big batch,
 up to float rounding, for CLIP, LaCLIP, LaCLIP-MT and SLIP alike.
 
-Writes <run_dir>/config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-XXXXXXX/ (DeepSpeed, with
-export/{model.safetensors,config.json}: fp32 weights and the model config). `latest` names a
-checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
+Writes <run_dir>/config.yaml, metrics.jsonl, train.log (text), tensorboard/, checkpoints/step-XXXXXXX/
+(DeepSpeed, with export/: fp32 weights and the model config, also in open_clip's hub layout). `latest`
+names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
 directory, a missing data_root or --resume checkpoint, a bad config) print one line and exit 2.
+A run_dir that already holds a run is refused unless resuming; `--resume latest` starts fresh when
+there is nothing to resume. keep_checkpoints=N keeps the newest N; eval_every=N runs zero-shot evaluation
+(eval.py's code) on eval_datasets every N steps, logged beside the loss; the `deepspeed:` mapping of the
+config is merged into the generated DeepSpeed config (any DeepSpeed option, its monitors included).
 """
 from __future__ import annotations
 
@@ -88,6 +92,12 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/default"
     checkpoint_every: int = 1000         # steps; 0 = only at the end and on SIGTERM
+    keep_checkpoints: int = 0            # keep the newest N checkpoints (0 = all)
+    eval_every: int = 0                  # zero-shot evaluation every N steps (0 = off)
+    eval_datasets: str = ""              # comma-separated eval.py names, e.g. "imagenet1k,cifar10"
+    eval_data_root: str = "data"
+    eval_max_per_split: int = 0          # >0: a fixed subsample per split (quick checks)
+    deepspeed: dict = dataclasses.field(default_factory=dict)  # merged into the generated DeepSpeed config
     stop_after: int = 0                  # stop (with a checkpoint) after this step; 0 = total_steps
     progress: bool = True                # tqdm bar on rank 0
 
@@ -106,6 +116,8 @@ class TrainConfig:
                 raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
         if len(self.betas) != 2:
             raise ValueError(f"config betas={self.betas}: expected two numbers")
+        if self.eval_every and not self.eval_datasets:
+            raise ValueError(f"config eval_every={self.eval_every} needs eval_datasets")
 
 
 def _coerce(value, hint, key):
@@ -187,8 +199,16 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- distributed
 
 def init_distributed():
-    """Ranks from the deepspeed launcher's environment; plain `python train.py` is one rank."""
-    if "RANK" not in os.environ:
+    """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
+    one rank."""
+    from common.ranks import RankError, export_torch_env, resolve_ranks  # noqa: PLC0415
+    try:
+        ranks = resolve_ranks()
+        if ranks.source != "single":
+            export_torch_env(ranks)
+    except RankError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    if ranks.source == "single":
         import socket  # noqa: PLC0415
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -462,6 +482,11 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The generated DeepSpeed config with the run config's `deepspeed:` mapping merged over it."""
+    return merged(_generated_deepspeed_config(cfg), cfg.deepspeed)
+
+
+def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.accumulation,
@@ -670,6 +695,8 @@ def save_checkpoint(engine, cfg: TrainConfig, model_config: dict, step: int, dat
     dist.barrier()  # every rank's files are written
     if rank == 0:
         write_latest(root, tag)
+    if rank == 0 and cfg.keep_checkpoints:
+        prune_checkpoints(root, cfg.keep_checkpoints)
     dist.barrier()
     return root / tag
 
@@ -684,9 +711,55 @@ def write_latest(root: Path, tag: str):
     os.replace(tmp, root / "latest")
 
 
-def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str]:
-    """'latest' or a path (checkpoints dir, or a tag dir) -> (DeepSpeed load dir, tag)."""
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step-XXXXXXX checkpoints (never the one `latest` names)."""
+    import shutil  # noqa: PLC0415
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    tags = sorted(p for p in root.glob("step-*") if p.is_dir())
+    doomed = [p for p in tags[:-keep] if p.name != latest]
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
+
+
+def refuse_existing_run(run_dir: Path, resuming: bool) -> None:
+    """A new run must not overwrite another's outputs (metrics.jsonl would be truncated)."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found and not resuming:
+        raise SystemExit(f"train.py: {run_dir} already holds a run ({', '.join(found)}); continue it with "
+                         "--resume latest or choose another run_dir")
+
+
+def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank: int, device) -> dict:
+    """Zero-shot top-1 / top-5 / mean per-class of the current weights on `sets`, through eval.py's
+    evaluation code (collective: every rank gathers the weights; rank 0 evaluates)."""
+    import importlib  # noqa: PLC0415
+    from model import build_model  # noqa: PLC0415
+    sd = full_fp32_state_dict(engine)
+    out = {}
+    if rank == 0:
+        E = importlib.import_module("eval")
+        model = build_model(model_config)
+        model.load_state_dict(sd)
+        model = model.to(device).eval()
+        ecfg = E.EvalConfig(protocols=["zeroshot"], cache_dir="", workers=0, seed=cfg.seed,
+                            max_per_split=cfg.eval_max_per_split)
+        for ds in sets:
+            zs = E.evaluate_set(model, ds, ecfg, "", str(device))["zeroshot"]
+            out.update({f"zeroshot/{ds.name}/{k}": v for k, v in zs.items() if k != "accuracy"})
+    dist.barrier()
+    return out
+
+
+def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str] | None:
+    """'latest' or a path (checkpoints dir, or a tag dir) -> (DeepSpeed load dir, tag); None for 'latest'
+    when run_dir has no checkpoint yet (a fresh start, as open_clip's --resume latest)."""
     path = run_dir / "checkpoints" if spec == "latest" else Path(spec)
+    if spec == "latest" and not (path / "latest").is_file():
+        return None
     if (path / "latest").is_file():
         return path, (path / "latest").read_text().strip()
     if (path / "mp_rank_00_model_states.pt").is_file() or path.name.startswith("step-"):
@@ -712,6 +785,7 @@ class Logger:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
         self.file = open(self.path, "a")
+        self.text = open(run_dir / "train.log", "a")
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         end = cfg.stop_after or cfg.total_steps
@@ -719,14 +793,24 @@ class Logger:
         self.bar = tqdm(total=end, initial=start_step, desc="train", unit="step",
                         disable=not cfg.progress, dynamic_ncols=True)
 
+    def note(self, message: str):
+        """A line in <run_dir>/train.log (rank 0)."""
+        if self.active:
+            self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self.text.flush()
+
     def log(self, row: dict):
         if not self.active:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self.note(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items() if k != "time"))
         for key in ("loss", "lr", "logit_scale", "grad_norm", "samples_per_s", "data_wait"):
             if row.get(key) is not None:
                 self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+        for key in (k for k in row if k.startswith("zeroshot/")):
+            self.tb.add_scalar(key, row[key], row["step"])
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                              sps=f"{row['samples_per_s']:.1f}", wait=f"{row['data_wait']:.2f}")
         self.bar.update(1)
@@ -736,6 +820,7 @@ class Logger:
             self.bar.close()
             self.tb.close()
             self.file.close()
+            self.text.close()
 
 
 def _step_of(line: str) -> float:
@@ -771,13 +856,19 @@ def main(argv=None) -> int:
     model_config["grad_checkpointing"] = cfg.grad_checkpointing
     if cfg.image_loss == "slip":
         model_config["slip"] = True
+    resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
+    refuse_existing_run(run_dir, resuming=args.resume is not None)
+    dist.barrier()  # every rank has looked before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / ".config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         os.replace(tmp, run_dir / "config.yaml")
 
-    resume_from = resolve_resume(args.resume, run_dir) if args.resume else None
+    eval_sets = []
+    if cfg.eval_every:  # open the sets now: a missing one fails before the build
+        from loaders.eval_sets import open_eval_set  # noqa: PLC0415
+        eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
     engine = build_engine(cfg, model_config)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
@@ -799,6 +890,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(reason="SIGTERM"))
     end_step = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
     logger = Logger(cfg, rank, step)
+    logger.note(f"start: {world} rank(s), global batch {cfg.micro_batch * cfg.accumulation * world}, "
+                + (f"resumed from {last_checkpoint} at step {step}" if resume_from else
+                   ("--resume latest: nothing to resume, starting fresh" if args.resume else "fresh run"))
+                + f"; config {run_dir / 'config.yaml'}")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0
@@ -821,10 +916,13 @@ def main(argv=None) -> int:
             clamp_logit_scale(engine)
             step += 1
             dt = time.perf_counter() - t0
-            logger.log({"step": step, "loss": loss, "lr": lr, "logit_scale": scale,
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "samples_per_s": global_batch / dt, "data_wait": t_data / dt,
-                        "epoch": data.epoch, "time": time.time()})
+            row = {"step": step, "loss": loss, "lr": lr, "logit_scale": scale,
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "samples_per_s": global_batch / dt, "data_wait": t_data / dt, "epoch": data.epoch,
+                   "time": time.time()}
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == end_step):
+                row.update(zeroshot_eval(engine, cfg, model_config, eval_sets, rank, device))
+            logger.log(row)
             stopping = any_rank(stop_requested["reason"] is not None)
             if stopping or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_checkpoint = save_checkpoint(engine, cfg, model_config, step, data, rank)
@@ -832,6 +930,7 @@ def main(argv=None) -> int:
                 status = f"stopped by {stop_requested['reason'] or 'another rank'} after step {step}"
                 break
     finally:
+        logger.note(f"end: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}")
         logger.close()
     if rank == 0:
         print(f"train: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}",

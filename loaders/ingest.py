@@ -107,16 +107,31 @@ def check_key(key: str, where: str) -> str:
 
 # ---------------------------------------------------------------- webdataset (img2dataset) shards
 def expand_shards(spec: str | os.PathLike | Iterable) -> list[str]:
-    """A tar file, a directory of tars, a glob, or a list of those -> sorted tar paths."""
+    """A tar file, a directory of tars, a glob, a webdataset brace list (`shards/{00000..00099}.tar`,
+    braceexpand's syntax), or a list of those -> tar paths (each glob sorted, brace lists in their order).
+    A brace list naming a file that does not exist is an error naming it."""
     if not isinstance(spec, (str, os.PathLike)):
-        return [p for s in spec for p in expand_shards(s)]
+        return list(dict.fromkeys(p for s in spec for p in expand_shards(s)))
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
-    paths = sorted(glob.glob(spec))
+        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not tars:
+            raise IngestError(f"{spec}: a folder with neither a captions file (captions.jsonl or captions.csv) "
+                              "nor .tar shards")
+        return tars
+    from braceexpand import braceexpand
+    expanded = list(braceexpand(spec)) if "{" in spec else [spec]
+    paths, missing = [], []
+    for one in expanded:
+        found = sorted(glob.glob(one))
+        if not found and not glob.has_magic(one) and len(expanded) > 1:
+            missing.append(one)
+        paths += found
+    if missing:
+        raise IngestError(f"{spec}: {len(missing)} of {len(expanded)} shards do not exist (first: {missing[0]})")
     if not paths:
         raise IngestError(f"{spec}: no tar shards found")
-    return paths
+    return list(dict.fromkeys(paths))
 
 
 def iter_webdataset(shards, report: IngestReport) -> Iterator[Sample]:

@@ -34,7 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source)
+from loaders.ingest import (IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset,
+                            open_source)
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
@@ -74,8 +75,8 @@ class PackConfig:
     samples_per_shard: int = 5000  # tar inputs: one output shard per input tar instead
     max_samples: int | None = None
     workers: int = 2
-    rank: int = 0
-    world_size: int = 1
+    rank: int | None = None  # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0 of 1
+    world_size: int | None = None
     wait_s: float = 0.0  # how long a rank waits for the others between stages (0: exit, re-run later)
     keep_staging: bool = False
 
@@ -252,7 +253,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
     join = CaptionJoin(os.path.join(staging, "join.sqlite"))
     if cfg.rewrites:
         join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
-    shards, first, skipped = [], 0, {}
+    shards, first, skipped, skipped_records = [], 0, {}, []
     keys_path = os.path.join(cfg.out, "keys.txt")
     keys_file = open(_tmp_path(keys_path), "w", encoding="utf-8")
     try:
@@ -267,6 +268,8 @@ def build_captions(cfg: PackConfig, num_shards: int) -> dict:
             first += len(m["keys"])
             for reason, n in m["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
+            skipped_records += [{**r, "shard": shard_name(i)} for r in m.get("skipped_records", [])]
+        write_skip_report(cfg.out, skipped_records)
         if first == 0:
             raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
     except BaseException:
@@ -342,6 +345,17 @@ def _stage_paths(out: str, index: int) -> tuple[str, str]:
     return base + ".bin", base + ".json"
 
 
+SKIP_REPORT = "skipped.jsonl"
+
+
+def write_skip_report(out: str, records: list[dict]) -> None:
+    """<out>/skipped.jsonl: one line per skipped sample (key, file, reason, detail, shard); it outlives the
+    staging files. Each reader report keeps its first 1000 records; the counts in meta.json are complete."""
+    lines = "".join(json.dumps({k: r.get(k, "") for k in ("key", "file", "reason", "detail", "shard")},
+                               ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(os.path.join(out, SKIP_REPORT), lines.encode())
+
+
 def write_staged(out: str, index: int, kept: list, report: IngestReport, settings: str) -> dict:
     """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
     blob, manifest_path = _stage_paths(out, index)
@@ -349,7 +363,7 @@ def write_staged(out: str, index: int, kept: list, report: IngestReport, setting
     atomic_write_bytes(blob, b"".join(k[2] for k in kept))
     manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
                 "rewrite_keys": [k[5] for k in kept],
-                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100],
+                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records,
                 "settings": settings}
     atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
     return manifest
@@ -561,8 +575,9 @@ def pack(cfg: PackConfig) -> dict:
 
     if not cfg.input or not cfg.out:
         raise PackError("pack needs --input and --out")
-    if not 0 <= cfg.rank < cfg.world_size:
-        raise PackError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+    from common.ranks import resolve_ranks
+    ranks = resolve_ranks(cfg.rank, cfg.world_size)
+    cfg = dataclasses.replace(cfg, rank=ranks.rank, world_size=ranks.world_size)
     if cfg.rewrites and not os.path.exists(cfg.rewrites):
         raise PackError(f"{cfg.rewrites}: rewrites file not found")
     t0 = time.time()
@@ -644,7 +659,8 @@ def pack(cfg: PackConfig) -> dict:
                "seconds": round(elapsed, 2), "samples_per_s": round(max(staged_new, finalized) / max(elapsed, 1e-9), 1),
                "skipped_examples": reports.records[:20]}
     print(f"pack: {plan['num_samples']} samples in {len(shards)} shards at {cfg.out}; "
-          f"{sum(plan['skipped'].values())} skipped {plan['skipped']}; {nbytes / 2**20:.1f} MiB; "
+          f"{sum(plan['skipped'].values())} skipped {plan['skipped']} (listed in {SKIP_REPORT}); "
+          f"{nbytes / 2**20:.1f} MiB; "
           f"{summary['samples_per_s']} samples/s this run ({elapsed:.1f} s)")
     return summary
 
@@ -676,9 +692,11 @@ def cli(argv=None) -> None:
     from loaders.ingest import IngestError
     from loaders.store import StoreError
 
+    from common.ranks import RankError
+
     try:
         main(argv)
-    except (PackError, IngestError, StoreError) as e:
+    except (PackError, IngestError, StoreError, RankError) as e:  # a user's input or launch: one line
         sys.exit(f"pack: error: {e}")
 
 

@@ -2,7 +2,10 @@
 
 Formats load_checkpoint(path, model_name=None) accepts:
   export     a directory (or its model.safetensors) written by save_export: safetensors with
-             format/format_version/sha256/config in the metadata, config.json beside it.
+             format/format_version/sha256/config in the metadata, config.json beside it. The same
+             directory is also in open_clip's hub layout (open_clip_config.json with model_cfg and
+             preprocess_cfg, open_clip_model.safetensors), so open_clip loads it as
+             create_model_and_transforms("local-dir:DIR").
   deepspeed  a DeepSpeed checkpoint: the tag directory (holding *mp_rank_00_model_states.pt), or the
              directory holding `latest`. If <tag>/export/ exists (train.py writes one) it is used;
              otherwise the fp32 weights are consolidated with DeepSpeed's own
@@ -25,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from model.clip import CLIP, build_model, resolve_config
+from model.clip import CLIP, IMAGE_MEAN, IMAGE_STD, build_model, resolve_config
 
 EXPORT_FORMAT = "laclip-export"
 EXPORT_VERSION = 1
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
 
 
 class CheckpointMismatchError(ValueError):
@@ -150,7 +154,28 @@ def save_export(model: CLIP, config: dict | None, out_dir) -> Path:
     weights = out_dir / WEIGHTS_NAME
     _atomic_write(weights, lambda p: safetensors.torch.save_file(sd, str(p), metadata=meta))
     _atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    save_open_clip_hub(sd, config, out_dir)
     return weights
+
+
+def open_clip_hub_config(config: dict) -> dict:
+    """open_clip_config.json for a config: open_clip's model_cfg (our keys are open_clip's; the SLIP head
+    and trainer-only keys dropped) and the eval preprocessing (bicubic shortest-side resize, centre crop)."""
+    ours_only = {"name", "slip", "slip_mlp_dim", "slip_out_dim", "grad_checkpointing"}
+    model_cfg = {k: v for k, v in resolve_config(config).items() if k not in ours_only}
+    preprocess_cfg = {"size": model_cfg["vision_cfg"]["image_size"], "mode": "RGB", "mean": list(IMAGE_MEAN),
+                      "std": list(IMAGE_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def save_open_clip_hub(sd: dict, config: dict, out_dir: Path) -> None:
+    """open_clip's hub layout in out_dir: open_clip_model.safetensors (open_clip names, logit_scale []) and
+    open_clip_config.json, written atomically."""
+    import safetensors.torch  # noqa: PLC0415
+    oc = {k: v.contiguous() for k, v in to_open_clip_state_dict(sd).items()}
+    _atomic_write(out_dir / OPEN_CLIP_WEIGHTS, lambda p: safetensors.torch.save_file(oc, str(p)))
+    text = json.dumps(open_clip_hub_config(config), indent=2) + "\n"
+    _atomic_write(out_dir / OPEN_CLIP_CONFIG, lambda p: p.write_text(text))
 
 
 def _load_export(path: Path):
@@ -242,6 +267,8 @@ def load_checkpoint(path, model_name: str | dict | None = None):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and _is_deepspeed_dir(path):
         model, info = _load_deepspeed(path, model_name)
+    elif path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / OPEN_CLIP_CONFIG).is_file():
+        model, info = _load_open_clip_hub(path)
     elif path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
             raise ValueError(f"{path}: neither an export ({WEIGHTS_NAME}) nor a DeepSpeed checkpoint "
@@ -260,6 +287,19 @@ def load_checkpoint(path, model_name: str | dict | None = None):
     else:
         model, info = _load_open_clip(path, model_name)
     return model.eval(), info
+
+
+def _load_open_clip_hub(path: Path):
+    """A directory in open_clip's hub layout (ours, or one downloaded from a hub): model_cfg from
+    open_clip_config.json, weights from open_clip_model.safetensors (or open_clip_pytorch_model.bin)."""
+    hub = json.loads((path / OPEN_CLIP_CONFIG).read_text())
+    if "model_cfg" not in hub:
+        raise ValueError(f"{path / OPEN_CLIP_CONFIG}: no model_cfg")
+    weights = next((path / n for n in (OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin") if (path / n).is_file()), None)
+    if weights is None:
+        raise ValueError(f"{path}: {OPEN_CLIP_CONFIG} but no {OPEN_CLIP_WEIGHTS} or open_clip_pytorch_model.bin")
+    model, info = _load_open_clip(weights, hub["model_cfg"])
+    return model, {**info, "format": "open_clip_hub"}
 
 
 def _load_open_clip(path: Path, model_name):

@@ -29,6 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import attention
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# The image normalisation every model here is trained and evaluated with (OpenAI CLIP's).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0, "qk_norm": False}
 TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "mlp_ratio": 4.0, "qk_norm": False}

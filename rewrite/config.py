@@ -22,7 +22,7 @@ class RewriteConfig:
     shard_size: int = 1000          # captions per shard file (unit of resume and of rank assignment)
     batch_size: int = 8             # prompts per engine call
     max_retries: int = 2            # regenerations of a rejected rewrite before falling back to the original
-    rank: int | None = None         # default: $RANK, else 0
+    rank: int | None = None         # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0
     world_size: int | None = None   # default: $WORLD_SIZE, else 1
     threads: int | None = None      # torch CPU threads for the hf engine (1 is fastest on 2 cores)
     tensor_parallel_size: int = 1   # vllm on multi-GPU nodes
@@ -32,11 +32,9 @@ class RewriteConfig:
     progress: bool = True
 
     def resolved_rank(self) -> tuple[int, int]:
-        rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
-        world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside world size {world}")
-        return rank, world
+        from common.ranks import resolve_ranks  # the one rank resolution every stage shares
+        found = resolve_ranks(self.rank, self.world_size)
+        return found.rank, found.world_size
 
     def pool_names(self) -> list[str]:
         """Store pool names: the LLM engines have one per meta pool; baselines have one, their own."""

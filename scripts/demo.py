@@ -390,8 +390,7 @@ def train_run(cfg: DemoConfig, out: Path, method: str, seed: int, kind: str, max
            "train.py", "--config", cfg.train_config]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if isinstance(v, dict) else v}"]
-    if (run_dir / "checkpoints" / "latest").is_file():
-        cmd += ["--resume", "latest"]
+    cmd += ["--resume", "latest"]  # continues an interrupted run; starts fresh when there is nothing yet
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     metrics = run_dir / "metrics.jsonl"

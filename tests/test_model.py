@@ -145,7 +145,8 @@ def test_torch_compile_traces():
 def test_export_roundtrip_and_checksum(tmp_path):
     m = build_model("tiny", slip=True)
     path = save_export(m, m.config, tmp_path / "export")
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors"]
     loaded, info = load_checkpoint(tmp_path / "export")
     assert info["format"] == "export" and loaded.config == m.config
     for k, v in m.state_dict().items():

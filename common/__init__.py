@@ -1,0 +1,1 @@
+"""Helpers every stage shares (rank resolution across launchers: common/ranks.py)."""
