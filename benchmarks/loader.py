@@ -244,15 +244,16 @@ def measure(args) -> dict:
     # this process): wall time swings more than the check costs on a shared machine. The torch loader
     # runs in-process here (0 workers) so that its CPU time is this process's.
     checked = {}
-    for kind, workers in (("ffcv", 1), ("torch", 0)):
-        epoch_rate(kind, root, workers, True, args.batch_size, epoch := epoch + 1, check_records=True)  # compile
+    for kind, in_process in (("ffcv", 1), ("torch", 0)):
+        epoch_rate(kind, root, in_process, True, args.batch_size, epoch := epoch + 1, check_records=True)  # compile
         rounds = {True: [], False: []}
         for _ in range(max(2, args.repeats // 2)):
             for check in (True, False):
-                wall = epoch_rate(kind, root, workers, True, args.batch_size, epoch := epoch + 1, check_records=check)
+                wall = epoch_rate(kind, root, in_process, True, args.batch_size, epoch := epoch + 1,
+                                  check_records=check)
                 rounds[check].append((wall, LAST_CPU_RATE[0]))
         best = {c: (max(w for w, _ in r), max(cpu for _, cpu in r)) for c, r in rounds.items()}
-        checked[kind] = {"workers": workers, "on": round(best[True][0], 1), "off": round(best[False][0], 1),
+        checked[kind] = {"workers": in_process, "on": round(best[True][0], 1), "off": round(best[False][0], 1),
                          "on_per_cpu_s": round(best[True][1], 1), "off_per_cpu_s": round(best[False][1], 1),
                          "overhead": round(1 - best[True][1] / best[False][1], 4),
                          "overhead_wall": round(1 - best[True][0] / best[False][0], 4)}
