@@ -199,7 +199,10 @@ def test_pack_rerun_with_other_settings_restages_instead_of_reusing(source, tmp_
     with pytest.raises(PackError, match=r"other\.jsonl: none of its 1 keys matches"):
         pack(pack_config(source, out, rewrites=str(bad)))
     assert sorted(os.listdir(out / "staging"))  # staged parts were left behind
+    leftover = out / ".keys.txt.99999.tmp"  # what a run killed while writing keys.txt leaves
+    leftover.write_text("k\n")
     pack(pack_config(source, out, rewrites=None, max_side=24))
+    assert not leftover.exists()
     meta = verify_pack(str(out), checksums=True)
     assert meta["image"]["max_side"] == 24 and meta["source"]["rewrites"] is None
     from loaders.torch_loader import TarShards, read_meta
