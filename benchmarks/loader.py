@@ -252,11 +252,11 @@ def measure(args) -> dict:
                 wall = epoch_rate(kind, root, in_process, True, args.batch_size, epoch := epoch + 1,
                                   check_records=check)
                 rounds[check].append((wall, LAST_CPU_RATE[0]))
-        best = {c: (max(w for w, _ in r), max(cpu for _, cpu in r)) for c, r in rounds.items()}
-        checked[kind] = {"workers": in_process, "on": round(best[True][0], 1), "off": round(best[False][0], 1),
-                         "on_per_cpu_s": round(best[True][1], 1), "off_per_cpu_s": round(best[False][1], 1),
-                         "overhead": round(1 - best[True][1] / best[False][1], 4),
-                         "overhead_wall": round(1 - best[True][0] / best[False][0], 4)}
+        top = {c: (max(w for w, _ in r), max(cpu for _, cpu in r)) for c, r in rounds.items()}
+        checked[kind] = {"workers": in_process, "on": round(top[True][0], 1), "off": round(top[False][0], 1),
+                         "on_per_cpu_s": round(top[True][1], 1), "off_per_cpu_s": round(top[False][1], 1),
+                         "overhead": round(1 - top[True][1] / top[False][1], 4),
+                         "overhead_wall": round(1 - top[True][0] / top[False][0], 4)}
         print(f"{kind} record checksums: {checked[kind]}", flush=True)
     pil = {str(w): round(torch_pil_baseline(folder, w, args.batch_size), 1) for w in workers}
     meta = json.load(open(os.path.join(root, "meta.json")))
