@@ -4,7 +4,7 @@
 - .csv: a header row with `key,caption` columns, or LaCLIP's `relative_image_path,caption` (the path is
   the key), or img2dataset's `url,caption` parquet-like exports with a `key` column.
 - .jsonl: one object per line with "key" and "caption".
-Malformed rows stop the run with an error naming the file and the line.
+Malformed rows (and bytes that are not UTF-8) stop the run with an error naming the file and the line.
 """
 from __future__ import annotations
 
@@ -26,8 +26,22 @@ def _check(path, lineno, key, caption, seen):
     seen[key] = lineno
 
 
+def check_utf8(path: Path) -> None:
+    """Raise ValueError naming the first line that is not UTF-8 (before any reader sees a decode error)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); re-encode the file as UTF-8") from None
+
+
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
+    check_utf8(path)
     rows: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     if path.suffix == ".csv":

@@ -57,6 +57,9 @@ class DemoConfig:
     heldout_fraction: float = 0.1
     data_cache: str | None = None
     shipped_rewrites: str = "data/rewrites"
+    # shipped rewrites are used for this fixed sample of training captions only (1,000 keys), so the demo
+    # trains on as many images as before the shipped store covered every caption; "" = every caption
+    shipped_sample: str = "data/rewrites/demo/input.jsonl"
     train_on: str = "rewritten"
     min_rewritten: int = 256
     live_rewrites: int = 50
@@ -246,9 +249,12 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
     stores = find_stores(shipped_root)
     llm: dict[str, list[str]] = {}
     result["shipped"] = []
+    wanted = train_keys
+    if cfg.shipped_sample:
+        wanted = train_keys & {r["key"] for r in read_jsonl(REPO / cfg.shipped_sample)}
     for store in stores:
         got, info = read_store_partial(store)
-        matched = {k: v for k, v in got.items() if k in train_keys and k not in llm}
+        matched = {k: v for k, v in got.items() if k in wanted and k not in llm}
         llm.update(matched)
         info["matched_train"] = len(matched)
         result["shipped"].append(info)
