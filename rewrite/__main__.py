@@ -39,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--rewrites-per-pool", type=int, dest="rewrites_per_pool",
                    help="samples per prompt (default 1: M = number of pools)")
     p.add_argument("--shard-size", type=int, dest="shard_size", help="captions per shard file (default 1000)")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="prompts per engine call (default 8)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="prompts per engine call (default 8); "
+                   "outputs do not depend on it, except with hf, whose run refuses a resume with another one")
     p.add_argument("--max-retries", type=int, dest="max_retries",
                    help="regenerations of a filtered rewrite before using the original caption (default 2)")
     p.add_argument("--rank", type=int, help="this machine's rank (default $RANK or 0); it takes shards rank, rank+world, ...")

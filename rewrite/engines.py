@@ -38,9 +38,6 @@ class Engine:
     uses_prompts = False
     model_id = ""
     tokens_generated = 0  # counted for the benchmark's tokens_per_s
-    # True when a caption's outputs depend only on its own request (seed, prompt), not on the batch it
-    # came in; False engines get their batch size recorded in run.json and enforced on resume.
-    per_request_seeds = True
 
     def generate(self, requests: list[Request], n: int) -> list[list[str]]:
         raise NotImplementedError
@@ -53,7 +50,6 @@ class HFEngine(Engine):
     """transformers `generate`, batched prompts, n samples per prompt (CPU default)."""
     name = "hf"
     uses_prompts = True
-    per_request_seeds = False  # transformers samples a whole batch from one generator
 
     def __init__(self, model: str | None = None, batch_size: int = 8, chat: bool = False,
                  threads: int | None = None):
@@ -92,7 +88,9 @@ class HFEngine(Engine):
         torch = self.torch
         enc = self.tok([self._format(r.prompt) for r in requests], return_tensors="pt", padding=True,
                        add_special_tokens=not self.chat)
-        torch.manual_seed(mix_seed(*[r.seed for r in requests]))  # one generator state per batch
+        # One generator state per batch (transformers has no per-row generator): outputs depend on the
+        # batch, so the pipeline records and enforces this engine's batch size.
+        torch.manual_seed(mix_seed(*[r.seed for r in requests]))
         with torch.inference_mode():
             seqs = self.model.generate(
                 **enc, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
@@ -168,8 +166,9 @@ class LocalVLLMEngine(Engine):
             raise
 
     def generate(self, requests, n):
+        before = self.client.tokens_generated
         out = self.client.generate(requests, n)
-        self.tokens_generated = self.client.tokens_generated
+        self.tokens_generated += self.client.tokens_generated - before
         return out
 
     def close(self):

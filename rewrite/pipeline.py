@@ -23,7 +23,9 @@ from .quality import REASONS, clean_output, reject_reason
 from .store import FORMAT_VERSION, shard_path, write_atomic, write_shard
 
 RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions", "batch_size")
-BATCH_DEPENDENT_ENGINES = {HFEngine.name}  # engines without per-request seeds (see Engine.per_request_seeds)
+# Engines whose outputs depend on the batch a caption came in (no per-request seeds): run.json records
+# their batch size and a resume with another one is refused.
+BATCH_DEPENDENT_ENGINES = {HFEngine.name}
 
 
 def _check_run(out: Path, run: dict) -> None:

@@ -95,6 +95,7 @@ def test_backtranslate_engine_one_process_per_batch():
 
 
 @needs_vllm
+@pytest.mark.timeout(600)
 def test_vllm_offline_engine(tiny_model):
     """vLLM's offline API (what GPU nodes run), here from vLLM's CPU build in .venv-vllm: n samples per
     prompt, per-request seeds, so a caption's rewrites do not depend on the batch it is in."""
@@ -104,6 +105,7 @@ def test_vllm_offline_engine(tiny_model):
     script = (f"from rewrite.engines import make_engine, Request\n"
               f"if __name__ == '__main__':\n"
               f"    e = make_engine('vllm', {tiny_model!r}, batch_size=4, llm_kwargs=dict(dtype='float32',\n"
+              f"                    gpu_memory_utilization=0.1,  # on CPU: the share of RAM for the KV cache\n"
               f"                    enforce_eager=True, max_num_batched_tokens=4096, max_model_len=2048))\n"
               f"    r = [Request(str(i), 'a dog', f'Input: a cat {{i}}\\nOutput:', 1000 * i) for i in range(6)]\n"
               f"    a = e.generate(r, 2); b = e.generate(r, 2)\n"
