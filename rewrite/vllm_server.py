@@ -85,7 +85,9 @@ class VLLMServer:
         command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                    "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
                    "--seed", str(seed), *SERVER_ARGS, *server_flags(options or {})]  # later flags win
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}  # GiB
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
+               # a step may take minutes on a busy shared CPU; vLLM's default (300 s) kills the engine
+               "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", **os.environ}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.log = open(self.log_path, "wb")
