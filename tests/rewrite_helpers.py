@@ -47,9 +47,15 @@ def make_tiny_model(path: Path) -> str:
     return str(path)
 
 
+_tiny: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    """One tiny model per test session, whichever test module asks (so one shared server serves all)."""
+    if not _tiny:
+        _tiny.append(make_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+    return _tiny[0]
 
 
 def vllm_available() -> bool:
