@@ -18,6 +18,7 @@ test: setup
 benchmarks: setup
 	$(PY) -m benchmarks all --out results/benchmarks.json
 
-# Regenerates the shipped LLM rewrite store of the demo (about an hour on 2 cores; resumable).
+# Rewrites every training caption of the embedded sets into data/rewrites/embedded (resumable; README:
+# Rewriting captions, for its measured time).
 rewrites: setup
 	$(PY) scripts/make_rewrites.py

@@ -14,7 +14,7 @@ from .pools import DEFAULT_POOLS
 class RewriteConfig:
     input: str = ""                 # captions: .txt (one per line), .csv (key/relative_image_path,caption), .jsonl
     out: str = ""                   # rewrite store directory
-    engine: str = "hf"              # hf | vllm | eda | backtranslate
+    engine: str = "vllm"            # vllm | openai | hf | eda | backtranslate
     model: str | None = "smollm2"   # model directory, .gguf file, or "smollm2" (embedded default)
     pools: list[str] = field(default_factory=lambda: list(DEFAULT_POOLS))  # names or JSONL paths
     seed: int = 0
@@ -28,6 +28,8 @@ class RewriteConfig:
     tensor_parallel_size: int = 1   # vllm on multi-GPU nodes
     llm_kwargs: dict = field(default_factory=dict)  # vllm: extra vllm.LLM arguments (on CPU builds
                                     # gpu_memory_utilization is the fraction of RAM kept for the KV cache)
+    base_urls: list[str] = field(default_factory=list)  # openai: completions servers, requests spread over all
+    max_in_flight: int = 64         # openai / vllm server: requests in flight per server
     chat: bool = False              # wrap the prompt in the model's chat template
     progress: bool = True
 

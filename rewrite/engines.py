@@ -42,6 +42,9 @@ class Engine:
     def generate(self, requests: list[Request], n: int) -> list[list[str]]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the engine started (a server process); a no-op for in-process engines."""
+
 
 class HFEngine(Engine):
     """transformers `generate`, batched prompts, n samples per prompt (CPU default)."""
@@ -85,7 +88,9 @@ class HFEngine(Engine):
         torch = self.torch
         enc = self.tok([self._format(r.prompt) for r in requests], return_tensors="pt", padding=True,
                        add_special_tokens=not self.chat)
-        torch.manual_seed(mix_seed(*[r.seed for r in requests]))  # one generator state per batch
+        # One generator state per batch (transformers has no per-row generator): outputs depend on the
+        # batch, so the pipeline records and enforces this engine's batch size.
+        torch.manual_seed(mix_seed(*[r.seed for r in requests]))
         with torch.inference_mode():
             seqs = self.model.generate(
                 **enc, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
@@ -138,23 +143,62 @@ class VLLMEngine(Engine):
         return out
 
 
+class LocalVLLMEngine(Engine):
+    """vLLM on a CPU machine where it is not importable: `vllm serve` from the project's vLLM
+    environment (rewrite/vllm_server.py) on 127.0.0.1, driven through the openai engine."""
+    name = "vllm"
+    uses_prompts = True
+
+    def __init__(self, model: str | None = None, seed: int = 0, threads: int | None = None,
+                 max_in_flight: int = 64, chat: bool = False, llm_kwargs: dict | None = None):
+        from .models import resolve_model
+        from .openai_engine import OpenAIEngine
+        from .vllm_server import VLLMServer
+        if chat:
+            raise ValueError("--chat is not supported by the vLLM server path; use plain completion")
+        self.model_id = str(model or "smollm2")
+        self.server = VLLMServer(resolve_model(model), served_name=self.model_id, seed=seed, threads=threads,
+                                 options=llm_kwargs)
+        try:
+            self.client = OpenAIEngine([self.server.base_url], model=self.model_id, max_in_flight=max_in_flight)
+        except BaseException:
+            self.server.stop()
+            raise
+
+    def generate(self, requests, n):
+        before = self.client.tokens_generated
+        out = self.client.generate(requests, n)
+        self.tokens_generated += self.client.tokens_generated - before
+        return out
+
+    def close(self):
+        self.server.stop()
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
 def make_engine(name: str, model: str | None = None, **opts) -> Engine:
-    """Engines by name: hf, vllm, eda, backtranslate. Options an engine does not take are dropped, so
-    one config can carry the settings of several engines."""
+    """Engines by name: vllm, openai, hf, eda, backtranslate. `vllm` is vLLM's offline API where vLLM is
+    importable (GPU nodes), else its CPU build's server from .venv-vllm. Options an engine does not take
+    are dropped, so one config can carry the settings of several engines."""
     import inspect
     if name == "hf":
         cls = HFEngine
     elif name == "vllm":
-        cls = VLLMEngine
+        cls = VLLMEngine if vllm_importable() else LocalVLLMEngine
+    elif name == "openai":
+        from .openai_engine import OpenAIEngine as cls
+        if model in (None, "smollm2", "default"):  # the server's own model unless one is named
+            model = None
     elif name == "eda":
         from .eda import EDAEngine as cls
     elif name == "backtranslate":
         from .backtranslate import BacktranslateEngine as cls
-    elif name == "llamacpp":
-        raise NotImplementedError("llamacpp: llama-cpp-python has no wheel here (15 min compile); "
-                                  "use hf (CPU) or vllm")
     else:
-        raise ValueError(f"unknown engine {name!r}: choose hf, vllm, eda or backtranslate")
+        raise ValueError(f"unknown engine {name!r}: choose vllm, openai, hf, eda or backtranslate")
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in opts.items() if k in accepted and v is not None}
     if "model" in accepted:

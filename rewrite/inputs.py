@@ -9,7 +9,7 @@
   in its .json). Only caption members are read, never the images.
 - .parquet (img2dataset's per-shard tables or its url/caption input; needs pyarrow): "caption" (or
   "TEXT"/"text") and "key" columns; without a key column the key is the 0-based row number over the file.
-Malformed rows stop the run with an error naming the file and the line (row, or tar member).
+Malformed rows (and bytes that are not UTF-8) stop the run with an error naming the file and the line (row, or tar member).
 """
 from __future__ import annotations
 
@@ -95,13 +95,27 @@ def _read_parquet(path: Path, seen: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def check_utf8(path: Path) -> None:
+    """Raise ValueError naming the first line that is not UTF-8 (before any reader sees a decode error)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); re-encode the file as UTF-8") from None
+
+
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
     seen: dict[str, int] = {}
     if _is_tar_spec(str(path)):
         return _read_tars(str(path), seen)
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {path} does not exist")
     if path.suffix == ".parquet":
         return _read_parquet(path, seen)
+    check_utf8(path)
     rows: list[tuple[str, str]] = []
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:

@@ -1,9 +1,11 @@
 """The rewrite run: captions -> shards -> (engine, filter, retries) -> atomic shard files per pool.
 
 Resumable: each (shard, pool) file is written once, complete; a re-run skips files that exist and redoes
-the rest. Deterministic: prompts and sampling seeds are functions of (seed, pool, key, attempt) and of the
-shard's fixed batches, so a redone shard comes out identical. Multi-node: rank r of w takes shards
-r, r+w, r+2w, ...
+the rest. Deterministic: prompts and sampling seeds are functions of (seed, pool, key, attempt), so a
+redone shard comes out identical. Engines that sample with per-request seeds (vllm, openai, eda) give
+the same output at any batch size; the hf engine draws a whole batch from one generator, so its batch
+size is recorded in run.json and a resume with another one is refused. Multi-node: rank r of w takes
+shards r, r+w, r+2w, ...
 """
 from __future__ import annotations
 
@@ -13,14 +15,17 @@ import time
 from pathlib import Path
 
 from .config import RewriteConfig
-from .engines import Request, make_engine, mix_seed
+from .engines import HFEngine, Request, make_engine, mix_seed
 from .inputs import read_captions
 from .pools import load_pool
 from .prompt import build_prompt, draw_examples
 from .quality import REASONS, clean_output, reject_reason
 from .store import FORMAT_VERSION, shard_path, write_atomic, write_shard
 
-RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions")
+RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions", "batch_size")
+# Engines whose outputs depend on the batch a caption came in (no per-request seeds): run.json records
+# their batch size and a resume with another one is refused.
+BATCH_DEPENDENT_ENGINES = {HFEngine.name}
 
 
 def _check_run(out: Path, run: dict) -> None:
@@ -78,6 +83,8 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
                 "seed": cfg.seed, "rewrites_per_pool": cfg.rewrites_per_pool, "shard_size": cfg.shard_size,
                 "num_shards": num_shards, "num_captions": len(captions), "input": str(cfg.input),
                 "max_retries": cfg.max_retries}
+    if cfg.engine in BATCH_DEPENDENT_ENGINES:
+        run_info["batch_size"] = cfg.batch_size
     _check_run(out, run_info)
 
     mine = [s for s in range(num_shards) if s % world == rank]
@@ -88,13 +95,36 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
     todo = [(s, pool, name) for s in mine for pool, name in zip(pools, names)
             if not shard_path(out, name, s).is_file()]
     skipped = len(mine) * len(names) - len(todo)
-    total = sum(len(captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]) for s, _, _ in todo)
     counts = {k: 0 for k in ("kept", *REASONS, "fallback")}
-    if todo and engine is None:
+    own_engine = todo and engine is None
+    if own_engine:
         engine = make_engine(cfg.engine, cfg.model, batch_size=cfg.batch_size, threads=cfg.threads,
                              chat=cfg.chat, tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed,
-                             llm_kwargs=cfg.llm_kwargs)
+                             llm_kwargs=cfg.llm_kwargs, base_urls=cfg.base_urls, max_in_flight=cfg.max_in_flight)
+    try:
+        done = _rewrite_shards(engine, todo, captions, cfg, out, counts, rank, world)
+    finally:
+        if own_engine:
+            engine.close()
+    seconds = time.perf_counter() - start
+    generated = sum(counts[k] for k in ("kept", *REASONS))
+    summary = {"rank": rank, "world_size": world, "shards_written": len(todo), "shards_skipped": skipped,
+               "caption_pool_rewrites": done, "seconds": round(seconds, 3),
+               # whole captions (every pool) per second
+               "captions_per_s": round(done / len(names) / seconds, 4) if seconds else 0.0,
+               "kept_fraction": round(counts["kept"] / generated, 4) if generated else None, "counts": counts}
+    print(f"rewrite: rank {rank}/{world} wrote {len(todo)} shard files ({done} caption-pool rewrites), "
+          f"skipped {skipped} finished, {seconds:.1f} s; kept {counts['kept']}, rejected "
+          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; fell back to the original {counts['fallback']}",
+          file=sys.stderr)
+    return summary
+
+
+def _rewrite_shards(engine, todo, captions, cfg: RewriteConfig, out: Path, counts: dict, rank: int,
+                    world: int) -> int:
+    """Rewrite and write each (shard, pool) of `todo`; adds to `counts`; returns caption-pool rewrites."""
     from tqdm import tqdm
+    total = sum(len(captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]) for s, _, _ in todo)
     bar = tqdm(total=total, unit="cap", desc=f"rewrite rank {rank}/{world}", disable=not cfg.progress,
                dynamic_ncols=True, file=sys.stderr)
     done = 0
@@ -115,15 +145,4 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
         for k, v in shard_counts.items():
             counts[k] += v
     bar.close()
-    seconds = time.perf_counter() - start
-    generated = sum(counts[k] for k in ("kept", *REASONS))
-    summary = {"rank": rank, "world_size": world, "shards_written": len(todo), "shards_skipped": skipped,
-               "caption_pool_rewrites": done, "seconds": round(seconds, 3),
-               # whole captions (every pool) per second
-               "captions_per_s": round(done / len(names) / seconds, 4) if seconds else 0.0,
-               "kept_fraction": round(counts["kept"] / generated, 4) if generated else None, "counts": counts}
-    print(f"rewrite: rank {rank}/{world} wrote {len(todo)} shard files ({done} caption-pool rewrites), "
-          f"skipped {skipped} finished, {seconds:.1f} s; kept {counts['kept']}, rejected "
-          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; fell back to the original {counts['fallback']}",
-          file=sys.stderr)
-    return summary
+    return done

@@ -1,8 +1,9 @@
 """The rewrite store: what rewrite/ writes and loaders/ pack reads.
 
 <out>/run.json                     the run: engine, model, pools (in store order), seed, shards, ...
-<out>/<pool>/shard-00000.jsonl     line 1: header {"engine", "model", "pool", "seed", "shard", "counts", ...}
-                                   then one {"key", "caption", "rewrites": [...]} per caption, input order
+<out>/<pool>/shard-00000.jsonl.zst line 1: header {"engine", "model", "pool", "seed", "shard", "counts", ...}
+                                   then one {"key", "caption", "rewrites": [...]} per caption, input order;
+                                   zstd-compressed JSONL (plain `.jsonl` shards of older stores read too)
 A shard file exists only when complete (written to a temp file, fsynced, renamed), so a re-run redoes
 exactly the missing files. `load_rewrites` gives each key its rewrites in the run's pool order.
 """
@@ -17,12 +18,12 @@ from typing import Iterator
 FORMAT_VERSION = 1
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,14 +38,19 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def shard_path(out_dir, pool: str, shard: int) -> Path:
-    return Path(out_dir) / pool / f"shard-{shard:05d}.jsonl"
+    """The shard's file: `.jsonl.zst` (what this version writes), or a plain `.jsonl` one if that exists."""
+    path = Path(out_dir) / pool / f"shard-{shard:05d}.jsonl.zst"
+    plain = path.with_suffix("")
+    return plain if not path.is_file() and plain.is_file() else path
 
 
 def write_shard(out_dir, pool: str, shard: int, header: dict, records: list[dict]) -> Path:
-    path = shard_path(out_dir, pool, shard)
+    import zstandard
+    path = Path(out_dir) / pool / f"shard-{shard:05d}.jsonl.zst"
     lines = [json.dumps({"format_version": FORMAT_VERSION, **header}, ensure_ascii=False)]
     lines += [json.dumps(r, ensure_ascii=False) for r in records]
-    write_atomic(path, "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    write_atomic(path, zstandard.ZstdCompressor(level=19).compress(text.encode("utf-8")))
     return path
 
 
@@ -56,8 +62,11 @@ def read_run(out_dir) -> dict:
 
 
 def read_shard(path: Path) -> tuple[dict, list[dict]]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    data = Path(path).read_bytes()
+    if str(path).endswith(".zst"):
+        import zstandard
+        data = zstandard.ZstdDecompressor().decompress(data)
+    lines = data.decode("utf-8").splitlines()
     header, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
     if header.get("format_version") != FORMAT_VERSION or len(records) != header["num_captions"]:
         raise ValueError(f"{path}: bad header or {len(records)} records for {header.get('num_captions')}")

@@ -1,61 +1,65 @@
-"""Regenerate the shipped LLM rewrite store of the demo (`make rewrites`).
+"""Rewrite every training caption of the embedded datasets (`make rewrites`): the shipped store.
 
-Picks a fixed sample of training captions of the embedded datasets (openclipart, emoji; seeded), writes
-them to data/rewrites/demo/input.jsonl, and runs the project's rewrite pipeline on them with the
-embedded default model (configs/rewrite.yaml: hf engine, SmolLM2-135M-Instruct, 4 meta pools, seed 0).
-Two ranks run side by side (one per core); re-running resumes, finished shards are kept.
-
-The whole dataset would take hours on 2 cores (about 0.35 captions/s for 4 rewrites), so the store
-covers a sample; the demo trains on the samples the store covers.
+Writes the training captions of openclipart and emoji (built into ~/.cache/laclip by loaders.datasets)
+to data/rewrites/embedded/input.jsonl (the demo's fixed sample, data/rewrites/demo/input.jsonl, first, so
+that a store still under way already serves the demo; then the others by key) and runs the project's rewrite pipeline on them with the default
+engine and model (configs/rewrite.yaml: vLLM's CPU build serving SmolLM2-135M-Instruct, 4 meta pools,
+seed 0) into data/rewrites/embedded/. Re-running resumes: finished shard files are kept, the rest is
+redone. `--ranks N` splits the shards over N processes, each with its own engine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(REPO, "data", "rewrites", "demo")
-SAMPLE = {"openclipart": 700, "emoji": 300}
+OUT = os.path.join(REPO, "data", "rewrites", "embedded")
+DATASETS = ("openclipart", "emoji")
+DEMO_SAMPLE = os.path.join(REPO, "data", "rewrites", "demo", "input.jsonl")
 
 
 def captions_file() -> str:
+    """data/rewrites/embedded/input.jsonl: every training caption, the demo's sample first."""
     from loaders.datasets import build_dataset, default_cache
+    from loaders.ingest import read_jsonl
+    from rewrite.store import write_atomic
 
     rows = []
-    for name, count in SAMPLE.items():
+    for name in DATASETS:
         folder = build_dataset(name, os.path.join(default_cache(), name))
-        with open(os.path.join(folder, "captions.jsonl")) as f:
-            train = [json.loads(line) for line in f if '"split": "train"' in line]
-        train.sort(key=lambda r: r["key"])
-        rows += random.Random(0).sample(train, count)
-    os.makedirs(OUT, exist_ok=True)
+        rows += [r for _, r in read_jsonl(os.path.join(folder, "captions.jsonl")) if r["split"] == "train"]
+    demo_keys = [r["key"] for _, r in read_jsonl(DEMO_SAMPLE)]
+    order = {key: i for i, key in enumerate(demo_keys)}
+    rows.sort(key=lambda r: (order.get(r["key"], len(order)), r["key"]))
     path = os.path.join(OUT, "input.jsonl")
-    with open(path + ".tmp", "w") as f:
-        for r in rows:
-            f.write(json.dumps({"key": r["key"], "caption": r["caption"]}) + "\n")
-    os.replace(path + ".tmp", path)
+    text = "".join(json.dumps({"key": r["key"], "caption": r["caption"]}, ensure_ascii=False) + "\n" for r in rows)
+    if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
+        write_atomic(Path(path), text)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2, help="parallel rewrite processes (one per core)")
+    parser.add_argument("--ranks", type=int, default=1, help="rewrite processes, each with its own engine "
+                        "(1 on 2 cores: the vLLM server uses both)")
+    parser.add_argument("--config", default="configs/rewrite.yaml")
     args = parser.parse_args()
     inputs = captions_file()
-    command = [sys.executable, "-m", "rewrite", "--config", "configs/rewrite.yaml", "--input",
-               os.path.relpath(inputs, REPO), "--out", os.path.relpath(os.path.join(OUT, "llm"), REPO),
-               "--shard-size", "50", "--world-size", str(args.ranks)]
+    command = [sys.executable, "-m", "rewrite", "--config", args.config, "--input", os.path.relpath(inputs, REPO),
+               "--out", os.path.relpath(OUT, REPO), "--world-size", str(args.ranks)]
     print("rewrite command:", " ".join(command[1:]), "--rank R", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(command + ["--rank", str(r)] + (["--no-progress"] if r else []), cwd=REPO, env=env)
+    start = time.time()
+    procs = [subprocess.Popen(command + ["--rank", str(r)] + (["--no-progress"] if r else []), cwd=REPO)
              for r in range(args.ranks)]
     codes = [p.wait() for p in procs]
     if any(codes):
-        sys.exit(f"rewrite ranks exited with {codes}")
+        sys.exit(f"rewrite ranks exited with {codes}; re-run `make rewrites` to resume")
+    print(f"make rewrites: {OUT} complete, {time.time() - start:.0f} s this run")
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ def throughput(info: dict, data: dict, methods: dict) -> str:
     if rw.get("live"):
         live = rw["live"]
         pools = live.get("pools") or "the config's pools"
-        rows.append(f"| rewrite, live (hf + SmolLM2, CPU) | {live.get('captions_per_s')} captions/s | "
+        rows.append(f"| rewrite, live ({live.get('engine', 'hf')} + SmolLM2, CPU) | {live.get('captions_per_s')} captions/s | "
                     f"{live['captions']} captions x pools {pools} ({live.get('seconds')} s) |")
     if rw.get("eda"):
         rows.append(f"| rewrite, EDA baseline | {rw['eda'].get('captions_per_s')} captions/s | "

