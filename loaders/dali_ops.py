@@ -17,9 +17,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from loaders import ffcv_loader, sampling
 from loaders.ffcv_loader import (RECORD_CAPACITY, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS, _create_dctx, _decompress,
-                                 _draw, _free_dctx, _is_error, _pad, _ref_ddict, _set_param)
-from loaders.sampling import crop_box
+                                 _free_dctx, _is_error, _ref_ddict, _set_param)
+
+# Our own dispatchers of the shared draw, padding and crop code: FFCV's decoder threads compile their
+# signatures of these functions at first use, and numba can fail when a dispatcher another caller has
+# already compiled gets a new signature from two threads at once (seen as a hung FFCV epoch).
+_draw = numba.njit(nogil=True)(ffcv_loader._draw.py_func)
+_pad = numba.njit(nogil=True)(ffcv_loader._pad.py_func)
+crop_box = numba.njit(nogil=True)(sampling.crop_box.py_func)
 
 CONTEXT_LENGTH = 77
 MODES = {"rewrite": 0, "original": 1, "all": 2, None: 3}   # None: no caption (benchmarks' draw off)

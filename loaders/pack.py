@@ -7,8 +7,9 @@
 Three stages, each resumable (a finished file is never redone, a half-written one is never seen):
   1. stage (per shard, spread over ranks): decode, resize, JPEG-encode in a process pool; broken images are
      reported with key and file and skipped. Writes staging/part-XXXXX.tar (+ .json manifest, last).
-  2. captions (rank 0, once every shard is staged): the kept samples get their global index in shard
-     order; keys.txt and the caption store (original + rewrites joined by key) are written; plan.json last.
+  2. captions (every rank, once every shard is staged): the join of samples and rewrites by key, sharded
+     over the ranks by key hash (loaders.join), and one caption-store shard per pack shard, written by the
+     rank that owns it; rank 0 then writes the store manifest, keys.txt and plan.json (global indices, last).
   3. finalize (per shard, spread over ranks): ffcv/part-XXXXX.beton and dali/part-XXXXX.tar + .idx, both
      carrying the store's compressed record of each sample; shards/part-XXXXX.json (sizes, sha256) last.
   meta.json is written when every shard is final; then staging/ is removed.
@@ -155,63 +156,112 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
 
 
 # ---------------------------------------------------------------- stage 2: captions
-def build_captions(cfg: PackConfig, num_shards: int) -> dict:
-    """Join each staged sample with its rewrites (loaders.join: on disk, memory independent of the set's
-    size) into the caption store; write keys.txt and plan.json (last)."""
-    from loaders.join import CaptionJoin, iter_rewrite_rows
-    from loaders.store import write_store
+DICTIONARY_SAMPLES = 100_000  # caption-store dictionary: trained on shard 0's first samples, whatever W
 
-    staging = os.path.join(cfg.out, "staging")
-    join = CaptionJoin(os.path.join(staging, "join.sqlite"))
-    if cfg.rewrites:
-        join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
-    shards, first, skipped = [], 0, {}
-    keys_path = os.path.join(cfg.out, "keys.txt")
-    keys_file = open(_tmp_path(keys_path), "w", encoding="utf-8")
-    try:
-        for i in range(num_shards):
-            m = read_staged(cfg.out, i, captions_only=True)
-            duplicate = join.add_keys(m["keys"])
-            if duplicate is not None:
-                raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {duplicate!r}")
-            keys_file.writelines(k + "\n" for k in m["keys"])
-            if m["keys"]:  # a shard whose images were all broken gets no files
-                shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
-            first += len(m["keys"])
-            for reason, n in m["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
-        if first == 0:
-            raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
-    except BaseException:
-        keys_file.close()
-        os.remove(keys_file.name)
-        join.close()
-        raise
-    keys_file.close()
 
-    counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
-    matched = [0]
+def build_captions(cfg: PackConfig, num_shards: int) -> bool:
+    """This rank's share of the caption join (loaders.join: scatter by key hash, join its partition, gather
+    its shards' texts) and of the caption store (one store shard per pack shard it owns); then rank 0
+    writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
+    skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
+    from loaders import join
+    from loaders.store import save_dictionary, write_manifest, write_shard
 
-    def records():
-        for i in range(num_shards):
-            m = read_staged(cfg.out, i, captions_only=True)
-            for rkey, caption in zip(m["rewrite_keys"], m["captions"]):
-                rewrites = join.rewrites(rkey)
-                matched[0] += rewrites is not None
-                texts = [caption] + [t for t in rewrites or [] if t and t.strip()]
+    world, rank = cfg.world_size, cfg.rank
+    folder = os.path.join(cfg.out, "staging", "join")
+    os.makedirs(folder, exist_ok=True)
+    mine = [i for i in range(num_shards) if i % world == rank]
+
+    def marker(step: str, r: int) -> str:
+        return os.path.join(folder, f"{step}.{r:04d}.json")
+
+    def keys_path(i: int) -> str:
+        return os.path.join(folder, f"keys.{shard_name(i)}.txt")
+
+    def done(step: str) -> bool:
+        return _wait_for([marker(step, r) for r in range(world)], cfg, f"join step '{step}'")
+
+    def load(step: str) -> list[dict]:
+        return [json.load(open(marker(step, r))) for r in range(world)]
+
+    if not os.path.exists(marker("scatter", rank)):
+        sizes, skipped = {}, {}
+
+        def staged():
+            for i in mine:
+                m = read_staged(cfg.out, i, captions_only=True)
+                sizes[i] = len(m["keys"])
+                for reason, n in m["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+                atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
+                yield i, m
+
+        join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError)
+        atomic_write_bytes(marker("scatter", rank), json.dumps({"sizes": sizes, "skipped": skipped}).encode())
+    if not done("scatter"):
+        return False
+    sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
+    if sum(sizes.values()) == 0:
+        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+
+    if not os.path.exists(marker("join", rank)):
+        stats = join.join_partition(folder, rank, world, owner=lambda i: i % world, error=PackError,
+                                    staged_path=lambda i: os.path.join(cfg.out, "staging", shard_name(i) + ".json"))
+        atomic_write_bytes(marker("join", rank), json.dumps(stats).encode())
+    if not done("join"):
+        return False
+
+    store_dir = os.path.join(cfg.out, "captions")
+    if not os.path.exists(marker("store", rank)):
+        texts = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
+        if rank == 0:  # shard 0 is rank 0's: the dictionary does not depend on the number of ranks
+            dictionary = save_dictionary(store_dir, texts[0][:DICTIONARY_SAMPLES])
+        elif _wait_for([os.path.join(store_dir, "dictionary.zdict")], cfg, "caption dictionary"):
+            dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
+        else:
+            return False
+        entries, counts = {}, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
+        for i in mine:
+            if sizes[i]:  # a shard whose images were all broken gets no files
+                entries[i] = write_shard(store_dir, i, texts[i], dictionary)
+            for row in texts[i]:
                 counts["samples"] += 1
-                counts["with_rewrites"] += len(texts) > 1
-                counts["texts"] += len(texts)
-                counts["max_texts"] = max(counts["max_texts"], len(texts))
-                yield texts
+                counts["with_rewrites"] += len(row) > 1
+                counts["texts"] += len(row)
+                counts["max_texts"] = max(counts["max_texts"], len(row))
+        atomic_write_bytes(marker("store", rank), json.dumps({"entries": entries, "counts": counts}).encode())
+    if rank != 0:
+        return True
+    if not done("store"):
+        return False
 
-    write_store(os.path.join(cfg.out, "captions"), records())
-    _fsync_rename(keys_file.name, keys_path)
+    # rank 0, O(#shards): store manifest, keys.txt (a byte copy of per-shard key lists), plan.json last
+    stores, joins, scatters = load("store"), load("join"), load("scatter")
+    entries = {int(i): e for m in stores for i, e in m["entries"].items()}
+    dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
+    write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12)
+    shards, first = [], 0
+    for i in range(num_shards):
+        if sizes[i]:
+            shards.append({"name": shard_name(i), "num_samples": sizes[i], "first_index": first})
+            first += sizes[i]
+    keys_out = os.path.join(cfg.out, "keys.txt")
+    with open(_tmp_path(keys_out), "wb") as out:
+        for i in range(num_shards):
+            with open(keys_path(i), "rb") as f:
+                shutil.copyfileobj(f, out)
+    _fsync_rename(_tmp_path(keys_out), keys_out)
+    counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
+    counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
+    skipped = {}
+    for m in scatters:
+        for reason, n in m["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
-            "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given}
-    join.close()
+            "rewrites_matched": sum(m["rewrites_matched"] for m in joins),
+            "rewrites_given": sum(m["rewrites_given"] for m in joins)}
     atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
-    return plan
+    return True
 
 
 # ---------------------------------------------------------------- stage 3: final shards
@@ -459,15 +509,11 @@ def pack(cfg: PackConfig) -> dict:
     staging = [os.path.join(cfg.out, "staging", shard_name(i) + ".json") for i in range(num_shards)]
     plan_path = os.path.join(cfg.out, "plan.json")
 
-    # stage 2 (rank 0)
+    # stage 2 (every rank: its share of the join and of the caption store; rank 0 writes plan.json last)
     if not os.path.exists(plan_path):
-        if cfg.rank != 0:
-            if not _wait_for([plan_path], cfg, "caption plan"):
-                return {"staged": staged_new, "complete": False}
-        else:
-            if not _wait_for(staging, cfg, "staged shards"):
-                return {"staged": staged_new, "complete": False}
-            build_captions(cfg, num_shards)
+        if not _wait_for(staging, cfg, "staged shards") or not build_captions(cfg, num_shards) \
+                or not _wait_for([plan_path], cfg, "caption plan"):
+            return {"staged": staged_new, "complete": False}
     with open(plan_path) as f:
         plan = json.load(f)
 
