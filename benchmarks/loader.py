@@ -105,9 +105,9 @@ LAST_PROFILE: dict = {}
 def scaling_rounds(root: str, workers: list[int], batch_size: int, rounds: int, epoch: int) -> dict:
     """FFCV and DALI at every worker count, draw on and off, in alternating rounds (the machine is shared:
     one epoch can be twice as slow as the next); each configuration keeps its best round and that round's
-    profile. Keys: rates[kind][draw][workers], profile[kind][workers] (draw on)."""
+    profile. Keys: rates[kind][draw][workers], profile[kind][draw][workers]."""
     rates = {k: {"on": {}, "off": {}} for k in ("ffcv", "dali")}
-    profile = {k: {} for k in ("ffcv", "dali")}
+    profile = {k: {"on": {}, "off": {}} for k in ("ffcv", "dali")}
     for _ in range(rounds):
         for kind in ("ffcv", "dali"):
             for w in workers:
@@ -115,8 +115,7 @@ def scaling_rounds(root: str, workers: list[int], batch_size: int, rounds: int, 
                     r = epoch_rate(kind, root, w, draw == "on", batch_size, epoch := epoch + 1)
                     if r > rates[kind][draw].get(str(w), 0):
                         rates[kind][draw][str(w)] = round(r, 1)
-                        if draw == "on":
-                            profile[kind][str(w)] = dict(LAST_PROFILE)
+                        profile[kind][draw][str(w)] = dict(LAST_PROFILE)
                     print(f"round: {kind} workers={w} draw={draw}: {r:.1f} samples/s", flush=True)
     return {"rates": rates, "profile": profile, "epoch": epoch}
 
@@ -128,13 +127,23 @@ def scaling_summary(rounds: dict, workers: list[int]) -> dict:
     best = max(rates, key=lambda k: rates[k]["on"][top])
     scaling = {k: round(rates[k]["on"][top] / (int(top) * rates[k]["on"]["1"]), 3) for k in rates}
     overhead = {k: {w: round(1 - rates[k]["on"][w] / rates[k]["off"][w], 4) for w in rates[k]["on"]} for k in rates}
+    prof = rounds["profile"]  # CPU per sample is steadier than wall rates on a busy machine
+    overhead_cpu = {k: {w: round(1 - prof[k]["off"][w]["cpu_us_per_sample"] / prof[k]["on"][w]["cpu_us_per_sample"], 4)
+                        for w in prof[k]["on"]} for k in prof}
     return {
         "dali_vs_ffcv_1_worker": round(rates["dali"]["on"]["1"] / rates["ffcv"]["on"]["1"], 3),
+        "dali_vs_ffcv_1_worker_cpu_time": round(prof["ffcv"]["on"]["1"]["cpu_us_per_sample"]
+                                                / prof["dali"]["on"]["1"]["cpu_us_per_sample"], 3),
         "scaling_loader": best,
         f"scaling_{top}_workers": scaling[best],
         "scaling_by_loader": scaling,
+        # with the cores to itself: CPU per sample at 1 worker / at 2 (the loader's own scaling loss)
+        f"scaling_{top}_workers_cpu_time": round(prof[best]["on"]["1"]["cpu_us_per_sample"]
+                                                 / prof[best]["on"][top]["cpu_us_per_sample"], 3),
         "caption_draw_overhead_by_workers": overhead[best],
         "caption_draw_overhead_by_loader": overhead,
+        "caption_draw_overhead_cpu_time_by_workers": overhead_cpu[best],
+        "caption_draw_overhead_cpu_time_by_loader": overhead_cpu,
         "rounds": {"rates": rates, "profile": rounds["profile"],
                    "note": "best of alternating rounds per configuration; profile = that round's CPU per "
                            "sample (all threads / consumer thread) and core_share = process CPU / (wall x "

@@ -69,17 +69,17 @@ class ShardIndex:
             self._lines[shard] = np.array(rows, dtype=object)
         return self._lines[shard]
 
-    def _line(self, index: int) -> tuple[int, list[bytes]]:
+    def locate(self, index: int) -> tuple[int, list[bytes]]:
         shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
         return shard, self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
 
     def key(self, index: int) -> str:
         """The sample key of a global index (for error messages)."""
-        return self._line(index)[1][3].decode().rsplit(".", 1)[0]
+        return self.locate(index)[1][3].decode().rsplit(".", 1)[0]
 
     def jpeg(self, index: int) -> tuple[str, bytes]:
         """(tar path, JPEG bytes) of a global index, read directly (error diagnosis only)."""
-        shard, parts = self._line(index)
+        shard, parts = self.locate(index)
         at = parts.index(b"jpg")
         offset, size = int(parts[at + 1]), int(parts[at + 2])
         with open(self.tar(shard), "rb") as f:
@@ -117,8 +117,8 @@ class ShardIndex:
         return tars, indexes
 
 
-def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_size, augment_images, slip_views,
-                   seed, epoch, device_id, normalize=True):
+def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_size, slip_views, seed, epoch,
+                   device_id, normalize=True):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
@@ -170,7 +170,7 @@ class DaliLoader:
                             (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if slip_views else ())
         self.op_config = dict(mode=text_mode if draw_text else None, max_texts=max_texts, views=views)
         self.kw = dict(batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                       augment_images=augment, slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
+                       slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
         self.text_mode, self.draw_text = text_mode, draw_text
         self.return_dict = return_dict or slip_views
         self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
@@ -230,7 +230,7 @@ class DaliLoader:
     def _bad_record(self, index: int) -> str:
         if index < 0:
             return f"{self.packed.root}/dali: a sample's .idx member is not a decimal index (corrupted tar?)"
-        return (f"{self.index.tar(self.index._line(index)[0])}: caption record of sample {index} "
+        return (f"{self.index.tar(self.index.locate(index)[0])}: caption record of sample {index} "
                 f"(key {self.index.key(index)!r}) does not decompress (corrupted?)")
 
     def _finish(self, d):

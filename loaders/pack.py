@@ -475,7 +475,7 @@ def _wait_for(paths: list[str], cfg: PackConfig, what: str) -> bool:
             print(f"pack rank {cfg.rank}: waiting for {len(missing)} {what} (e.g. {missing[0]}) from other ranks; "
                   "re-run this command when they are done", file=sys.stderr)
             return False
-        time.sleep(0.5)  # short: the ranks of a sharded join meet at several steps
+        time.sleep(0.2)  # short: the ranks of a sharded join meet at several steps
 
 
 def pack(cfg: PackConfig) -> dict:
