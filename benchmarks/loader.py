@@ -8,6 +8,8 @@ worker start) at 1 and 2 workers with the caption draw on and off. References me
   torch_pil_baseline     the original LaCLIP loading: torch DataLoader over image files, Pillow decode,
                          Pillow crop + resize, per-sample ToTensor/Normalize, a Python random.choice of the
                          caption from a JSON list and per-sample tokenization (1 worker; by_workers too).
+record_checksum_overhead = 1 - (rate with check_records=True / without), FFCV and torch at 1 worker (best of
+alternating rounds): the cost of checking every JPEG and caption record against its packed CRC-32.
 caption_draw_overhead = 1 - (with draw / without) for the fastest loader at 1 worker (best of alternating
 rounds; on this shared machine epochs swing +-10%, so also: caption_draw_overhead_cpu_time from the
 process's CPU time, and caption_draw_us_per_sample / caption_draw_overhead_isolated from the compiled
@@ -71,11 +73,11 @@ def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
 
 
 def epoch_rate(kind: str, root: str, workers: int, draw: bool, batch_size: int, epoch: int,
-               normalize: bool = False) -> float:
+               normalize: bool = False, check_records: bool = False) -> float:
     from loaders import build_loader
 
     loader = build_loader(kind, root, batch_size=batch_size, text_mode="rewrite", seed=0, epoch=epoch,
-                          num_workers=workers, draw_text=draw, normalize=normalize)
+                          num_workers=workers, draw_text=draw, normalize=normalize, check_records=check_records)
     it, n = iter(loader), 0
     next(it)  # worker / pipeline start is not throughput
     start, cpu, main = time.perf_counter(), time.process_time(), _thread_cpu()
@@ -158,22 +160,23 @@ def decode_bound_per_core(root: str, limit: int, image_size: int = 224) -> dict:
     import simplejpeg
 
     from loaders import augment
+    from loaders.sampling import crop_box
     from loaders.torch_loader import TarShards, read_meta
 
     shards = TarShards(read_meta(root))
     jpegs = [bytes(shards.jpeg(i)) for i in range(min(limit, shards.packed.shards.num_samples))]
-    rng = np.random.default_rng(0)
     cpu_rates = {}
     decoders = {"simplejpeg": lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB"),
                 "cv2": lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)}
     rates = {}
     for name, decode in decoders.items():
         best = best_cpu = 0.0
-        for _ in range(2):
+        for round_ in range(2):
             start, cpu = time.perf_counter(), time.process_time()
-            for b in jpegs:
+            for i, b in enumerate(jpegs):
                 img = decode(b)
-                augment.crop_resize(img, augment.random_resized_crop_box(*img.shape[:2], rng), image_size)
+                box = crop_box(0, round_, i, *img.shape[:2], *augment.CROP_SCALE, *augment.CROP_RATIO)
+                augment.crop_resize(img, box, image_size)
             best = max(best, len(jpegs) / (time.perf_counter() - start))
             best_cpu = max(best_cpu, len(jpegs) / (time.process_time() - cpu))
         rates[name] = round(best, 1)
@@ -233,12 +236,14 @@ class _PilDataset:
         from PIL import Image
 
         from loaders import augment
+        from loaders.sampling import crop_box
         from model.tokenizer import get_tokenizer
 
         row = self.rows[i]
         with Image.open(os.path.join(self.folder, row["file"])) as im:
             im = im.convert("RGB")
-            top, left, h, w = augment.random_resized_crop_box(im.height, im.width, np.random.default_rng())
+            top, left, h, w = crop_box(random.getrandbits(32), 0, i, im.height, im.width, *augment.CROP_SCALE,
+                                       *augment.CROP_RATIO)
             im = im.resize((224, 224), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
         mean = torch.tensor(augment.CLIP_MEAN).view(3, 1, 1)
@@ -311,6 +316,18 @@ def measure(args) -> dict:
         normalized[kind] = round(epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1, True), 1)
         if kind == "ffcv":  # a new FFCV config compiles in its first epoch: measure the second
             normalized[kind] = round(epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1, True), 1)
+    # per-record CRC-32 check (JPEG + caption record against the pack's checksums): on vs off, alternating
+    checked = {}
+    for kind in ("ffcv", "torch"):
+        epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1, check_records=True)  # compile
+        rounds = {True: [], False: []}
+        for _ in range(max(2, args.repeats // 2)):
+            for check in (True, False):
+                rounds[check].append(epoch_rate(kind, root, 1, True, args.batch_size, epoch := epoch + 1,
+                                                check_records=check))
+        checked[kind] = {"on": round(max(rounds[True]), 1), "off": round(max(rounds[False]), 1),
+                         "overhead": round(1 - max(rounds[True]) / max(rounds[False]), 4)}
+        print(f"{kind} record checksums: {checked[kind]}", flush=True)
     pil = {str(w): round(torch_pil_baseline(folder, w, args.batch_size), 1) for w in workers}
     meta = json.load(open(os.path.join(root, "meta.json")))
     nbytes = {"ffcv": 0, "dali": 0}
@@ -326,6 +343,8 @@ def measure(args) -> dict:
         "torch_pil_baseline": pil["1"],
         "caption_draw_overhead": round(1 - max(on) / max(off), 4),
         "caption_draw_us_per_sample": round(draw_us, 3),
+        "record_checksum_overhead": {k: v["overhead"] for k, v in checked.items()},
+        "record_checksum_samples_per_s": checked,
         "caption_draw_overhead_isolated": round(draw_us * 1e-6 * max(on_cpu), 4) if best == "ffcv" else None,
         "caption_draw_overhead_cpu_time": round(1 - max(on_cpu) / max(off_cpu), 4) if best == "ffcv" else None,
         "cpu_time_rates": {"note": "samples per CPU-second of this process (all its threads), best round; "

@@ -1,12 +1,12 @@
 """Image augmentation of the paper, shared by the loaders.
 
-- RandomResizedCrop(224, scale=(0.5, 1), ratio=(3/4, 4/3)) (LaCLIP's CLIP recipe), computed per sample on
-  the decoded uint8 HWC image (torch loader) or inside FFCV/DALI by their own crop operators with the
-  same parameters;
+- RandomResizedCrop(224, scale=(0.5, 1), ratio=(3/4, 4/3)) (LaCLIP's CLIP recipe): the box is
+  loaders.sampling.crop_box(seed, epoch, sample index, ...), so every loader crops a sample the same way;
+  the crop itself runs on the decoded uint8 HWC image (torch loader) or inside FFCV/DALI;
 - CLIP mean/std normalisation, done once per batch on the uint8 tensor (vectorised, all loaders);
 - SLIP's two SimCLR views: RandomResizedCrop(scale 0.08-1) in the loader, then flip, colour jitter
   (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2 and Gaussian blur (sigma 0.1-2) with p=0.5,
-  applied batched in torch here.
+  applied batched in torch here, with each sample's parameters drawn from (seed, epoch, index, view).
 """
 from __future__ import annotations
 
@@ -24,28 +24,6 @@ SIMCLR_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 cv2.setNumThreads(1)  # one thread per loader worker; the workers are the parallelism
-
-
-def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
-                            scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params: (top, left, h, w), center crop after 10 misses."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def center_crop_box(height: int, width: int) -> tuple[int, int, int, int]:
@@ -127,26 +105,46 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int = 23) -> to
     return y.view(b, ch, h, w)
 
 
+SIMCLR_DRAWS = 12  # uniforms per sample: flip, jitter gate, 4 jitter factors, grayscale, blur gate, sigma
+
+
 def simclr_view(crops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """SLIP/SimCLR colour part of a view, batched: uint8 crops [B,H,W,3] -> normalised float [B,3,H,W]."""
+    """SLIP/SimCLR colour part of a view, drawn from a torch generator (order-dependent: prefer
+    simclr_view_seeded, whose draws are per sample)."""
+    return simclr_colour(crops, torch.rand(len(crops), SIMCLR_DRAWS, generator=generator, dtype=torch.float64))
+
+
+def simclr_view_seeded(crops: torch.Tensor, seed: int, epoch: int, index, view: int) -> torch.Tensor:
+    """SimCLR colour part with sample i's parameters a function of (seed, epoch, index[i], view) only:
+    the same for any batch size, worker count or resume point."""
+    from loaders.sampling import SIMCLR_SALT, sample_uniforms
+
+    index = np.ascontiguousarray(np.asarray(index, dtype=np.int64).reshape(-1))
+    return simclr_colour(crops, torch.from_numpy(sample_uniforms(seed, epoch, index, SIMCLR_SALT, view,
+                                                                 SIMCLR_DRAWS)))
+
+
+def simclr_colour(crops: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """uint8 crops [B,H,W,3] -> normalised float [B,3,H,W]: flip, colour jitter (p=0.8), grayscale (p=0.2),
+    Gaussian blur (p=0.5), with sample b's random parameters taken from the uniforms draws[b] in [0, 1)."""
     x = crops.permute(0, 3, 1, 2).float() / 255
     b = x.shape[0]
+    u = draws.float()
 
-    def u(lo, hi, shape=(b, 1, 1, 1)):
-        return lo + (hi - lo) * torch.rand(shape, generator=generator)
+    def between(lo, hi, k):
+        return (lo + (hi - lo) * u[:, k]).view(b, 1, 1, 1)
 
-    flip = torch.rand(b, generator=generator) < 0.5
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
-    jitter = (torch.rand(b, generator=generator) < 0.8).view(b, 1, 1, 1)
-    y = _blend(x, torch.zeros_like(x), u(0.6, 1.4))  # brightness
-    y = _blend(y, _gray(y).mean((2, 3), keepdim=True), u(0.6, 1.4))  # contrast
-    y = _blend(y, _gray(y), u(0.6, 1.4))  # saturation
-    y = _hue_shift(y, u(-0.1, 0.1, (b,)))
-    x = torch.where(jitter, y, x)
-    gray = (torch.rand(b, generator=generator) < 0.2).view(b, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x)
-    blur = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1)
-    x = torch.where(blur, _gaussian_blur(x, u(0.1, 2.0, (b,))), x)
+    def gate(p, k):
+        return (u[:, k] < p).view(b, 1, 1, 1)
+
+    x = torch.where(gate(0.5, 0), x.flip(-1), x)
+    y = _blend(x, torch.zeros_like(x), between(0.6, 1.4, 2))  # brightness
+    y = _blend(y, _gray(y).mean((2, 3), keepdim=True), between(0.6, 1.4, 3))  # contrast
+    y = _blend(y, _gray(y), between(0.6, 1.4, 4))  # saturation
+    y = _hue_shift(y, between(-0.1, 0.1, 5).view(b))
+    x = torch.where(gate(0.8, 1), y, x)
+    x = torch.where(gate(0.2, 6), _gray(x).expand_as(x), x)
+    x = torch.where(gate(0.5, 7), _gaussian_blur(x, between(0.1, 2.0, 8).view(b)), x)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()

@@ -28,7 +28,7 @@ import torch
 from loaders import store
 from loaders.sampling import EpochSampler
 from loaders.pack import PackError
-from loaders.torch_loader import PackedMeta, finish_batch, read_meta
+from loaders.torch_loader import PackedMeta, finish_batch, read_meta, sample_key
 
 CONTEXT_LENGTH = 77
 RECORD_CAPACITY = 1 << 16  # bytes of one decompressed record; far above (M+1) x 75 tokens x 2 bytes
@@ -57,6 +57,9 @@ _decompress, _is_error = _ZSTD.ZSTD_decompressDCtx, _ZSTD.ZSTD_isError
 _set_param, _ref_ddict = _ZSTD.ZSTD_DCtx_setParameter, _ZSTD.ZSTD_DCtx_refDDict
 # The store writes frames without the 4-byte magic (zstandard.FORMAT_ZSTD1_MAGICLESS): tell the context.
 ZSTD_D_FORMAT, ZSTD_F_MAGICLESS = 1000, 1  # ZSTD_d_experimentalParam1, ZSTD_f_zstd1_magicless
+_LIBZ = ctypes.CDLL("libz.so.1")
+_crc32 = _LIBZ.crc32  # zlib's CRC-32, callable from compiled code (same value as Python's zlib.crc32)
+_crc32.restype, _crc32.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
 _memcpy = ctypes.CDLL(None).memcpy
 _memcpy.restype, _memcpy.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _DDICTS: dict[bytes, tuple[int, np.ndarray]] = {}  # one DDict per dictionary, alive for the process
@@ -108,10 +111,11 @@ def _caption_decoder_class():
         """Decoder of the "record" BytesField: decompress, draw (or take all), pad to int32 tokens."""
 
         def __init__(self, *, ddict: int, params: np.ndarray, first_index: int, mode: str, max_texts: int,
-                     sot: int, eot: int):
+                     sot: int, eot: int, crcs: np.ndarray | None = None):
             super().__init__()
             self.ddict, self.params, self.first_index = ddict, params, first_index
             self.mode, self.max_texts, self.sot, self.eot = mode, max_texts, sot, eot
+            self.crcs = crcs  # the shard's record CRC-32s: checked when given
 
         def declare_state_and_memory(self, previous_state):
             shape = (self.max_texts, CONTEXT_LENGTH) if self.mode == "all" else (CONTEXT_LENGTH,)
@@ -123,6 +127,8 @@ def _caption_decoder_class():
             ddict, params_at, first = self.ddict, self.params.ctypes.data, self.first_index
             mode = {"rewrite": 0, "original": 1, "all": 2}[self.mode]
             max_texts, sot, eot = self.max_texts, self.sot, self.eot
+            check = self.crcs is not None
+            crcs = self.crcs if check else np.zeros(1, dtype=np.uint32)
 
             def decode(batch_indices, destination, metadata, storage_state):
                 params = np.empty(2, dtype=np.int64)  # (seed, epoch), read now: set per epoch from Python
@@ -136,6 +142,9 @@ def _caption_decoder_class():
                     sid = batch_indices[i]
                     src = mem_read(metadata[sid]["ptr"], storage_state)
                     n = metadata[sid]["size"]
+                    if check and _crc32_of(src[:n]) != crcs[sid]:
+                        destination[i].reshape(-1)[0] = -1
+                        continue
                     got = _decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, src.ctypes.data, n)
                     if _is_error(got):  # flagged with -1, raised in Python with the sample index
                         destination[i].reshape(-1)[0] = -1
@@ -163,7 +172,7 @@ def _caption_decoder_class():
                     else:
                         k = 0
                         if mode == 0 and n_texts > 1:
-                            k = draw(params[0], params[1], first + sid, n_texts)
+                            k = draw(params[0], params[1], first + np.int64(sid), n_texts)
                         if n_texts > 0:
                             _pad(out, buf, starts[k], lengths[k], sot, eot)
                 _free_dctx(dctx)
@@ -174,47 +183,82 @@ def _caption_decoder_class():
     return CaptionDecoder
 
 
-def _crop_decoder_class(base_name: str):
-    """FFCV's (Random|Center)ResizedCrop decoder with one decode buffer per thread instead of one per
-    batch slot. FFCV decodes sample i of a batch into its own max_h x max_w x 3 slot, so every image
-    lands in cache-cold memory (12 MB per batch of 64 at 256 px); reusing a warm per-thread buffer cut
-    the op's cost per image (measured on 256 px clip art). Same decode, crop and resize calls."""
+def _crop_decoder_class():
+    """FFCV's ResizedCrop decoder with two changes.
+
+    The random box is sampling.crop_box(seed, epoch, global index, ...) instead of FFCV's draw from
+    numba's global generator (which no seed reaches), so same-seed runs and resumed epochs crop alike.
+    Decoding goes into one warm buffer per thread instead of one per batch slot: FFCV decodes sample i
+    of a batch into its own max_h x max_w x 3 slot, so every image lands in cache-cold memory (12 MB per
+    batch of 64 at 256 px); reusing a thread's buffer cut the op's cost per image (256 px clip art).
+    A JPEG that fails to decode, or whose CRC-32 differs from the pack's (when checked), is flagged in
+    `bad` (by shard-local index; the loader raises for it)."""
     from ffcv.fields import rgb_image
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
-    base = getattr(rgb_image, base_name)
+    from loaders.sampling import crop_box
 
-    class WarmBufferCropDecoder(base):
+    class SeededCropDecoder(rgb_image.ResizedCropRGBImageDecoder):
+        def __init__(self, output_size, *, scale, ratio, params: np.ndarray, first_index: int, view: int,
+                     bad: np.ndarray, warm: bool, crcs: np.ndarray | None = None):
+            super().__init__(output_size)
+            self.scale, self.ratio = scale, ratio  # scale None: centre crop of side ratio x short side
+            self.params, self.first_index, self.view = params, first_index, view
+            self.bad, self.warm, self.crcs = bad, warm, crcs
+
+        @property
+        def get_crop_generator(self):
+            return rgb_image.get_center_crop
+
         def generate_code(self):
             mem_read, rows = self.memory_read, Compiler.get_iterator()
             decode_jpeg, crop_resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-            pick_crop = Compiler.compile(self.get_crop_generator)
-            as_array = lambda v: np.array(v) if isinstance(v, tuple) else v   # noqa: E731 (None / float stay)
-            scale, ratio = as_array(self.scale), as_array(self.ratio)
+            center_crop = Compiler.compile(rgb_image.get_center_crop)
+            seeded = self.scale is not None
+            scale = self.scale if seeded else (1.0, 1.0)
+            ratio = self.ratio if seeded else (1.0, 1.0)
+            center_ratio = 1.0 if seeded else float(self.ratio)
+            params_at, first, view, warm = self.params.ctypes.data, self.first_index, self.view, self.warm
+            bad_at, check = self.bad.ctypes.data, self.crcs is not None
+            crcs = self.crcs if check else np.zeros(1, dtype=np.uint32)
             jpg = rgb_image.IMAGE_MODES["jpg"]
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, buffers = my_storage
+                params = np.empty(2, dtype=np.int64)  # (seed, epoch), set per epoch from Python
+                _memcpy(params.ctypes.data, params_at, 16)
                 for k in rows(len(batch_indices)):
-                    field = metadata[batch_indices[k]]
+                    sid = batch_indices[k]
+                    index = first + np.int64(sid)  # (uint64 + int64 would be float64 in numba)
+                    field = metadata[sid]
                     data = mem_read(field["data_ptr"], storage_state)
                     h, w = np.uint32(field["height"]), np.uint32(field["width"])
                     if field["mode"] == jpg:
-                        image = buffers[numba.get_thread_id()]    # this thread's warm buffer
-                        decode_jpeg(data, image, h, w, h, w, 0, 0, 1, 1, False, False)
+                        image = buffers[numba.get_thread_id() if warm else k]  # this thread's warm buffer
+                        failed = decode_jpeg(data, image, h, w, h, w, 0, 0, 1, 1, False, False) != 0
+                        if check and _crc32_of(data) != crcs[sid]:
+                            failed = True
+                        if failed:
+                            _set_flag(bad_at + np.int64(sid))
                         image = image.reshape(-1)[:3 * h * w].reshape(h, w, 3)
                     else:
                         image = data.reshape(h, w, 3)
-                    top, left, ch, cw = pick_crop(h, w, scale, ratio)
+                    if seeded:
+                        # one signature for every caller (int64 x 5, float64 x 4, int64): numba then
+                        # compiles crop_box once, whatever the literal types here
+                        top, left, ch, cw = crop_box(params[0], params[1], index, np.int64(h), np.int64(w),
+                                                     np.float64(scale[0]), np.float64(scale[1]),
+                                                     np.float64(ratio[0]), np.float64(ratio[1]), np.int64(view))
+                    else:
+                        top, left, ch, cw = center_crop(h, w, 0.0, center_ratio)
                     crop_resize(image, top, top + ch, left, left + cw, destination[k])
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
             return decode
 
-    WarmBufferCropDecoder.__name__ = "WarmBuffer" + base_name
-    return WarmBufferCropDecoder
+    return SeededCropDecoder
 
 
 _M1, _M2, _GOLDEN = store._M1, store._M2, store._GOLDEN
@@ -235,6 +279,19 @@ def _draw(seed, epoch, index, n_texts):
     return np.int64(h % numba.uint64(max(n_texts, 1)))
 
 
+# ctypes calls wrapped in compiled functions: called directly inside FFCV's parallel (prange) loop,
+# numba's parfor lowering fails on them (AssertionError on the return type)
+@numba.njit(nogil=True)
+def _crc32_of(data):
+    return _crc32(0, data.ctypes.data, data.size)
+
+
+@numba.njit(nogil=True)
+def _set_flag(address):
+    one = np.ones(1, dtype=np.uint8)
+    _memcpy(address, one.ctypes.data, 1)
+
+
 @numba.njit(nogil=True)
 def _pad(out, buf, start, length, sot, eot):
     """sot + uint16 little-endian ids (cut to 75) + eot into a zeroed int32 row of 77."""
@@ -252,7 +309,7 @@ class FfcvLoader:
 
     def __init__(self, root, *, batch_size, text_mode, seed, epoch, rank=0, world_size=1, num_workers=1,
                  image_size=224, max_texts=5, slip_views=False, start_batch=0, drop_last=True, augment=True,
-                 draw_text=True, return_dict=False, normalize=True):
+                 draw_text=True, return_dict=False, normalize=True, check_records=False):
         _import_ffcv()
         self.packed: PackedMeta = read_meta(root)
         self.sampler = EpochSampler(self.packed.shards, seed=seed, epoch=epoch, batch_size=batch_size,
@@ -262,10 +319,10 @@ class FfcvLoader:
             check_beton(self._beton(shard["name"]), shard["num_samples"])
         self.config = dict(batch_size=batch_size, text_mode=text_mode if draw_text else None,
                            num_workers=num_workers, image_size=image_size, max_texts=max_texts,
-                           slip_views=slip_views, augment=augment)
+                           slip_views=slip_views, augment=augment, check_records=check_records)
+        self.crcs = self.packed.record_crcs() if check_records else None
         self.text_mode, self.return_dict = text_mode, return_dict or slip_views
         self.normalize = normalize
-        self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
 
     def _beton(self, name: str) -> Path:
         return self.packed.root / "ffcv" / f"{name}.beton"
@@ -286,13 +343,26 @@ class FfcvLoader:
         key = self._key(shard)
         if key not in self._shard_loaders:
             self._shard_loaders[key] = self._build(shard)
-        loader, params, keys = self._shard_loaders[key]
+        loader, params, keys, _ = self._shard_loaders[key]
         params[:] = (self.sampler.seed, self.sampler.epoch)
         return loader, keys
 
+    def _bad_samples(self, index: torch.Tensor) -> list[int]:
+        """Global indices of this batch whose JPEG the compiled decoder flagged (no decode, bad CRC)."""
+        first = self.packed.shards.first_index
+        shard = np.searchsorted(first, index.numpy(), side="right") - 1
+        out = []
+        for k in np.unique(shard):
+            bad = self._shard_loaders.get(self._key(int(k)), (None,) * 4)[3]
+            sel = index.numpy()[shard == k]
+            if bad is not None and bad[sel - first[k]].any():
+                out += sel[bad[sel - first[k]] != 0].tolist()
+        return out
+
     def _build(self, shard: int):
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.loader import OrderOption
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToTensor
 
@@ -300,33 +370,39 @@ class FfcvLoader:
         from model.tokenizer import get_tokenizer
 
         c, size = self.config, (self.config["image_size"],) * 2
-        # one warm buffer per decode thread needs threads <= batch slots (the buffers FFCV allocates)
-        warm = c["num_workers"] <= c["batch_size"]
-        random_crop = (_crop_decoder_class("RandomResizedCropRGBImageDecoder") if warm
-                       else RandomResizedCropRGBImageDecoder)
-        center_crop = _crop_decoder_class("CenterCropRGBImageDecoder") if warm else CenterCropRGBImageDecoder
-        crop = (random_crop(size, scale=CROP_SCALE, ratio=CROP_RATIO) if c["augment"]
-                else center_crop(size, ratio=1.0))
-        pipelines = {"image": [crop, ToTensor()], "index": [IntDecoder(), ToTensor()], "record_len": None}
+        first, n = int(self.packed.shards.first_index[shard]), int(self.packed.shards.sizes[shard])
+        crcs = self.crcs[first:first + n] if self.crcs is not None else None
         params = np.zeros(2, dtype=np.int64)
+        bad = np.zeros(n, dtype=np.uint8)  # set by the crop op for a JPEG that is corrupt
+        crop_class = _crop_decoder_class()
+        # one warm buffer per decode thread needs threads <= batch slots (the buffers FFCV allocates)
+        common = dict(params=params, first_index=first, bad=bad, crcs=None if crcs is None else crcs[:, 0],
+                      warm=c["num_workers"] <= c["batch_size"])
+
+        if c["augment"]:
+            image = crop_class(size, scale=CROP_SCALE, ratio=CROP_RATIO, view=0, **common)
+        else:
+            image = crop_class(size, scale=None, ratio=1.0, view=0, **common)
+        pipelines = {"image": [image, ToTensor()], "index": [IntDecoder(), ToTensor()], "record_len": None}
         if c["text_mode"] is not None:
             tok = get_tokenizer()
             decoder = _caption_decoder_class()(
-                ddict=_ddict(self.packed.dictionary), params=params,
-                first_index=int(self.packed.shards.first_index[shard]), mode=c["text_mode"],
-                max_texts=c["max_texts"], sot=tok.sot_token_id, eot=tok.eot_token_id)
+                ddict=_ddict(self.packed.dictionary), params=params, first_index=first, mode=c["text_mode"],
+                max_texts=c["max_texts"], sot=tok.sot_token_id, eot=tok.eot_token_id,
+                crcs=None if crcs is None else crcs[:, 1])
             pipelines["record"] = PipelineSpec("record", decoder=decoder, transforms=[ToTensor()])
         else:
             pipelines["record"] = None
         if c["slip_views"]:
-            for v in ("view1", "view2"):
-                pipelines[v] = PipelineSpec("image", random_crop(size, scale=SIMCLR_SCALE, ratio=CROP_RATIO),
-                                            transforms=[ToTensor()])
+            for view in (1, 2):
+                pipelines[f"view{view}"] = PipelineSpec(
+                    "image", crop_class(size, scale=SIMCLR_SCALE, ratio=CROP_RATIO, view=view, **common),
+                    transforms=[ToTensor()])
         name = self.packed.meta["shards"][shard]["name"]
         loader = Loader(str(self._beton(name)), batch_size=c["batch_size"], num_workers=c["num_workers"],
                         order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines,
                         indices=np.arange(1), batches_ahead=3)
-        return loader, params, list(loader.pipeline_specs)  # output order: file fields, then extra views
+        return loader, params, list(loader.pipeline_specs), bad  # output order: file fields, then views
 
     def _runs(self):
         """(shard, local ids) runs covering this rank's positions from start_batch: one per shard visit
@@ -394,18 +470,28 @@ class FfcvLoader:
 
     def _finish(self, batch):
         raw = {"images": batch["image"], "index": batch["index"].view(-1).long()}
+        bad = self._bad_samples(raw["index"])
+        if bad:
+            raise self._corrupt(bad[0], "JPEG does not decode" + (" or fails its checksum" if self.crcs is not None
+                                                                 else ""))
         if "record" in batch:
-            bad = batch["record"].flatten(1)[:, 0] < 0
-            if bad.any():
-                raise PackError(f"{self.packed.root}/ffcv: caption record of sample "
-                                f"{int(raw['index'][bad][0])} does not decompress (corrupted .beton?)")
-        if "record" in batch:
+            flagged = batch["record"].flatten(1)[:, 0] < 0
+            if flagged.any():
+                raise self._corrupt(int(raw["index"][flagged][0]), "caption record does not decompress"
+                                    + (" or fails its checksum" if self.crcs is not None else ""))
             raw["tokens"] = batch["record"]
             if self.text_mode == "all":
                 raw["mask"] = batch["record"][:, :, 0] != 0  # a filled slot starts with sot
         if "view1" in batch:
             raw["views"] = torch.stack([batch["view1"], batch["view2"]])
-        return finish_batch(raw, self.text_mode, self.return_dict, self.generator, self.normalize)
+        s = self.sampler
+        return finish_batch(raw, self.text_mode, self.return_dict, (s.seed, s.epoch), self.normalize)
+
+    def _corrupt(self, index: int, what: str) -> PackError:
+        shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
+        beton = self._beton(self.packed.meta["shards"][shard]["name"])
+        return PackError(f"{beton}: sample {index} (key {sample_key(self.packed.root, index)}): {what} "
+                         "(corrupted .beton?)")
 
 
 def _take(pending: list[dict], n: int, keys: list[str]) -> dict:

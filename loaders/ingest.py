@@ -81,7 +81,22 @@ class IngestReport:
 
 
 def clean_caption(text: str | None) -> str:
-    return " ".join((text or "").split())
+    """Whitespace collapsed; "" when nothing would be left for the tokenizer (e.g. only control characters)."""
+    from model.tokenizer import has_tokens
+
+    text = " ".join((text or "").split())
+    return text if has_tokens(text) else ""
+
+
+def utf8_lines(path: str, error: type[Exception] = ValueError) -> Iterator[str]:
+    """The lines of a text file, decoded as UTF-8; a line that is not raises `error` naming file and line."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                            f"{e.start + 1}); convert the file to UTF-8") from None
 
 
 def check_key(key: str, where: str) -> str:
@@ -158,27 +173,26 @@ def _wds_sample(key: str, group: dict, shard: str, report: IngestReport) -> Iter
 def iter_laclip_csv(csv_path: str, image_root: str | None, report: IngestReport) -> Iterator[Sample]:
     """`relative_image_path,caption` rows (header optional); keys are the 0-based row number, 9 digits."""
     image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        index = 0
-        for row in reader:
-            line = reader.line_num
-            if line == 1 and [c.strip().lower() for c in row] in (["relative_image_path", "caption"],
-                                                                  ["filepath", "title"], ["file", "caption"]):
-                continue  # header
-            if not row:
-                continue
-            if len(row) != 2:
-                raise IngestError(f"{csv_path}:{line}: expected 2 fields (relative_image_path,caption), got {len(row)}")
-            key = f"{index:09d}"
-            index += 1
-            path = os.path.join(image_root, row[0])
-            # the rewrite stage keys LaCLIP rows by their path (rewrite.import_laclip); the pack key must be
-            # tar-safe, so the path is kept as the key to join rewrites on
-            meta = {"__source__": f"{csv_path}:{line}", "rewrite_key": row[0]}
-            sample = _file_sample(key, path, row[1], meta, report)
-            if sample is not None:
-                yield sample
+    reader = csv.reader(utf8_lines(csv_path, IngestError))
+    index = 0
+    for row in reader:
+        line = reader.line_num
+        if line == 1 and [c.strip().lower() for c in row] in (["relative_image_path", "caption"],
+                                                              ["filepath", "title"], ["file", "caption"]):
+            continue  # header
+        if not row:
+            continue
+        if len(row) != 2:
+            raise IngestError(f"{csv_path}:{line}: expected 2 fields (relative_image_path,caption), got {len(row)}")
+        key = f"{index:09d}"
+        index += 1
+        path = os.path.join(image_root, row[0])
+        # the rewrite stage keys LaCLIP rows by their path (rewrite.import_laclip); the pack key must be
+        # tar-safe, so the path is kept as the key to join rewrites on
+        meta = {"__source__": f"{csv_path}:{line}", "rewrite_key": row[0]}
+        sample = _file_sample(key, path, row[1], meta, report)
+        if sample is not None:
+            yield sample
 
 
 def _file_sample(key, path, caption, meta, report) -> Sample | None:
@@ -220,35 +234,33 @@ def iter_image_folder(root: str, report: IngestReport, captions_file: str | None
 def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file; a bad line raises `error`
     naming the file and line. Every JSONL reader of the project goes through here."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise error(f"{path}:{line_no}: invalid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise error(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, row
+    for line_no, line in enumerate(utf8_lines(path, error), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise error(f"{path}:{line_no}: invalid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise error(f"{path}:{line_no}: expected a JSON object")
+        yield line_no, row
 
 
 def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
     if path.endswith(".jsonl"):
         yield from read_jsonl(path, IngestError)
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [h.strip() for h in header]
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise IngestError(f"{path}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
-            yield reader.line_num, dict(zip(header, row))
+    reader = csv.reader(utf8_lines(path, IngestError))
+    header = next(reader, None)
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise IngestError(f"{path}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
+        yield reader.line_num, dict(zip(header, row))
 
 
 # ---------------------------------------------------------------- one entry point

@@ -131,9 +131,10 @@ def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: It
 
 
 def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], int],
-                   staged_path: Callable[[int], str], error) -> dict:
-    """Reduce step for partition `rank`: duplicate-key check, then [caption] + rewrites of every lookup,
-    sent to the rank owning its shard. Returns counts (rewrite keys given, lookups matched)."""
+                   staged_path: Callable[[int], str], keep_text: Callable[[str], bool], error) -> dict:
+    """Reduce step for partition `rank`: duplicate-key check, then [caption] + the rewrites keep_text
+    accepts of every lookup, sent to the rank owning its shard. Returns counts (rewrite keys given,
+    lookups matched, rewrites dropped and the first keys concerned) and example keys for messages."""
     join = CaptionJoin(os.path.join(folder, f"part-{rank:04d}.sqlite"))
     try:
         join.add_rewrites((key, texts) for key, texts in read_buckets(folder, "rewrites", rank, parts))
@@ -147,13 +148,20 @@ def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], in
                     shard = [s for k, s in chunk if k == duplicate][-1]
                     raise error(f"{staged_path(shard)}: duplicate sample key {duplicate!r}")
                 chunk = []
-        out, matched = Buckets(folder, "joined", rank, parts), 0
+        out, matched, dropped, dropped_keys, some_sample_key = Buckets(folder, "joined", rank, parts), 0, 0, [], None
         for shard, pos, rkey, caption in read_buckets(folder, "lookups", rank, parts):
+            some_sample_key = some_sample_key or rkey
             rewrites = join.rewrites(rkey)
             matched += rewrites is not None
-            out.add(owner(shard), [shard, pos, [caption] + [t for t in rewrites or [] if t and t.strip()]])
+            usable = [t for t in rewrites or [] if keep_text(t)]
+            if len(usable) < len(rewrites or []):
+                dropped += len(rewrites) - len(usable)
+                dropped_keys = (dropped_keys + [rkey])[:20]
+            out.add(owner(shard), [shard, pos, [caption] + usable])
         out.close()
-        return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched}
+        return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched,
+                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys,
+                "some_rewrite_key": join.some_rewrite_key(), "some_sample_key": some_sample_key}
     finally:
         join.close()
 
@@ -217,6 +225,10 @@ class CaptionJoin:
             return next(k for k in keys if k in seen or seen.add(k))      # repeated within this shard
         finally:
             self.db.commit()
+
+    def some_rewrite_key(self) -> str | None:
+        row = self.db.execute("SELECT key FROM rewrites LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def rewrites(self, key: str) -> list[str] | None:
         """The key's rewrites (lists of repeated rows concatenated), or None when it has none."""

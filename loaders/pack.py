@@ -28,6 +28,7 @@ import shutil
 import sys
 import tarfile
 import time
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
 from loaders.ingest import (IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset, open_source)
+from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
 FORMAT_VERSION = 1
@@ -52,6 +54,12 @@ class PackError(RuntimeError):
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}"
+
+
+def record_crc_file(name: str) -> str:
+    """Per-record checksums of a shard: uint32 little-endian [n, 2] = CRC-32 of each sample's JPEG and of
+    its compressed caption record, in shard order (the same bytes in the .beton and the DALI tar)."""
+    return f"checksums/{name}.crc32"
 
 
 @dataclasses.dataclass
@@ -80,8 +88,81 @@ class PackConfig:
             data = yaml.safe_load(f) or {}
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+            raise PackError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+# ---------------------------------------------------------------- settings each stage depends on
+def stage_settings(cfg: PackConfig) -> dict:
+    """What the staged images depend on: a staged part made under other settings is restaged."""
+    return {"format_version": FORMAT_VERSION, "input": cfg.input, "image_root": cfg.image_root,
+            "max_side": cfg.max_side, "quality": cfg.quality, "keep_images": cfg.keep_images,
+            "samples_per_shard": cfg.samples_per_shard, "max_samples": cfg.max_samples}
+
+
+def caption_settings(cfg: PackConfig) -> dict:
+    """What the caption store, keys and final shards depend on: the staged parts plus the rewrites."""
+    rewrites = None
+    if cfg.rewrites:
+        st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
+        rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {**stage_settings(cfg), "rewrites": rewrites}
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _is_temp(name: str) -> bool:
+    """Temporary files of pack's atomic writes (.<name>.<pid|random>.tmp) and the store's (<name>.tmp-<pid>)."""
+    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
+
+
+def remove_temp_files(out: str) -> int:
+    """Remove the temporary files a killed run left in `out` and its stage folders; returns how many."""
+    removed = 0
+    for folder in ("", "staging", "captions", "shards", "ffcv", "dali", "checksums"):
+        path = os.path.join(out, folder)
+        if os.path.isdir(path):
+            for name in os.listdir(path):
+                if _is_temp(name):
+                    os.remove(os.path.join(path, name))
+                    removed += 1
+    return removed
+
+
+def _other_files(out: str) -> dict:
+    """Sizes and sha256 of the files beside the shards (keys, caption store), for verify_pack."""
+    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not _is_temp(n))
+    return {k: v for rel in rels for k, v in _file_entry(out, rel).items()}
+
+
+def _remove_other_shards(out: str, names: set[str]) -> None:
+    """Shard files of an earlier run under other settings that this pack does not list (fewer shards)."""
+    for folder in ("shards", "ffcv", "dali", "checksums"):
+        path = os.path.join(out, folder)
+        for name in os.listdir(path) if os.path.isdir(path) else ():
+            if name.startswith("part-") and name.split(".")[0] not in names:
+                os.remove(os.path.join(path, name))
+
+
+def _json_or_none(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _current(path: str, key: str) -> bool:
+    """A stage's output exists and was made under the settings `key` (else: redo it)."""
+    done = _json_or_none(path)
+    return done is not None and done.get("settings") == key
 
 
 # ---------------------------------------------------------------- units of work
@@ -93,7 +174,7 @@ def iter_units(cfg: PackConfig) -> Iterator[tuple[int, IngestReport, Iterator[Sa
                    or (os.path.isdir(spec) and find_captions_file(spec)))
     if is_tars:
         if cfg.max_samples is not None:
-            raise ValueError("--max-samples is not supported for tar inputs (shards map 1:1 to input tars)")
+            raise PackError("--max-samples is not supported for tar inputs (shards map 1:1 to input tars)")
         for i, tar in enumerate(expand_shards(spec)):
             report = IngestReport()
             yield i, report, (iter_webdataset(tar, report) if i % cfg.world_size == cfg.rank else None)
@@ -152,7 +233,7 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
                 continue
             kept.append((s.key, s.caption, *result, s.meta.get("rewrite_key", s.key)))
         bar.update(len(batch))
-    return write_staged(cfg.out, index, kept, report)
+    return write_staged(cfg.out, index, kept, report, settings_key(stage_settings(cfg)))
 
 
 # ---------------------------------------------------------------- stage 2: captions
@@ -171,6 +252,8 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     folder = os.path.join(cfg.out, "staging", "join")
     os.makedirs(folder, exist_ok=True)
     mine = [i for i in range(num_shards) if i % world == rank]
+    key = settings_key(caption_settings(cfg))  # markers of a run under other settings do not count
+    store_dir = os.path.join(cfg.out, "captions")
 
     def marker(step: str, r: int) -> str:
         return os.path.join(folder, f"{step}.{r:04d}.json")
@@ -178,13 +261,27 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     def keys_path(i: int) -> str:
         return os.path.join(folder, f"keys.{shard_name(i)}.txt")
 
+    def finished(step: str, r: int = rank) -> bool:
+        return _current(marker(step, r), key)
+
+    def finish(step: str, content: dict) -> None:
+        atomic_write_bytes(marker(step, rank), json.dumps({**content, "settings": key}).encode())
+
     def done(step: str) -> bool:
-        return _wait_for([marker(step, r) for r in range(world)], cfg, f"join step '{step}'")
+        return _wait_for([marker(step, r) for r in range(world)], cfg, f"join step '{step}'", finished_marker)
+
+    def finished_marker(path: str) -> bool:
+        return _current(path, key)
 
     def load(step: str) -> list[dict]:
         return [json.load(open(marker(step, r))) for r in range(world)]
 
-    if not os.path.exists(marker("scatter", rank)):
+    if not finished("scatter"):
+        if rank == 0:  # a caption store made under other settings (or before they were recorded): rebuild
+            settings_file = os.path.join(store_dir, "pack-settings.json")
+            if os.path.isdir(store_dir) and not _current(settings_file, key):
+                shutil.rmtree(store_dir)
+            atomic_write_bytes(settings_file, json.dumps({"settings": key}).encode())
         sizes, skipped = {}, {}
 
         def staged():
@@ -197,22 +294,32 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 yield i, m
 
         join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError)
-        atomic_write_bytes(marker("scatter", rank), json.dumps({"sizes": sizes, "skipped": skipped}).encode())
+        finish("scatter", {"sizes": sizes, "skipped": skipped})
     if not done("scatter"):
         return False
     sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
     if sum(sizes.values()) == 0:
         raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
 
-    if not os.path.exists(marker("join", rank)):
-        stats = join.join_partition(folder, rank, world, owner=lambda i: i % world, error=PackError,
-                                    staged_path=lambda i: os.path.join(cfg.out, "staging", shard_name(i) + ".json"))
-        atomic_write_bytes(marker("join", rank), json.dumps(stats).encode())
+    if not finished("join"):
+        # a rewrite with no text left once cleaned is not a text to train on: dropped and counted
+        stats = join.join_partition(folder, rank, world, owner=lambda i: i % world, keep_text=has_tokens,
+                                    staged_path=lambda i: os.path.join(cfg.out, "staging", shard_name(i) + ".json"),
+                                    error=PackError)
+        finish("join", stats)
     if not done("join"):
         return False
+    joins = load("join")
+    if cfg.rewrites and sum(m["rewrites_matched"] for m in joins) == 0:  # every rank stops here
+        if rank == 0:
+            shutil.rmtree(store_dir, ignore_errors=True)
+        given = sum(m["rewrites_given"] for m in joins)
+        some = next((m["some_rewrite_key"] for m in joins if m["some_rewrite_key"] is not None), None)
+        sample = next(m["some_sample_key"] for m in joins if m["some_sample_key"] is not None)
+        raise PackError(f"{cfg.rewrites}: none of its {given} keys matches a sample of {cfg.input} "
+                        f"(its keys look like {some!r}, the samples' like {sample!r})")
 
-    store_dir = os.path.join(cfg.out, "captions")
-    if not os.path.exists(marker("store", rank)):
+    if not finished("store"):
         texts = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
         if rank == 0:  # shard 0 is rank 0's: the dictionary does not depend on the number of ranks
             dictionary = save_dictionary(store_dir, texts[0][:DICTIONARY_SAMPLES])
@@ -229,14 +336,14 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 counts["with_rewrites"] += len(row) > 1
                 counts["texts"] += len(row)
                 counts["max_texts"] = max(counts["max_texts"], len(row))
-        atomic_write_bytes(marker("store", rank), json.dumps({"entries": entries, "counts": counts}).encode())
+        finish("store", {"entries": entries, "counts": counts})
     if rank != 0:
         return True
     if not done("store"):
         return False
 
     # rank 0, O(#shards): store manifest, keys.txt (a byte copy of per-shard key lists), plan.json last
-    stores, joins, scatters = load("store"), load("join"), load("scatter")
+    stores, scatters = load("store"), load("scatter")
     entries = {int(i): e for m in stores for i, e in m["entries"].items()}
     dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
     write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12)
@@ -253,13 +360,19 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     _fsync_rename(_tmp_path(keys_out), keys_out)
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
+    counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
+    dropped = [{"file": cfg.rewrites, "key": k} for m in joins for k in m["dropped_keys"]][:20]
+    if dropped:
+        print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "
+              f"e.g. {cfg.rewrites} key {dropped[0]['key']!r}", file=sys.stderr)
     skipped = {}
     for m in scatters:
         for reason, n in m["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
             "rewrites_matched": sum(m["rewrites_matched"] for m in joins),
-            "rewrites_given": sum(m["rewrites_given"] for m in joins)}
+            "rewrites_given": sum(m["rewrites_given"] for m in joins), "dropped_rewrites": dropped,
+            "settings": key}
     atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
     return True
 
@@ -272,9 +385,12 @@ def finalize_shard(cfg: PackConfig, shard: dict, store) -> dict:
         raise PackError(f"{cfg.out}/staging/{shard['name']}: {len(staged['keys'])} samples, plan says {n}")
     records = [store.record(first + j) for j in range(n)]
     files = {}
+    crcs = np.array([(zlib.crc32(j), zlib.crc32(r)) for j, r in zip(staged["jpegs"], records)], dtype="<u4")
+    atomic_write_bytes(os.path.join(cfg.out, record_crc_file(shard["name"])), crcs.tobytes())
+    files.update(_file_entry(cfg.out, record_crc_file(shard["name"])))
     files.update(write_dali_shard(cfg.out, shard["name"], staged, records, first))
     files.update(write_ffcv_shard(cfg.out, shard["name"], staged, records, first, cfg.quality, cfg.workers))
-    done = {**shard, "files": files}
+    done = {**shard, "files": files, "settings": settings_key(caption_settings(cfg))}
     atomic_write_bytes(os.path.join(cfg.out, "shards", shard["name"] + ".json"), json.dumps(done).encode())
     return done
 
@@ -285,14 +401,15 @@ def _stage_paths(out: str, index: int) -> tuple[str, str]:
     return base + ".bin", base + ".json"
 
 
-def write_staged(out: str, index: int, kept: list, report: IngestReport) -> dict:
+def write_staged(out: str, index: int, kept: list, report: IngestReport, settings: str) -> dict:
     """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
     blob, manifest_path = _stage_paths(out, index)
     offsets = np.cumsum([0] + [len(k[2]) for k in kept]).tolist()
     atomic_write_bytes(blob, b"".join(k[2] for k in kept))
     manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
                 "rewrite_keys": [k[5] for k in kept],
-                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100]}
+                "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records[:100],
+                "settings": settings}
     atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
     return manifest
 
@@ -401,13 +518,20 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
     """Check a packed dataset before reading it; returns meta.json's dict or raises PackError naming the file.
 
     Always: meta.json format, keys.txt count, contiguous shards, every file's exact size (a truncated or
-    half-copied file fails here), .beton headers and DALI index counts, caption store length.
-    checksums=True also re-hashes every file against the sha256 recorded at pack time (reads everything)."""
+    half-copied file fails here), .beton headers, DALI index and checksum-table counts, caption store
+    length. checksums=True also re-hashes every file it wrote (shards, per-record checksums, keys, caption
+    store) against the sha256 recorded at pack time, and reads every caption-store block against its CRC
+    (reads everything)."""
+    from loaders.store import CaptionStore, StoreError
+
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise PackError(f"{meta_path}: missing (not a packed dataset, or packing did not finish)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+    except ValueError as e:
+        raise PackError(f"{meta_path}: not valid JSON ({e}): corrupted?") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     n = meta["num_samples"]
@@ -417,15 +541,10 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
             raise PackError(f"{meta_path}: shard {s['name']} starts at {s['first_index']}, expected {expected_first}")
         expected_first += s["num_samples"]
         for rel, info in s["files"].items():
-            path = os.path.join(out_dir, rel)
-            if not os.path.isfile(path):
-                raise PackError(f"{path}: missing")
-            size = os.path.getsize(path)
-            if size != info["bytes"]:
-                raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
-            if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
-                raise PackError(f"{path}: sha256 mismatch (corrupted)")
-            _check_count(path, s["num_samples"])
+            _check_file(out_dir, rel, info, checksums)
+            _check_count(os.path.join(out_dir, rel), s["num_samples"])
+    for rel, info in meta.get("files", {}).items():
+        _check_file(out_dir, rel, info, checksums)
     if expected_first != n:
         raise PackError(f"{meta_path}: shards hold {expected_first} samples, num_samples says {n}")
     keys_path = os.path.join(out_dir, meta.get("keys_file", "keys.txt"))
@@ -433,12 +552,26 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     if lines != n:
         raise PackError(f"{keys_path}: {lines} keys, expected {n}")
-    from loaders.store import CaptionStore
-
-    store_len = len(CaptionStore(os.path.join(out_dir, "captions")))
-    if store_len != n:
-        raise PackError(f"{out_dir}/captions: {store_len} records, expected {n}")
+    try:
+        store = CaptionStore(os.path.join(out_dir, "captions"))
+        if checksums:
+            store.verify()
+    except StoreError as e:
+        raise PackError(str(e)) from None
+    if len(store) != n:
+        raise PackError(f"{out_dir}/captions: {len(store)} records, expected {n}")
     return meta
+
+
+def _check_file(out_dir: str, rel: str, info: dict, checksums: bool) -> None:
+    path = os.path.join(out_dir, rel)
+    if not os.path.isfile(path):
+        raise PackError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if size != info["bytes"]:
+        raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
+    if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
+        raise PackError(f"{path}: sha256 mismatch (corrupted)")
 
 
 def _check_count(path: str, n: int) -> None:
@@ -447,6 +580,9 @@ def _check_count(path: str, n: int) -> None:
             header = np.frombuffer(f.read(FFCV_HEADER.itemsize), FFCV_HEADER)
         if len(header) != 1 or int(header[0]["num_samples"]) != n:
             raise PackError(f"{path}: header does not say {n} samples")
+    elif path.endswith(".crc32"):
+        if os.path.getsize(path) != 8 * n:
+            raise PackError(f"{path}: {os.path.getsize(path)} bytes, expected {8 * n} (two CRC-32s per sample)")
     elif path.endswith(".idx"):
         with open(path) as f:
             first = f.readline().split()
@@ -465,10 +601,10 @@ def load_rewrites(path: str) -> dict[str, list[str]]:
     return out
 
 
-def _wait_for(paths: list[str], cfg: PackConfig, what: str) -> bool:
+def _wait_for(paths: list[str], cfg: PackConfig, what: str, ready=os.path.exists) -> bool:
     deadline = time.time() + cfg.wait_s
     while True:
-        missing = [p for p in paths if not os.path.exists(p)]
+        missing = [p for p in paths if not ready(p)]
         if not missing:
             return True
         if time.time() >= deadline:
@@ -483,16 +619,25 @@ def pack(cfg: PackConfig) -> dict:
     from loaders.store import CaptionStore
 
     if not cfg.input or not cfg.out:
-        raise ValueError("pack needs --input and --out")
+        raise PackError("pack needs --input and --out")
     if not 0 <= cfg.rank < cfg.world_size:
-        raise ValueError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+        raise PackError(f"rank {cfg.rank} not in [0, {cfg.world_size})")
+    if cfg.rewrites and not os.path.exists(cfg.rewrites):
+        raise PackError(f"{cfg.rewrites}: rewrites file not found")
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
+    settings = caption_settings(cfg)
+    stage_key, caption_key = settings_key(stage_settings(cfg)), settings_key(settings)
     if os.path.exists(os.path.join(cfg.out, "meta.json")):
         meta = verify_pack(cfg.out)
+        if meta.get("settings") not in (None, settings):  # packs from before settings were recorded: trusted
+            raise PackError(f"{cfg.out}: already packed with other settings ({_differences(meta['settings'], settings)});"
+                            " pack into a new --out, or delete it to repack")
         print(f"pack: {cfg.out} is complete ({meta['num_samples']} samples); nothing to do")
         return {"num_samples": meta["num_samples"], "skipped": meta.get("skipped", {}), "new_samples": 0,
                 "complete": True}
+    if cfg.world_size == 1:  # alone: any temporary file here is a killed run's leftover
+        remove_temp_files(cfg.out)
 
     # stage 1
     ctx = multiprocessing.get_context("fork")
@@ -500,9 +645,9 @@ def pack(cfg: PackConfig) -> dict:
     with ctx.Pool(max(1, cfg.workers)) as pool, tqdm(desc="pack: stage images", unit="img") as bar:
         for index, report, samples in iter_units(cfg):
             num_shards = index + 1
-            if samples is None or os.path.exists(os.path.join(cfg.out, "staging", shard_name(index) + ".json")) \
-                    or os.path.exists(os.path.join(cfg.out, "shards", shard_name(index) + ".json")):
-                continue  # another rank's shard, or already staged
+            if samples is None or _current(os.path.join(cfg.out, "staging", shard_name(index) + ".json"), stage_key) \
+                    or _current(os.path.join(cfg.out, "shards", shard_name(index) + ".json"), caption_key):
+                continue  # another rank's shard, or already staged under these settings
             m = stage_shard(cfg, index, report, samples, pool, bar)
             staged_new += len(m["keys"])
             reports.merge(report)
@@ -510,9 +655,10 @@ def pack(cfg: PackConfig) -> dict:
     plan_path = os.path.join(cfg.out, "plan.json")
 
     # stage 2 (every rank: its share of the join and of the caption store; rank 0 writes plan.json last)
-    if not os.path.exists(plan_path):
-        if not _wait_for(staging, cfg, "staged shards") or not build_captions(cfg, num_shards) \
-                or not _wait_for([plan_path], cfg, "caption plan"):
+    if not _current(plan_path, caption_key):
+        if not _wait_for(staging, cfg, "staged shards", lambda p: _current(p, stage_key)) \
+                or not build_captions(cfg, num_shards) \
+                or not _wait_for([plan_path], cfg, "caption plan", lambda p: _current(p, caption_key)):
             return {"staged": staged_new, "complete": False}
     with open(plan_path) as f:
         plan = json.load(f)
@@ -520,13 +666,13 @@ def pack(cfg: PackConfig) -> dict:
     # stage 3
     store = CaptionStore(os.path.join(cfg.out, "captions"))
     mine = [s for i, s in enumerate(plan["shards"]) if i % cfg.world_size == cfg.rank
-            and not os.path.exists(os.path.join(cfg.out, "shards", s["name"] + ".json"))]
+            and not _current(os.path.join(cfg.out, "shards", s["name"] + ".json"), caption_key)]
     finalized = 0
     for shard in tqdm(mine, desc="pack: write ffcv + dali", unit="shard"):
         finalize_shard(cfg, shard, store)
         finalized += shard["num_samples"]
     done_paths = [os.path.join(cfg.out, "shards", s["name"] + ".json") for s in plan["shards"]]
-    if not _wait_for(done_paths, cfg, "final shards"):
+    if not _wait_for(done_paths, cfg, "final shards", lambda p: _current(p, caption_key)):
         return {"staged": staged_new, "finalized": finalized, "complete": False}
 
     # meta.json last: the dataset exists from here on
@@ -539,10 +685,14 @@ def pack(cfg: PackConfig) -> dict:
             "shards": shards, "keys_file": "keys.txt",
             "source": {"input": cfg.input, "rewrites": cfg.rewrites, "rewrites_given": plan["rewrites_given"],
                        "rewrites_matched": plan["rewrites_matched"]},
-            "text_counts": plan["text_counts"], "skipped": plan["skipped"]}
+            "text_counts": plan["text_counts"], "skipped": plan["skipped"], "settings": settings,
+            "files": _other_files(cfg.out)}
     atomic_write_bytes(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1).encode())
     if cfg.rank == 0 and not cfg.keep_staging:
         shutil.rmtree(os.path.join(cfg.out, "staging"), ignore_errors=True)
+    if cfg.rank == 0:  # every shard is final: nothing is being written any more
+        remove_temp_files(cfg.out)
+        _remove_other_shards(cfg.out, {s["name"] for s in shards})
     elapsed = time.time() - t0
     nbytes = sum(f["bytes"] for s in shards for f in s["files"].values())
     summary = {"complete": True, "num_samples": plan["num_samples"], "new_samples": staged_new, "finalized_samples": finalized,
@@ -577,5 +727,16 @@ def main(argv=None) -> dict:
     return pack(parse_args(argv))
 
 
+def cli(argv=None) -> None:
+    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 1."""
+    from loaders.ingest import IngestError
+    from loaders.store import StoreError
+
+    try:
+        main(argv)
+    except (PackError, IngestError, StoreError) as e:
+        sys.exit(f"pack: error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -136,16 +136,17 @@ _MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN_64 = np.uint64(0x9E3779B97F4A7C15)
 CROP_SALT = np.uint64(0x43524F50)  # "CROP"
 FLIP_SALT = np.uint64(0x464C4950)  # "FLIP"
+SIMCLR_SALT = np.uint64(0x53494D43)  # "SIMC": SLIP's colour jitter, grayscale and blur
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def _mix(z):
     z = (z ^ (z >> np.uint64(30))) * _MIX_1
     z = (z ^ (z >> np.uint64(27))) * _MIX_2
     return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def sample_stream(seed, epoch, index, salt, view):
     """A uint64 key for one (seed, epoch, sample, purpose, view); draws then hash (key, k)."""
     epoch_key = _mix(np.uint64(seed) * _GOLDEN_64 + np.uint64(epoch))
@@ -153,13 +154,13 @@ def sample_stream(seed, epoch, index, salt, view):
     return _mix(_mix(sample_key ^ (np.uint64(salt) * _GOLDEN_64)) + np.uint64(view) * _GOLDEN_64)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def uniform(key, k):
     """The k-th uniform float in [0, 1) of stream `key` (53 random bits)."""
     return np.float64(_mix(key + np.uint64(k + 1) * _GOLDEN_64) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def crop_box(seed, epoch, index, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi, view=0):
     """torchvision RandomResizedCrop.get_params for one sample: (top, left, h, w).
 
@@ -187,7 +188,18 @@ def crop_box(seed, epoch, index, height, width, scale_lo, scale_hi, ratio_lo, ra
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def flip(seed, epoch, index, view=0):
     """Whether sample `index` is mirrored left-right in this epoch (probability 1/2)."""
     return uniform(sample_stream(seed, epoch, index, FLIP_SALT, view), 0) < 0.5
+
+
+@numba.njit(nogil=True)
+def sample_uniforms(seed, epoch, indices, salt, view, count):
+    """float64 [len(indices), count]: row i holds the uniforms of sample indices[i]'s (salt, view) stream."""
+    out = np.empty((indices.shape[0], count), dtype=np.float64)
+    for i in range(indices.shape[0]):
+        key = sample_stream(seed, epoch, indices[i], salt, view)
+        for k in range(count):
+            out[i, k] = uniform(key, k)
+    return out

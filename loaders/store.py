@@ -460,18 +460,27 @@ class CaptionStore:
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.exists(manifest_path):
             raise StoreError(f"{path}: no {MANIFEST}: not a caption store, or its write did not finish")
-        with open(manifest_path) as f:
-            self.manifest = json.load(f)
+        try:
+            with open(manifest_path, "rb") as f:
+                self.manifest = json.loads(f.read())
+            counts = [int(s["num_samples"]) for s in self.manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+            raise StoreError(f"{manifest_path}: corrupted manifest ({type(e).__name__}: {e})") from None
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{manifest_path}: format version {self.manifest.get('format_version')}, "
                              f"this reader reads {FORMAT_VERSION}")
         if self.manifest["tokenizer"]["vocab_sha256"] != tokenizer_identity()["vocab_sha256"]:
             raise StoreError(f"{manifest_path}: written with another tokenizer vocabulary")
-        counts = [s["num_samples"] for s in self.manifest["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
         self._shards: list[_Shard | None] = [None] * len(counts)
-        with open(os.path.join(path, DICTIONARY), "rb") as f:
-            self.dictionary = f.read()
+        dict_path = os.path.join(path, DICTIONARY)
+        try:
+            with open(dict_path, "rb") as f:
+                self.dictionary = f.read()
+        except OSError as e:
+            raise StoreError(f"{dict_path}: cannot read the zstd dictionary ({e})") from None
+        if hashlib.sha256(self.dictionary).hexdigest() != self.manifest.get("dictionary_sha256"):
+            raise StoreError(f"{dict_path}: checksum mismatch with {MANIFEST} (the dictionary is corrupted)")
         self.codec = RecordCodec(self.dictionary, self.manifest["zstd_level"])
         self.num_texts = self.manifest["num_texts"]
 
@@ -499,6 +508,17 @@ class CaptionStore:
                 raise StoreError(f"{shard.path}: {len(shard)} samples, manifest says {entry['num_samples']}")
             self._shards[k] = shard
         return shard
+
+    def verify(self) -> None:
+        """Read every shard: header, dictionary, offset index and every block's CRC (StoreError names
+        the file and block). What a reader would otherwise find only at the damaged sample."""
+        for k in range(len(self._shards)):
+            shard = self._shard(k)
+            for first in range(0, len(shard), shard.block_size):
+                shard.record(first)
+            if len(shard) and int(shard.offsets[-1]) != shard.footer["index_offset"]:
+                raise StoreError(f"{shard.path}: offset index ends at {int(shard.offsets[-1])}, records end at "
+                                 f"{shard.footer['index_offset']} (file corrupted)")
 
     def record(self, i: int) -> bytes:
         """Sample i's compressed record (what FFCV/DALI files carry)."""

@@ -2,34 +2,40 @@
 
 It reads the DALI tars directly: the webdataset index (.idx) gives each member's offset, so a sample is
 two slices of a memory-mapped tar (JPEG and caption record), with no tar parsing at load time. A worker
-process produces whole batches (map-style over batch numbers), so the batch content is the same for any
-worker count and `start_batch` simply starts the batch range later. Decoding is simplejpeg
-(libjpeg-turbo), the crop is cv2, the caption record is decoded with the store's RecordCodec and the
-text drawn with draw_text_index(seed, epoch, global index, n_texts).
+process produces whole batches (map-style over batch numbers); every random choice is a function of
+(seed, epoch, global index): the crop box is sampling.crop_box, the text draw_text_index, SLIP's colour
+parameters augment.simclr_view_seeded. So the batch content is the same for any worker count and
+`start_batch` simply starts the batch range later. Decoding is simplejpeg (libjpeg-turbo), the crop is cv2.
+
+A sample that does not decode (corrupted JPEG or caption record) raises PackError naming the tar, the
+sample's key and index; the error reaches the training loop and the workers are shut down (they keep the
+default SIGTERM handling: a worker that ignored it would hang its parent's exit forever).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
-import signal
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import simplejpeg
 import torch
+import zstandard
 
 from loaders import augment
-from loaders.sampling import EpochSampler, ShardTable
+from loaders.sampling import EpochSampler, ShardTable, crop_box
 from loaders.store import CaptionStore, RecordCodec, draw_text_index, pad_tokens
 
 CONTEXT_LENGTH = 77
 
 
-from loaders.pack import PackError  # noqa: E402  (one error type for every packed-file problem)
+from loaders.pack import PackError, record_crc_file  # noqa: E402  (one error type for every packed-file problem)
 
 
 @dataclass
@@ -43,13 +49,27 @@ class PackedMeta:
     def shard_names(self) -> list[str]:
         return [s["name"] for s in self.meta["shards"]]
 
+    def record_crcs(self) -> np.ndarray:
+        """uint32 [num_samples, 2]: CRC-32 of each sample's JPEG and caption record, as packed."""
+        parts = []
+        for shard in self.meta["shards"]:
+            rel = record_crc_file(shard["name"])
+            if rel not in shard.get("files", {}):
+                raise PackError(f"{self.root}: packed without per-record checksums ({rel}); re-pack it to "
+                                "check records while loading")
+            parts.append(np.fromfile(self.root / rel, dtype="<u4").reshape(-1, 2))
+        return np.concatenate(parts)
+
 
 def read_meta(root: str | os.PathLike) -> PackedMeta:
     root = Path(root)
     path = root / "meta.json"
     if not path.is_file():
         raise PackError(f"{path}: missing (not a packed dataset root?)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError as e:  # UnicodeDecodeError included
+        raise PackError(f"{path}: not valid JSON ({e}): corrupted?") from None
     if meta.get("format_version") != 1:
         raise PackError(f"{path}: format_version {meta.get('format_version')!r}, expected 1")
     shards = ShardTable.from_meta(meta)
@@ -66,6 +86,15 @@ def read_meta(root: str | os.PathLike) -> PackedMeta:
     if len(store) != meta["num_samples"]:
         raise PackError(f"{root / 'captions'}: {len(store)} records, meta.json says {meta['num_samples']}")
     return PackedMeta(root, meta, shards, store.dictionary)
+
+
+def sample_key(root: Path, index: int) -> str:
+    """The key of sample `index` (line index of keys.txt), for error messages; "?" if unreadable."""
+    try:
+        with open(Path(root) / "keys.txt", encoding="utf-8", errors="replace") as f:
+            return next(itertools.islice(f, index, None)).strip()
+    except (OSError, StopIteration):
+        return "?"
 
 
 def parse_tar_index(idx_path: Path, tar_path: Path, num_samples: int) -> np.ndarray:
@@ -130,8 +159,9 @@ def _scan_tar(tar_path: Path, names: list) -> np.ndarray:
 class TarShards:
     """Random access to the JPEG and caption record of any global index, over the DALI tars (mmap)."""
 
-    def __init__(self, packed: PackedMeta):
+    def __init__(self, packed: PackedMeta, check_records: bool = False):
         self.packed = packed
+        self.crcs = packed.record_crcs() if check_records else None
         self.first = packed.shards.first_index
         self.tables, self.paths = [], []
         for shard in packed.meta["shards"]:
@@ -160,6 +190,19 @@ class TarShards:
         shard, row = self._locate(index)
         return self._map(shard)[row[2]:row[2] + row[3]]
 
+    def check(self, index: int, data, column: int) -> None:
+        """Compare a member's CRC-32 with the one recorded at pack time (column 0: JPEG, 1: record)."""
+        if zlib.crc32(data) != int(self.crcs[index, column]):
+            what = ("JPEG", "caption record")[column]
+            raise self.error(index, f"{what} checksum mismatch (the file is corrupted)")
+
+    def error(self, index: int, what: str) -> PackError:
+        shard, row = self._locate(index)
+        header = self._map(shard)[row[0] - 512:row[0] - 412]  # the tar header names the member
+        name = header.split(b"\0", 1)[0].decode("utf-8", "replace")
+        key = name.rsplit(".", 1)[0] if name.endswith(".jpg") else "?"
+        return PackError(f"{self.paths[shard]}: sample {index} (key {key}): {what}")
+
     def __getstate__(self):  # mmaps do not pickle: workers reopen them
         return {**self.__dict__, "_maps": {}}
 
@@ -182,40 +225,53 @@ class _Batches(torch.utils.data.Dataset):
     """Map-style over batch numbers: item b = the whole batch b of this rank's epoch order."""
 
     def __init__(self, shards: TarShards, sampler: EpochSampler, *, text_mode, max_texts, image_size,
-                 augment_images, slip_views, draw_text=True):
+                 augment_images, slip_views, draw_text=True, check_records=False):
         self.shards, self.sampler = shards, sampler
         self.text_mode, self.max_texts, self.image_size = text_mode, max_texts, image_size
         self.augment_images, self.slip_views, self.draw_text = augment_images, slip_views, draw_text
+        self.check_records = check_records
         self.codec = RecordCodec(shards.packed.dictionary)
 
     def __len__(self):
         return self.sampler.num_batches
 
+    def _crop(self, img: np.ndarray, index: int, view: int) -> np.ndarray:
+        s, (h, w) = self.sampler, img.shape[:2]
+        if view:
+            box = crop_box(s.seed, s.epoch, index, h, w, *augment.SIMCLR_SCALE, *augment.CROP_RATIO, view)
+        elif self.augment_images:
+            box = crop_box(s.seed, s.epoch, index, h, w, *augment.CROP_SCALE, *augment.CROP_RATIO)
+        else:
+            box = augment.center_crop_box(h, w)
+        return augment.crop_resize(img, box, self.image_size)
+
     def __getitem__(self, b: int):
         s = self.sampler
         indices = s.batch_indices(b)
-        # Crop randomness from (seed, epoch, rank offset, batch): same crops for any worker count.
-        rng = np.random.default_rng([s.seed, s.epoch, s.offset, b, 7])
         size, n = self.image_size, len(indices)
         images = np.empty((n, size, size, 3), dtype=np.uint8)
         views = np.empty((2, n, size, size, 3), dtype=np.uint8) if self.slip_views else None
         tokens, masks = [], []
         for j, index in enumerate(indices.tolist()):
+            jpeg = self.shards.jpeg(index)
+            if self.check_records:
+                self.shards.check(index, jpeg, 0)
             try:
-                img = simplejpeg.decode_jpeg(self.shards.jpeg(index), colorspace="RGB")
+                img = simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
             except ValueError as e:
-                raise PackError(f"sample {index}: JPEG does not decode: {e}") from e
-            h, w = img.shape[:2]
-            box = (augment.random_resized_crop_box(h, w, rng) if self.augment_images
-                   else augment.center_crop_box(h, w))
-            images[j] = augment.crop_resize(img, box, size)
+                raise self.shards.error(index, f"JPEG does not decode ({e})") from None
+            images[j] = self._crop(img, index, 0)
             if views is not None:
-                for v in range(2):
-                    views[v, j] = augment.crop_resize(
-                        img, augment.random_resized_crop_box(h, w, rng, scale=augment.SIMCLR_SCALE), size)
+                views[0, j], views[1, j] = self._crop(img, index, 1), self._crop(img, index, 2)
             if self.draw_text:
-                t, m = texts_for(self.codec, self.shards.record(index), index, mode=self.text_mode,
-                                 seed=s.seed, epoch=s.epoch, max_texts=self.max_texts)
+                record = self.shards.record(index)
+                if self.check_records:
+                    self.shards.check(index, record, 1)
+                try:
+                    t, m = texts_for(self.codec, record, index, mode=self.text_mode,
+                                     seed=s.seed, epoch=s.epoch, max_texts=self.max_texts)
+                except (zstandard.ZstdError, ValueError, IndexError) as e:
+                    raise self.shards.error(index, f"caption record does not decode ({e})") from None
                 tokens.append(t)
                 masks.append(m)
         out = {"images": torch.from_numpy(images), "index": torch.from_numpy(indices)}
@@ -233,17 +289,16 @@ class TorchLoader:
 
     def __init__(self, root, *, batch_size, text_mode, seed, epoch, rank=0, world_size=1, num_workers=1,
                  image_size=224, max_texts=5, slip_views=False, start_batch=0, drop_last=True, augment=True,
-                 draw_text=True, return_dict=False, normalize=True):
+                 draw_text=True, return_dict=False, normalize=True, check_records=False):
         packed = read_meta(root)
         self.sampler = EpochSampler(packed.shards, seed=seed, epoch=epoch, batch_size=batch_size, rank=rank,
                                     world_size=world_size, drop_last=drop_last, start_batch=start_batch)
-        self.dataset = _Batches(TarShards(packed), self.sampler, text_mode=text_mode, max_texts=max_texts,
-                                image_size=image_size, augment_images=augment, slip_views=slip_views,
-                                draw_text=draw_text)
+        self.dataset = _Batches(TarShards(packed, check_records), self.sampler, text_mode=text_mode,
+                                max_texts=max_texts, image_size=image_size, augment_images=augment,
+                                slip_views=slip_views, draw_text=draw_text, check_records=check_records)
         self.num_workers, self.text_mode, self.slip_views = num_workers, text_mode, slip_views
         self.normalize = normalize
         self.return_dict = return_dict or slip_views
-        self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
 
     def __len__(self):
         return len(self.sampler)
@@ -252,19 +307,13 @@ class TorchLoader:
         order = range(self.sampler.start_batch, self.sampler.num_batches)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=order, num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
-            worker_init_fn=_ignore_sigterm)
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+        s = self.sampler
         for raw in loader:
-            yield finish_batch(raw, self.text_mode, self.return_dict, self.generator, self.normalize)
+            yield finish_batch(raw, self.text_mode, self.return_dict, (s.seed, s.epoch), self.normalize)
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # Launchers and schedulers send SIGTERM to the whole process tree; the trainer checkpoints and
-    # exits on it, which needs its workers alive until then (they exit with their parent).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def finish_batch(raw: dict, text_mode: str, return_dict: bool, generator=None, normalize=True):
+def finish_batch(raw: dict, text_mode: str, return_dict: bool, seed_epoch: tuple[int, int], normalize=True):
     """Normalise images (and SLIP views) in the consumer and shape the batch per the loader contract."""
     images = augment.normalize(raw["images"]) if normalize else raw["images"].permute(0, 3, 1, 2)
     out = {"images": images, "index": raw["index"]}
@@ -272,8 +321,9 @@ def finish_batch(raw: dict, text_mode: str, return_dict: bool, generator=None, n
         if key in raw:
             out[key] = raw[key]
     if "views" in raw:
-        out["view1"] = augment.simclr_view(raw["views"][0], generator)
-        out["view2"] = augment.simclr_view(raw["views"][1], generator)
+        index = raw["index"].numpy()
+        out["view1"] = augment.simclr_view_seeded(raw["views"][0], *seed_epoch, index, 1)
+        out["view2"] = augment.simclr_view_seeded(raw["views"][1], *seed_epoch, index, 2)
     if return_dict:
         return out
     if "tokens" not in out:

@@ -65,6 +65,11 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def has_tokens(text: str | None) -> bool:
+    """Whether a text gives at least one token: not empty once cleaned (ftfy drops control characters)."""
+    return bool(text) and bool(clean_caption(text))
+
+
 class _WordTable:
     """Word -> its BPE ids, kept as slices of one growing token buffer so a batch gathers in numpy.
 
@@ -146,9 +151,12 @@ class ClipTokenizer:
         table = self._words
         found = list(map(table.index.get, words))
         if None in found:
-            new = list({w for w, i in zip(words, found) if i is None})
+            new = list(dict.fromkeys(w for w, i in zip(words, found) if i is None))
             if table.num_words + len(new) > table.capacity:
+                # Full: start over, and re-encode every word of this batch (the ones found a moment ago
+                # are gone with the old table). A batch larger than the table still fits, for now.
                 table.clear()
+                new = [w for w in dict.fromkeys(words) if w not in table.index]
             for word, encoding in zip(new, self._bpe.encode_batch_fast(new, add_special_tokens=False)):
                 table.add(word, [self._special_ids[word]] if word in self._special_ids else encoding.ids)
             found = list(map(table.index.__getitem__, words))
