@@ -175,7 +175,6 @@ class DaliLoader:
                        slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
         self.text_mode, self.draw_text = text_mode, draw_text
         self.return_dict = return_dict or slip_views
-        self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
 
     def __len__(self):
         return len(self.sampler)
@@ -254,9 +253,10 @@ class DaliLoader:
             out["tokens"] = d["tokens"]
             if self.text_mode == "all":
                 out["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
-        if "v1" in d:
-            out["view1"] = aug.simclr_view(d["v1"], self.generator)
-            out["view2"] = aug.simclr_view(d["v2"], self.generator)
+        if "v1" in d:  # colour part per sample from (seed, epoch, index, view), like the crops
+            seed, epoch, index = self.sampler.seed, self.sampler.epoch, out["index"].numpy()
+            out["view1"] = aug.simclr_view_seeded(d["v1"], seed, epoch, index, 1)
+            out["view2"] = aug.simclr_view_seeded(d["v2"], seed, epoch, index, 2)
         if self.return_dict:
             return out
         if not self.draw_text:

@@ -24,7 +24,7 @@ def test_resumed_epoch_continues_with_the_same_crops_and_texts(packed):  # noqa:
     tail = run("dali", packed, epoch=2, batch_size=8, slip_views=True, start_batch=6)
     assert len(tail) == len(full) - 6
     for a, b in zip(full[6:], tail):
-        for key in ("images", "tokens", "index"):  # (SLIP's colour jitter is drawn in torch, not here)
+        for key in ("images", "tokens", "index", "view1", "view2"):
             assert torch.equal(a[key], b[key]), key
 
 
