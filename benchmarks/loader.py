@@ -34,6 +34,7 @@ import io
 import json
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -63,6 +64,8 @@ def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
                 texts = [f"clip art of {', '.join(kws[j::4][:3])}" for j in range(i % 5)]
                 f.write(json.dumps({"key": r["key"], "rewrites": texts}) + "\n")
     summary_path = os.path.join(CACHE, f"pack-summary-{len(rows)}.json")
+    if os.path.exists(os.path.join(out, "meta.json")) and not os.path.isdir(os.path.join(out, "checksums")):
+        shutil.rmtree(out)  # packed before per-record checksums existed: the checked rates need them
     if not os.path.exists(os.path.join(out, "meta.json")):
         summary = pack(PackConfig(input=folder, out=out, rewrites=rewrites, max_side=256, quality=90,
                                   samples_per_shard=samples_per_shard, workers=2))
