@@ -336,7 +336,8 @@ def measure(args) -> dict:
     nbytes = {"ffcv": 0, "dali": 0}
     for s in meta["shards"]:
         for rel, info in s["files"].items():
-            nbytes[rel.split("/")[0]] += info["bytes"]
+            folder = rel.split("/")[0]  # ffcv, dali, checksums (per-record CRCs, shared by both)
+            nbytes[folder] = nbytes.get(folder, 0) + info["bytes"]
     from loaders.store import store_bytes
 
     n = meta["num_samples"]
