@@ -291,12 +291,12 @@ def measure(args) -> dict:
                 r = epoch_rate(kind, root, w, draw, args.batch_size, epoch := epoch + 1)
                 (result[f"{kind}_samples_per_s"] if draw else no_draw[kind])[str(w)] = round(r, 1)
                 print(f"{kind} workers={w} draw={draw}: {r:.1f} samples/s", flush=True)
-    rounds = scaling_rounds(root, workers, args.batch_size, args.rounds, epoch)
-    epoch = rounds["epoch"]
+    scaling = scaling_rounds(root, workers, args.batch_size, args.rounds, epoch)
+    epoch = scaling["epoch"]
     for kind in ("ffcv", "dali"):  # the per-loader tables keep each configuration's best epoch
         for w in map(str, workers):
-            result[f"{kind}_samples_per_s"][w] = max(result[f"{kind}_samples_per_s"][w], rounds["rates"][kind]["on"][w])
-            no_draw[kind][w] = max(no_draw[kind][w], rounds["rates"][kind]["off"][w])
+            result[f"{kind}_samples_per_s"][w] = max(result[f"{kind}_samples_per_s"][w], scaling["rates"][kind]["on"][w])
+            no_draw[kind][w] = max(no_draw[kind][w], scaling["rates"][kind]["off"][w])
     best = max(KINDS, key=lambda k: result[f"{k}_samples_per_s"]["1"])
     # The machine is shared: rates swing +-10% between epochs. So the fastest loader (draw on, off) and
     # the decode-bound loop are measured in alternating rounds, and each keeps its best round.
@@ -373,7 +373,7 @@ def measure(args) -> dict:
         "bytes_per_sample": {"ffcv": round(nbytes["ffcv"] / n, 1), "dali": round(nbytes["dali"] / n, 1),
                              "captions": round(store_bytes(os.path.join(root, "captions")) / n, 1)},
         "pack": {k: pack_summary.get(k) for k in ("seconds", "samples_per_s", "bytes")},
-        **scaling_summary(rounds, workers),
+        **scaling_summary(scaling, workers),
     })
     return result
 
