@@ -69,17 +69,17 @@ class ShardIndex:
             self._lines[shard] = np.array(rows, dtype=object)
         return self._lines[shard]
 
-    def _line(self, index: int) -> tuple[int, list[bytes]]:
+    def locate(self, index: int) -> tuple[int, list[bytes]]:
         shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
         return shard, self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
 
     def key(self, index: int) -> str:
         """The sample key of a global index (for error messages)."""
-        return self._line(index)[1][3].decode().rsplit(".", 1)[0]
+        return self.locate(index)[1][3].decode().rsplit(".", 1)[0]
 
     def jpeg(self, index: int) -> tuple[str, bytes]:
         """(tar path, JPEG bytes) of a global index, read directly (error diagnosis only)."""
-        shard, parts = self._line(index)
+        shard, parts = self.locate(index)
         at = parts.index(b"jpg")
         offset, size = int(parts[at + 1]), int(parts[at + 2])
         with open(self.tar(shard), "rb") as f:
@@ -117,8 +117,8 @@ class ShardIndex:
         return tars, indexes
 
 
-def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_size, augment_images, slip_views,
-                   seed, epoch, device_id, normalize=True):
+def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_workers, image_size, slip_views, seed, epoch,
+                   device_id, normalize=True):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
@@ -128,8 +128,8 @@ def build_pipeline(tars, indexes, *, op, resize, batch_size, num_workers, image_
             paths=tars, index_paths=indexes, ext=["jpg", "cap", "idx"], dtypes=[types.UINT8] * 3,
             random_shuffle=False, pad_last_batch=True, name="reader")
         shape = fn.peek_image_shape(jpeg, dtype=types.INT64)
-        params = types.Constant(np.array([seed, epoch], dtype=np.int64), dtype=types.INT64, device="cpu")
-        index, boxes, tokens = op(idx, shape, record, params)
+        params = types.Constant(np.array([seed, epoch, crc_table], dtype=np.int64), dtype=types.INT64, device="cpu")
+        index, boxes, tokens = op(idx, shape, record, jpeg, params)
         decoder = "mixed" if device_id is not None else "cpu"
 
         def view(v):
@@ -158,7 +158,7 @@ class DaliLoader:
 
     def __init__(self, root, *, batch_size, text_mode, seed, epoch, rank=0, world_size=1, num_workers=1,
                  image_size=224, max_texts=5, slip_views=False, start_batch=0, drop_last=True, augment=True,
-                 draw_text=True, return_dict=False, normalize=True):
+                 draw_text=True, return_dict=False, normalize=True, check_records=False):
         _import_dali()
         self.packed = read_meta(root)
         self.sampler = EpochSampler(self.packed.shards, seed=seed, epoch=epoch, batch_size=batch_size,
@@ -168,12 +168,13 @@ class DaliLoader:
         main = (*augment_scale(augment), 0)
         views = (main,) + (((*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 1),
                             (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if slip_views else ())
-        self.op_config = dict(mode=text_mode if draw_text else None, max_texts=max_texts, views=views)
+        self.op_config = dict(mode=text_mode if draw_text else None, max_texts=max_texts, views=views,
+                              check=check_records)
+        self.crcs = self.packed.record_crcs() if check_records else None  # kept alive: the op reads it
         self.kw = dict(batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                       augment_images=augment, slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
+                       slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
         self.text_mode, self.draw_text = text_mode, draw_text
         self.return_dict = return_dict or slip_views
-        self.generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
 
     def __len__(self):
         return len(self.sampler)
@@ -196,8 +197,9 @@ class DaliLoader:
             tars, indexes = self.index.write_epoch(self.sampler, folder)
             from loaders.dali_ops import resize_op
 
+            crc_table = 0 if self.crcs is None else self.crcs.ctypes.data
             pipe = build_pipeline(tars, indexes, op=self._op(), resize=resize_op(self.kw["image_size"]),
-                                  device_id=_gpu_id(), **self.kw)
+                                  crc_table=crc_table, device_id=_gpu_id(), **self.kw)
             names = ["images", "tokens", "index"] + (["v1", "v2"] if self.kw["slip_views"] else [])
             it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=False,
                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
@@ -227,25 +229,34 @@ class DaliLoader:
         return (f"{self.packed.root}/dali: DALI stopped at batch {batch} of epoch {self.sampler.epoch}: "
                 f"{lines[-1] if lines else error!r}")
 
-    def _bad_record(self, index: int) -> str:
+    def _bad_record(self, index: int, flag: int) -> str:
+        from loaders.dali_ops import JPEG_CRC_MISMATCH, RECORD_CRC_MISMATCH
+
         if index < 0:
             return f"{self.packed.root}/dali: a sample's .idx member is not a decimal index (corrupted tar?)"
-        return (f"{self.index.tar(self.index._line(index)[0])}: caption record of sample {index} "
+        where = f"{self.index.tar(self.index.locate(index)[0])}: sample {index} (key {self.index.key(index)!r})"
+        if flag == JPEG_CRC_MISMATCH:
+            return f"{where}: JPEG checksum mismatch with the pack's per-record CRC-32 (corrupted)"
+        if flag == RECORD_CRC_MISMATCH:
+            return f"{where}: caption record checksum mismatch with the pack's per-record CRC-32 (corrupted)"
+        return (f"{self.index.tar(self.index.locate(index)[0])}: caption record of sample {index} "
                 f"(key {self.index.key(index)!r}) does not decompress (corrupted?)")
 
     def _finish(self, d):
         images = d["images"] if self.kw["normalize"] else d["images"].permute(0, 3, 1, 2)
         out = {"images": images, "index": d["index"].view(-1)}
+        flags = d["tokens"].flatten(1)[:, 0]
+        if (flags < 0).any():
+            row = int((flags < 0).nonzero()[0])
+            raise PackError(self._bad_record(int(out["index"][row]), int(flags[row])))
         if self.draw_text:
-            bad = d["tokens"].flatten(1)[:, 0] < 0
-            if bad.any():
-                raise PackError(self._bad_record(int(out["index"][bad][0])))
             out["tokens"] = d["tokens"]
             if self.text_mode == "all":
                 out["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
-        if "v1" in d:
-            out["view1"] = aug.simclr_view(d["v1"], self.generator)
-            out["view2"] = aug.simclr_view(d["v2"], self.generator)
+        if "v1" in d:  # colour part per sample from (seed, epoch, index, view), like the crops
+            seed, epoch, index = self.sampler.seed, self.sampler.epoch, out["index"].numpy()
+            out["view1"] = aug.simclr_view_seeded(d["v1"], seed, epoch, index, 1)
+            out["view2"] = aug.simclr_view_seeded(d["v2"], seed, epoch, index, 2)
         if self.return_dict:
             return out
         if not self.draw_text:

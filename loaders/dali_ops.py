@@ -17,13 +17,31 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from loaders import ffcv_loader, sampling
 from loaders.ffcv_loader import (RECORD_CAPACITY, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS, _create_dctx, _decompress,
-                                 _draw, _free_dctx, _is_error, _pad, _ref_ddict, _set_param)
-from loaders.sampling import crop_box
+                                 _free_dctx, _is_error, _memcpy, _ref_ddict, _set_param)
+
+# Our own dispatchers of the shared draw, padding and crop code: FFCV's decoder threads compile their
+# signatures of these functions at first use, and numba can fail when a dispatcher another caller has
+# already compiled gets a new signature from two threads at once (seen as a hung FFCV epoch).
+_draw = numba.njit(nogil=True)(ffcv_loader._draw.py_func)
+_pad = numba.njit(nogil=True)(ffcv_loader._pad.py_func)
+crop_box = numba.njit(nogil=True)(sampling.crop_box.py_func)
 
 CONTEXT_LENGTH = 77
 MODES = {"rewrite": 0, "original": 1, "all": 2, None: 3}   # None: no caption (benchmarks' draw off)
-BAD_RECORD = -1
+BAD_RECORD, JPEG_CRC_MISMATCH, RECORD_CRC_MISMATCH = -1, -2, -3   # flags in a sample's first token
+
+
+def _zlib_crc32():
+    import ctypes
+
+    fn = ctypes.CDLL("libz.so.1").crc32
+    fn.restype, fn.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
+    return fn
+
+
+_crc32 = _zlib_crc32()
 MAX_TEXTS = RECORD_CAPACITY // 2  # more texts than uint16 words cannot fit a record
 
 
@@ -59,9 +77,11 @@ def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
     return n_texts if at == got else np.int64(-1)
 
 
-def _compile(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: int, eot: int):
-    """A DALI NumbaFunction: (idx, image shape, record, params) -> (index, boxes [views, 4], tokens).
-    views: (scale_lo, scale_hi, ratio_lo, ratio_hi, view) per output image; scale_lo < 0 = centre square."""
+def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
+    """A DALI NumbaFunction: (idx, image shape, record, jpeg, params) -> (index, boxes [views, 4], tokens).
+    views: (scale_lo, scale_hi, ratio_lo, ratio_hi, view) per output image; scale_lo < 0 = centre square.
+    params: seed, epoch and (check=True) the address of the uint32 [N, 2] table of per-record CRC-32s
+    (JPEG, caption record) written at pack time, which the sample's bytes must match."""
     from nvidia.dali import types
     from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
@@ -76,7 +96,7 @@ def _compile(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: in
             for d in range(len(token_shape)):
                 outs[2][s][d] = token_shape[d]
 
-    def run(index_out, boxes_out, tokens_out, idx_in, shape_in, record_in, params_in):
+    def run(index_out, boxes_out, tokens_out, idx_in, shape_in, record_in, jpeg_in, params_in):
         buf = np.empty(RECORD_CAPACITY, dtype=np.uint8)
         starts = np.empty(MAX_TEXTS, dtype=np.int64)
         lengths = np.empty(MAX_TEXTS, dtype=np.int64)
@@ -100,6 +120,15 @@ def _compile(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: in
                     boxes_out[s][v, j] = box[j]
             tokens = tokens_out[s]
             tokens[:] = 0
+            if check and index >= 0:
+                expected = np.empty(2, dtype=np.uint32)
+                _memcpy(expected.ctypes.data, params_in[s][2] + 8 * index, 8)
+                if _crc32(0, jpeg_in[s].ctypes.data, jpeg_in[s].shape[0]) != expected[0]:
+                    tokens.reshape(-1)[0] = JPEG_CRC_MISMATCH
+                    continue
+                if _crc32(0, record_in[s].ctypes.data, record_in[s].shape[0]) != expected[1]:
+                    tokens.reshape(-1)[0] = RECORD_CRC_MISMATCH
+                    continue
             if mode_id == 3:
                 continue
             n_texts = unpack_record(dctx, buf, record_in[s], starts, lengths) if index >= 0 else -1
@@ -115,16 +144,16 @@ def _compile(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: in
 
     return NumbaFunction(run_fn=run, setup_fn=setup, batch_processing=True,
                          out_types=[types.INT64, types.FLOAT, types.INT32],
-                         in_types=[types.UINT8, types.INT64, types.UINT8, types.INT64],
-                         outs_ndim=[1, 2, len(token_shape)], ins_ndim=[1, 1, 1, 1])
+                         in_types=[types.UINT8, types.INT64, types.UINT8, types.UINT8, types.INT64],
+                         outs_ndim=[1, 2, len(token_shape)], ins_ndim=[1, 1, 1, 1, 1])
 
 
 _COMPILED: dict = {}
 
 
-def sample_op(mode: str | None, max_texts: int, views: tuple, ddict: int, sot: int, eot: int):
+def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
     """The compiled operator for this configuration, built on first use and kept for the process."""
-    key = (mode, max_texts, views, ddict, sot, eot)
+    key = (mode, max_texts, views, check, ddict, sot, eot)
     if key not in _COMPILED:
         _COMPILED[key] = _compile(*key)
     return _COMPILED[key]

@@ -1,16 +1,26 @@
-"""The caption join of `loaders.pack`, on disk: sample keys and rewrites indexed in SQLite.
+"""The caption join of `loaders.pack`, on disk and sharded over the packing ranks by key hash.
 
 Packing joins every sample with its rewrites by key and refuses duplicate keys. Held in Python dicts and
 sets, that costs memory in proportion to the set (LAION-400M: 400M keys and ~2e9 rewrites, far past any
-machine's RAM). Here both live in one SQLite file beside the staged shards: memory stays at SQLite's
-page cache whatever the size, and the join reads one staged shard at a time.
+machine's RAM), and on one rank it costs time in proportion to the set. So the join is a small
+map-reduce over the W ranks, through files beside the staged shards (join/):
+
+  scatter (rank r)   its part of the rewrite input (rewrite-store shards s % W == r, or byte range r of a
+                     JSONL) and the samples of the shards it staged go to W bucket files by key hash:
+                     rewrites and lookups by the rewrite key, sample keys (duplicate check) by the key;
+  join (partition r) the buckets sent to r are joined in a SQLite file (memory at its page cache): every
+                     lookup gets [caption] + its rewrites, sent on to the rank that owns the sample's shard;
+  gather (rank r)    the joined texts of each shard it owns, in shard order (loaders.pack writes them as
+                     that shard's part of the caption store).
+Every step of a rank reads and writes O(N / W) rows; the only whole-set steps left are O(#shards).
 """
 from __future__ import annotations
 
 import json
 import os
 import sqlite3
-from typing import Iterable, Iterator
+import zlib
+from typing import Callable, Iterable, Iterator
 
 from loaders.ingest import read_jsonl
 
@@ -28,13 +38,148 @@ def iter_rewrite_rows(path: str, error=ValueError) -> Iterator[tuple[str, list[s
             yield key, rewrites
         return
     for line_no, row in read_jsonl(path, error):
-        try:
-            key, texts = row["key"], row["rewrites"]
-        except KeyError as e:
-            raise error(f"{path}:{line_no}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise error(f"{path}:{line_no}: 'rewrites' must be a list of strings")
-        yield str(key), texts
+        yield _rewrite_row(row, f"{path}:{line_no}", error)
+
+
+def _rewrite_row(row, where: str, error) -> tuple[str, list[str]]:
+    try:
+        key, texts = row["key"], row["rewrites"]
+    except (KeyError, TypeError) as e:
+        raise error(f"{where}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise error(f"{where}: 'rewrites' must be a list of strings")
+    return str(key), texts
+
+
+def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError) -> Iterator[tuple[str, list[str]]]:
+    """Rank `rank`'s share of the rewrite input: the rewrite-store shards s % parts == rank, or the JSONL
+    lines that start in byte range [rank, rank + 1) * size / parts. The shares of all ranks are the input."""
+    if os.path.isdir(path):
+        from rewrite.store import iter_rewrites, read_run
+
+        mine = set(range(rank, read_run(path)["num_shards"], parts))
+        for key, _, rewrites in iter_rewrites(path, shards=mine):
+            yield key, rewrites
+        return
+    size = os.path.getsize(path)
+    start, end = size * rank // parts, size * (rank + 1) // parts
+    with open(path, "rb") as f:
+        if start > 0:  # a line belongs to the part it starts in: skip the one running into ours
+            f.seek(start - 1)
+            f.readline()
+        while f.tell() < end:
+            at, line = f.tell(), f.readline()
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise error(f"{path}: line at byte {at}: invalid JSON ({e})") from None
+            yield _rewrite_row(row, f"{path}: line at byte {at}", error)
+
+
+def partition(key: str, parts: int) -> int:
+    """The join partition of a key: stable across processes and machines (Python's hash() is salted)."""
+    return zlib.crc32(key.encode("utf-8")) % parts
+
+
+class Buckets:
+    """One JSONL file per destination partition, from one source rank; all appear at close (atomic)."""
+
+    def __init__(self, folder: str, family: str, rank: int, parts: int):
+        self.paths = [bucket_path(folder, family, rank, d) for d in range(parts)]
+        self.files = [open(p + ".tmp", "w", encoding="utf-8") for p in self.paths]
+
+    def add(self, part: int, row) -> None:
+        self.files[part].write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        for f, path in zip(self.files, self.paths):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(path + ".tmp", path)
+
+
+def bucket_path(folder: str, family: str, source: int, dest: int) -> str:
+    return os.path.join(folder, f"{family}.{source:04d}-to-{dest:04d}.jsonl")
+
+
+def read_buckets(folder: str, family: str, dest: int, parts: int) -> Iterator:
+    """The rows every rank sent to partition `dest`, source by source."""
+    for source in range(parts):
+        with open(bucket_path(folder, family, source, dest), encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: Iterable[tuple[int, dict]],
+            error) -> None:
+    """Map step of rank `rank`: its rewrite share and its staged shards' samples into bucket files.
+    shards: (shard number, staged manifest) of the shards this rank staged."""
+    out = Buckets(folder, "rewrites", rank, parts)
+    for key, texts in (iter_rewrite_part(rewrites, rank, parts, error) if rewrites else ()):
+        out.add(partition(key, parts), [key, texts])
+    out.close()
+    lookups, keys = Buckets(folder, "lookups", rank, parts), Buckets(folder, "keys", rank, parts)
+    for shard, m in shards:
+        for pos, (key, rkey, caption) in enumerate(zip(m["keys"], m["rewrite_keys"], m["captions"])):
+            lookups.add(partition(rkey, parts), [shard, pos, rkey, caption])
+            keys.add(partition(key, parts), [key, shard])
+    lookups.close()
+    keys.close()
+
+
+def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], int],
+                   staged_path: Callable[[int], str], keep_text: Callable[[str], bool], error) -> dict:
+    """Reduce step for partition `rank`: duplicate-key check, then [caption] + the rewrites keep_text
+    accepts of every lookup, sent to the rank owning its shard. Returns counts (rewrite keys given,
+    lookups matched, rewrites dropped and the first keys concerned) and example keys for messages."""
+    join = CaptionJoin(os.path.join(folder, f"part-{rank:04d}.sqlite"))
+    try:
+        join.add_rewrites((key, texts) for key, texts in read_buckets(folder, "rewrites", rank, parts))
+        chunk: list = []
+        for row in _chained(read_buckets(folder, "keys", rank, parts), [None]):
+            if row is not None:
+                chunk.append(row)
+            if len(chunk) >= BULK_ROWS or (row is None and chunk):
+                duplicate = join.add_keys([k for k, _ in chunk])
+                if duplicate is not None:
+                    shard = [s for k, s in chunk if k == duplicate][-1]
+                    raise error(f"{staged_path(shard)}: duplicate sample key {duplicate!r}")
+                chunk = []
+        out, matched, dropped, dropped_keys, some_sample_key = Buckets(folder, "joined", rank, parts), 0, 0, [], None
+        for shard, pos, rkey, caption in read_buckets(folder, "lookups", rank, parts):
+            some_sample_key = some_sample_key or rkey
+            rewrites = join.rewrites(rkey)
+            matched += rewrites is not None
+            usable = [t for t in rewrites or [] if keep_text(t)]
+            if len(usable) < len(rewrites or []):
+                dropped += len(rewrites) - len(usable)
+                dropped_keys = (dropped_keys + [rkey])[:20]
+            out.add(owner(shard), [shard, pos, [caption] + usable])
+        out.close()
+        return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched,
+                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys,
+                "some_rewrite_key": join.some_rewrite_key(), "some_sample_key": some_sample_key}
+    finally:
+        join.close()
+
+
+def _chained(rows: Iterator, tail: list) -> Iterator:
+    yield from rows
+    yield from tail
+
+
+def gather(folder: str, rank: int, parts: int, sizes: dict[int, int], error) -> dict[int, list]:
+    """Texts of the shards this rank owns (sizes: shard -> samples), each list in shard order."""
+    texts = {shard: [None] * n for shard, n in sizes.items()}
+    for shard, pos, row in read_buckets(folder, "joined", rank, parts):
+        texts[shard][pos] = row
+    for shard, rows in texts.items():
+        if any(r is None for r in rows):
+            raise error(f"{folder}: joined texts of shard {shard} are incomplete (a partition was lost?)")
+    return texts
 
 
 class CaptionJoin:

@@ -7,8 +7,9 @@
 Three stages, each resumable (a finished file is never redone, a half-written one is never seen):
   1. stage (per shard, spread over ranks): decode, resize, JPEG-encode in a process pool; broken images are
      reported with key and file and skipped. Writes staging/part-XXXXX.tar (+ .json manifest, last).
-  2. captions (rank 0, once every shard is staged): the kept samples get their global index in shard
-     order; keys.txt and the caption store (original + rewrites joined by key) are written; plan.json last.
+  2. captions (every rank, once every shard is staged): the join of samples and rewrites by key, sharded
+     over the ranks by key hash (loaders.join), and one caption-store shard per pack shard, written by the
+     rank that owns it; rank 0 then writes the store manifest, keys.txt and plan.json (global indices, last).
   3. finalize (per shard, spread over ranks): ffcv/part-XXXXX.beton and dali/part-XXXXX.tar + .idx, both
      carrying the store's compressed record of each sample; shards/part-XXXXX.json (sizes, sha256) last.
   meta.json is written when every shard is final; then staging/ is removed.
@@ -237,88 +238,146 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
 
 
 # ---------------------------------------------------------------- stage 2: captions
-def build_captions(cfg: PackConfig, num_shards: int) -> dict:
-    """Join each staged sample with its rewrites (loaders.join: on disk, memory independent of the set's
-    size) into the caption store; write keys.txt and plan.json (last)."""
-    from loaders.join import CaptionJoin, iter_rewrite_rows
-    from loaders.store import write_store
+DICTIONARY_SAMPLES = 100_000  # caption-store dictionary: trained on shard 0's first samples, whatever W
 
-    staging = os.path.join(cfg.out, "staging")
-    key = settings_key(caption_settings(cfg))
-    captions_dir = os.path.join(cfg.out, "captions")
-    marker = os.path.join(captions_dir, "pack-settings.json")
-    if os.path.isdir(captions_dir) and not _current(marker, key):
-        shutil.rmtree(captions_dir)  # made under other settings (or before they were recorded): rebuild
-    atomic_write_bytes(marker, json.dumps({"settings": key}).encode())
-    join = CaptionJoin(os.path.join(staging, "join.sqlite"))
-    if cfg.rewrites:
-        join.add_rewrites(iter_rewrite_rows(cfg.rewrites, PackError))
-    shards, first, skipped, skipped_records = [], 0, {}, []
-    keys_path = os.path.join(cfg.out, "keys.txt")
-    keys_file = open(_tmp_path(keys_path), "w", encoding="utf-8")
-    try:
-        for i in range(num_shards):
-            m = read_staged(cfg.out, i, captions_only=True)
-            duplicate = join.add_keys(m["keys"])
-            if duplicate is not None:
-                raise PackError(f"{staging}/{shard_name(i)}.json: duplicate sample key {duplicate!r}")
-            keys_file.writelines(k + "\n" for k in m["keys"])
-            if m["keys"]:  # a shard whose images were all broken gets no files
-                shards.append({"name": shard_name(i), "num_samples": len(m["keys"]), "first_index": first})
-            first += len(m["keys"])
-            for reason, n in m["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
-            skipped_records += [{**r, "shard": shard_name(i)} for r in m.get("skipped_records", [])]
-        write_skip_report(cfg.out, skipped_records)
-        if first == 0:
-            raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
-    except BaseException:
-        keys_file.close()
-        os.remove(keys_file.name)
-        join.close()
-        raise
-    keys_file.close()
 
-    counts = {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0, "empty_rewrites_dropped": 0}
-    matched, dropped, example_key = [0], [], []
+def build_captions(cfg: PackConfig, num_shards: int) -> bool:
+    """This rank's share of the caption join (loaders.join: scatter by key hash, join its partition, gather
+    its shards' texts) and of the caption store (one store shard per pack shard it owns); then rank 0
+    writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
+    skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
+    from loaders import join
+    from loaders.store import save_dictionary, write_manifest, write_shard
 
-    def records():
-        for i in range(num_shards):
-            m = read_staged(cfg.out, i, captions_only=True)
-            for rkey, caption in zip(m["rewrite_keys"], m["captions"]):
-                example_key[:] = example_key or [rkey]
-                rewrites = join.rewrites(rkey)
-                matched[0] += rewrites is not None
-                usable = [t for t in rewrites or [] if has_tokens(t)]
-                if len(usable) < len(rewrites or []):  # nothing left once cleaned: not a text to train on
-                    counts["empty_rewrites_dropped"] += len(rewrites) - len(usable)
-                    if len(dropped) < 20:
-                        dropped.append({"file": cfg.rewrites, "key": rkey})
-                texts = [caption] + usable
+    world, rank = cfg.world_size, cfg.rank
+    folder = os.path.join(cfg.out, "staging", "join")
+    os.makedirs(folder, exist_ok=True)
+    mine = [i for i in range(num_shards) if i % world == rank]
+    key = settings_key(caption_settings(cfg))  # markers of a run under other settings do not count
+    store_dir = os.path.join(cfg.out, "captions")
+
+    def marker(step: str, r: int) -> str:
+        return os.path.join(folder, f"{step}.{r:04d}.json")
+
+    def keys_path(i: int) -> str:
+        return os.path.join(folder, f"keys.{shard_name(i)}.txt")
+
+    def finished(step: str, r: int = rank) -> bool:
+        return _current(marker(step, r), key)
+
+    def finish(step: str, content: dict) -> None:
+        atomic_write_bytes(marker(step, rank), json.dumps({**content, "settings": key}).encode())
+
+    def done(step: str) -> bool:
+        return _wait_for([marker(step, r) for r in range(world)], cfg, f"join step '{step}'", finished_marker)
+
+    def finished_marker(path: str) -> bool:
+        return _current(path, key)
+
+    def load(step: str) -> list[dict]:
+        return [json.load(open(marker(step, r))) for r in range(world)]
+
+    if not finished("scatter"):
+        if rank == 0:  # a caption store made under other settings (or before they were recorded): rebuild
+            settings_file = os.path.join(store_dir, "pack-settings.json")
+            if os.path.isdir(store_dir) and not _current(settings_file, key):
+                shutil.rmtree(store_dir)
+            atomic_write_bytes(settings_file, json.dumps({"settings": key}).encode())
+        sizes, skipped, skipped_records = {}, {}, []
+
+        def staged():
+            for i in mine:
+                m = read_staged(cfg.out, i, captions_only=True)
+                sizes[i] = len(m["keys"])
+                for reason, n in m["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+                skipped_records.extend({**r, "shard": shard_name(i)} for r in m.get("skipped_records", []))
+                atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
+                yield i, m
+
+        join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError)
+        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records})
+    if not done("scatter"):
+        return False
+    sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
+    if sum(sizes.values()) == 0:
+        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
+
+    if not finished("join"):
+        # a rewrite with no text left once cleaned is not a text to train on: dropped and counted
+        stats = join.join_partition(folder, rank, world, owner=lambda i: i % world, keep_text=has_tokens,
+                                    staged_path=lambda i: os.path.join(cfg.out, "staging", shard_name(i) + ".json"),
+                                    error=PackError)
+        finish("join", stats)
+    if not done("join"):
+        return False
+    joins = load("join")
+    if cfg.rewrites and sum(m["rewrites_matched"] for m in joins) == 0:  # every rank stops here
+        if rank == 0:
+            shutil.rmtree(store_dir, ignore_errors=True)
+        given = sum(m["rewrites_given"] for m in joins)
+        some = next((m["some_rewrite_key"] for m in joins if m["some_rewrite_key"] is not None), None)
+        sample = next(m["some_sample_key"] for m in joins if m["some_sample_key"] is not None)
+        raise PackError(f"{cfg.rewrites}: none of its {given} keys matches a sample of {cfg.input} "
+                        f"(its keys look like {some!r}, the samples' like {sample!r})")
+
+    if not finished("store"):
+        texts = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
+        if rank == 0:  # shard 0 is rank 0's: the dictionary does not depend on the number of ranks
+            dictionary = save_dictionary(store_dir, texts[0][:DICTIONARY_SAMPLES])
+        elif _wait_for([os.path.join(store_dir, "dictionary.zdict")], cfg, "caption dictionary"):
+            dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
+        else:
+            return False
+        entries, counts = {}, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
+        for i in mine:
+            if sizes[i]:  # a shard whose images were all broken gets no files
+                entries[i] = write_shard(store_dir, i, texts[i], dictionary)
+            for row in texts[i]:
                 counts["samples"] += 1
-                counts["with_rewrites"] += len(texts) > 1
-                counts["texts"] += len(texts)
-                counts["max_texts"] = max(counts["max_texts"], len(texts))
-                yield texts
+                counts["with_rewrites"] += len(row) > 1
+                counts["texts"] += len(row)
+                counts["max_texts"] = max(counts["max_texts"], len(row))
+        finish("store", {"entries": entries, "counts": counts})
+    if rank != 0:
+        return True
+    if not done("store"):
+        return False
 
-    write_store(captions_dir, records())
-    if cfg.rewrites and matched[0] == 0:
-        message = (f"{cfg.rewrites}: none of its {join.rewrites_given} keys matches a sample of {cfg.input} "
-                   f"(its keys look like {join.some_rewrite_key()!r}, the samples' like {example_key[0]!r})")
-        shutil.rmtree(captions_dir)
-        os.remove(keys_file.name)
-        join.close()
-        raise PackError(message)
-    if counts["empty_rewrites_dropped"]:
+    # rank 0, O(#shards): store manifest, keys.txt (a byte copy of per-shard key lists), plan.json last
+    stores, scatters = load("store"), load("scatter")
+    entries = {int(i): e for m in stores for i, e in m["entries"].items()}
+    dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
+    write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12)
+    shards, first = [], 0
+    for i in range(num_shards):
+        if sizes[i]:
+            shards.append({"name": shard_name(i), "num_samples": sizes[i], "first_index": first})
+            first += sizes[i]
+    keys_out = os.path.join(cfg.out, "keys.txt")
+    with open(_tmp_path(keys_out), "wb") as out:
+        for i in range(num_shards):
+            with open(keys_path(i), "rb") as f:
+                shutil.copyfileobj(f, out)
+    _fsync_rename(_tmp_path(keys_out), keys_out)
+    counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
+    counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
+    counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
+    dropped = [{"file": cfg.rewrites, "key": k} for m in joins for k in m["dropped_keys"]][:20]
+    if dropped:
         print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "
-              f"e.g. {dropped[0]['file']} key {dropped[0]['key']!r}", file=sys.stderr)
-    _fsync_rename(keys_file.name, keys_path)
+              f"e.g. {cfg.rewrites} key {dropped[0]['key']!r}", file=sys.stderr)
+    skipped = {}
+    for m in scatters:
+        for reason, n in m["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    write_skip_report(cfg.out, [r for m in scatters for r in m.get("skipped_records", [])])
     plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
-            "rewrites_matched": matched[0], "rewrites_given": join.rewrites_given, "dropped_rewrites": dropped,
+            "rewrites_matched": sum(m["rewrites_matched"] for m in joins),
+            "rewrites_given": sum(m["rewrites_given"] for m in joins), "dropped_rewrites": dropped,
             "settings": key}
-    join.close()
     atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
-    return plan
+    return True
 
 
 # ---------------------------------------------------------------- stage 3: final shards
@@ -566,7 +625,7 @@ def _wait_for(paths: list[str], cfg: PackConfig, what: str, ready=os.path.exists
             print(f"pack rank {cfg.rank}: waiting for {len(missing)} {what} (e.g. {missing[0]}) from other ranks; "
                   "re-run this command when they are done", file=sys.stderr)
             return False
-        time.sleep(5)
+        time.sleep(0.2)  # short: the ranks of a sharded join meet at several steps
 
 
 def pack(cfg: PackConfig) -> dict:
@@ -610,15 +669,12 @@ def pack(cfg: PackConfig) -> dict:
     staging = [os.path.join(cfg.out, "staging", shard_name(i) + ".json") for i in range(num_shards)]
     plan_path = os.path.join(cfg.out, "plan.json")
 
-    # stage 2 (rank 0)
+    # stage 2 (every rank: its share of the join and of the caption store; rank 0 writes plan.json last)
     if not _current(plan_path, caption_key):
-        if cfg.rank != 0:
-            if not _wait_for([plan_path], cfg, "caption plan", lambda p: _current(p, caption_key)):
-                return {"staged": staged_new, "complete": False}
-        else:
-            if not _wait_for(staging, cfg, "staged shards", lambda p: _current(p, stage_key)):
-                return {"staged": staged_new, "complete": False}
-            build_captions(cfg, num_shards)
+        if not _wait_for(staging, cfg, "staged shards", lambda p: _current(p, stage_key)) \
+                or not build_captions(cfg, num_shards) \
+                or not _wait_for([plan_path], cfg, "caption plan", lambda p: _current(p, caption_key)):
+            return {"staged": staged_new, "complete": False}
     with open(plan_path) as f:
         plan = json.load(f)
 

@@ -295,8 +295,7 @@ def write_store(out_dir: str, records: Iterable[Sequence], *, samples_per_shard:
             dictionary = train_dictionary([_pack_texts(r) for r in head])
     _atomic_write(dict_path, dictionary)
     codec = RecordCodec(dictionary, level)
-    header = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(), "zstd_level": level,
-              "dictionary_sha256": hashlib.sha256(dictionary).hexdigest(), "block_size": block_size}
+    header = _shard_header(dictionary, level, block_size)
 
     shards, writer, shard_index, skipping = [], None, 0, None
     bar = tqdm(total=total, unit="samples", desc="caption store", disable=not progress, mininterval=1)
@@ -317,16 +316,54 @@ def write_store(out_dir: str, records: Iterable[Sequence], *, samples_per_shard:
         shards.append(writer.close())
     bar.close()
 
-    manifest = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(),
-                "num_samples": sum(s["num_samples"] for s in shards),
-                "num_texts": sum(s["num_texts"] for s in shards), "shards": shards,
-                "dictionary_sha256": header["dictionary_sha256"], "zstd_level": level}
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    manifest = write_manifest(out_dir, shards, dictionary, level)
     if progress:
         print(f"caption store: {manifest['num_samples']} samples, {manifest['num_texts']} texts, "
               f"{len(shards)} shard(s), {store_bytes(out_dir) / max(1, manifest['num_samples']):.1f} "
               f"bytes/sample -> {out_dir}")
     return out_dir
+
+
+def _shard_header(dictionary: bytes, level: int, block_size: int) -> dict:
+    return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(), "zstd_level": level,
+            "dictionary_sha256": hashlib.sha256(dictionary).hexdigest(), "block_size": block_size}
+
+
+def write_manifest(out_dir: str, shards: list[dict], dictionary: bytes, level: int) -> dict:
+    """manifest.json (last: the store exists from here on) over finished shard entries, in sample order."""
+    manifest = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(),
+                "num_samples": sum(s["num_samples"] for s in shards),
+                "num_texts": sum(s["num_texts"] for s in shards), "shards": shards,
+                "dictionary_sha256": hashlib.sha256(dictionary).hexdigest(), "zstd_level": level}
+    _atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+# Writing a store in parts (one process per part, e.g. the ranks of a sharded pack): one process trains
+# and saves the dictionary, each part writes its own shard files with it, one process writes the manifest.
+
+def save_dictionary(out_dir: str, records: Iterable[Sequence]) -> bytes:
+    """Train the dictionary on (a bounded sample of) records and save it; an existing one is kept."""
+    path = os.path.join(out_dir, DICTIONARY)
+    if not os.path.exists(path):
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic_write(path, train_dictionary([_pack_texts(r) for r in _tokenized(records)]))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_shard(out_dir: str, k: int, records: Iterable[Sequence], dictionary: bytes, *, level: int = 12,
+                block_size: int = 1024) -> dict:
+    """Shard file k of a store from records (strings or id arrays); a finished one is kept."""
+    path = os.path.join(out_dir, _shard_name(k))
+    header = _shard_header(dictionary, level, block_size)
+    done = _finished_shard(path, header["dictionary_sha256"])
+    if done is not None:
+        return done
+    writer, codec = _ShardWriter(path, header, dictionary, block_size), RecordCodec(dictionary, level)
+    for texts in _tokenized(records):
+        writer.add(codec.encode(texts), len(texts))
+    return writer.close()
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:

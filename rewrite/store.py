@@ -79,14 +79,17 @@ def missing_shards(out_dir) -> list[Path]:
             if not shard_path(out_dir, p, s).is_file()]
 
 
-def iter_rewrites(out_dir) -> Iterator[tuple[str, str, list[str]]]:
-    """(key, original caption, rewrites in pool order) for every caption, in input order."""
+def iter_rewrites(out_dir, shards=None) -> Iterator[tuple[str, str, list[str]]]:
+    """(key, original caption, rewrites in pool order) for every caption, in input order (of the given
+    shard numbers only, when `shards` is a collection of them)."""
     run = read_run(out_dir)
     missing = missing_shards(out_dir)
     if missing:
         raise FileNotFoundError(f"rewrite store {out_dir} is incomplete: {len(missing)} shard files missing, "
                                 f"first {missing[0]} (re-run the rewrite command to finish it)")
     for s in range(run["num_shards"]):
+        if shards is not None and s not in shards:
+            continue
         per_pool = [read_shard(shard_path(out_dir, p, s))[1] for p in run["pools"]]
         for rows in zip(*per_pool):
             key = rows[0]["key"]

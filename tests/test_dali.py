@@ -24,7 +24,7 @@ def test_resumed_epoch_continues_with_the_same_crops_and_texts(packed):  # noqa:
     tail = run("dali", packed, epoch=2, batch_size=8, slip_views=True, start_batch=6)
     assert len(tail) == len(full) - 6
     for a, b in zip(full[6:], tail):
-        for key in ("images", "tokens", "index"):  # (SLIP's colour jitter is drawn in torch, not here)
+        for key in ("images", "tokens", "index", "view1", "view2"):
             assert torch.equal(a[key], b[key]), key
 
 
@@ -51,3 +51,22 @@ def test_flipped_byte_names_the_tar_sample_and_key(member, what, packed, tmp_pat
     key = _flip_byte(copy, member)
     with pytest.raises(PackError, match=rf"part-00000\.tar: {what} of sample 7 \(key '{key}'\)"):
         run("dali", str(copy), drop_last=False)
+
+
+@pytest.mark.timeout(120)
+def test_jpeg_flip_that_still_decodes_is_caught_by_the_record_checksums(packed, tmp_path):  # noqa: F811
+    """A flip inside the entropy-coded data decodes to a wrong image without error: only the CRC-32s
+    written at pack time (check_records=True, compared inside the compiled op) see it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    with open(os.path.join(copy, "dali/part-00000.idx")) as f:
+        parts = f.read().splitlines()[1 + 5].split()
+    offset, size = int(parts[1]), int(parts[2])
+    with open(os.path.join(copy, "dali/part-00000.tar"), "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + size // 2)
+        f.write(bytes([byte ^ 0x01]))
+    assert len(run("dali", str(copy), drop_last=False)) == 6  # unchecked: a silently different image
+    with pytest.raises(PackError, match=r"part-00000\.tar: sample 5 \(key '.*'\): JPEG checksum mismatch"):
+        run("dali", str(copy), drop_last=False, check_records=True)

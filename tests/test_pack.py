@@ -220,24 +220,36 @@ def test_truncated_files_are_detected(packed, tmp_path):
 
 
 def test_two_ranks_equal_one(source, tmp_path):
-    """LaCLIP CSV input in shards of 12, packed by rank 1 and rank 0 in turn, equals a single-rank pack."""
+    """LaCLIP CSV input with rewrites in shards of 12, packed by ranks 1 and 0 taking turns (each runs until it
+    must wait for the other: staging, the key-hash-sharded join, the caption store), equals a 1-rank pack."""
     with open(tmp_path / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["relative_image_path", "caption"])
         for r in source["rows"][:30]:
             w.writerow([r["file"], r["caption"]])
+    with open(tmp_path / "rw.jsonl", "w") as f:
+        for i, r in enumerate(source["rows"][:30:2]):
+            f.write(json.dumps({"key": r["file"], "rewrites": [f"rewrite {j} of {r['caption']}" for j in range(i % 3)]}) + "\n")
     common = dict(input=str(tmp_path / "train.csv"), image_root=source["folder"], samples_per_shard=12,
-                  max_side=64, workers=1)
+                  max_side=64, workers=1, rewrites=str(tmp_path / "rw.jsonl"))
     single = pack(PackConfig(out=str(tmp_path / "one"), **common))
-    two = str(tmp_path / "two")
-    assert pack(PackConfig(out=two, rank=1, world_size=2, **common))["complete"] is False  # waits for rank 0
-    assert pack(PackConfig(out=two, rank=0, world_size=2, **common))["complete"] is False  # waits for rank 1
-    done = pack(PackConfig(out=two, rank=1, world_size=2, **common))
-    assert done["num_samples"] == single["num_samples"] == 30
+    two, turns, done = str(tmp_path / "two"), 0, [False, False]
+    while not all(done):
+        for rank in (1, 0):
+            done[rank] = pack(PackConfig(out=two, rank=rank, world_size=2, **common))["complete"]
+        turns += 1
+        assert turns <= 6
+    assert turns > 1  # the ranks did wait for each other
+    meta = verify_pack(two, checksums=True)
+    assert meta["num_samples"] == single["num_samples"] == 30
+    assert meta["text_counts"] == verify_pack(str(tmp_path / "one"))["text_counts"]
+    assert meta["text_counts"]["with_rewrites"] == 10
+    stores = [CaptionStore(os.path.join(d, "captions")) for d in (two, tmp_path / "one")]
+    for i in range(30):
+        assert all(np.array_equal(a, b) for a, b in zip(stores[0].texts(i), stores[1].texts(i)))
     for rel in ("keys.txt", "dali/part-00000.tar", "dali/part-00001.tar", "dali/part-00002.idx"):
         digests = [hashlib.sha256(open(os.path.join(d, rel), "rb").read()).hexdigest() for d in (two, tmp_path / "one")]
         assert digests[0] == digests[1], rel
-    verify_pack(two, checksums=True)
 
 
 def test_rewrites_jsonl_errors(tmp_path):

@@ -99,5 +99,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
         ran.append(cmd)
     assert (work / "runs" / "tiny" / "checkpoints" / "step-0000050" / "export" / "open_clip_config.json").is_file()
     assert json.loads((work / "r.json").read_text())["results"]["fashion_mnist"]["zeroshot"]["top1"] >= 0
+    # the ranks' loop ends in a bare `wait`, which succeeds whatever they did: check what they made
+    ranks_meta = json.loads((work / "packed-ranks" / "meta.json").read_text())
+    assert ranks_meta["num_samples"] == json.loads((work / "packed" / "meta.json").read_text())["num_samples"]
     assert sorted(p.name.split("_")[0] for p in (work / "results" / "cb").glob("*.json")) == ["flickr8k", "mnist"]
     print(f"ran {len(ran)} README commands")
