@@ -1,9 +1,9 @@
 """Train CLIP / LaCLIP / LaCLIP-MT / SLIP on DeepSpeed (ZeRO 0-3), on GPUs or on CPU with gloo.
 
-    python train.py --config configs/tiny.yaml                                   # 1 rank
-    deepspeed --num_gpus 2 train.py --config configs/tiny.yaml                   # 2 ranks, one machine
+    python train.py --config configs/train_tiny.yaml                                   # 1 rank
+    deepspeed --num_gpus 2 train.py --config configs/train_tiny.yaml                   # 2 ranks, one machine
     deepspeed --hostfile configs/hostfile.example train.py --config configs/train_vit_b16_32k.yaml
-    python train.py --config configs/tiny.yaml --set lr=1e-3 --set zero_stage=2 --resume latest
+    python train.py --config configs/train_tiny.yaml --set lr=1e-3 --set zero_stage=2 --resume latest
 
 Global batch = micro_batch x ranks x accumulation. With accumulation > 1 every optimizer step still
 sees the whole global batch as negatives (gradient cache): the features of all micro batches are
@@ -405,7 +405,7 @@ class SyntheticLoader:
 
 
 def as_dict(batch) -> dict:
-    """A loader batch (tuple or dict, CONTRACTS.md) -> {"images", "tokens", ["mask", "view1", ...]}."""
+    """A loader batch (tuple or dict, see loaders.build_loader) -> {"images", "tokens", ["mask", "view1", ...]}."""
     if isinstance(batch, dict):
         return batch
     keys = ("images", "tokens", "mask")[:len(batch)]

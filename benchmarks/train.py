@@ -136,7 +136,7 @@ def ours_step(args, batch: int):
 
 def _import_open_clip():
     # torchvision's C++ ops do not load beside torch 2.13.0+cpu; open_clip's models need only its
-    # Python side (DESIGN.md). Benchmark-only, like the tests: never in library code.
+    # Python side. Benchmark-only, like the tests: never in library code.
     sys.modules.setdefault("torchvision._meta_registrations",
                            types.ModuleType("torchvision._meta_registrations"))
     import open_clip  # noqa: PLC0415

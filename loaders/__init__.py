@@ -1,6 +1,6 @@
 """loaders/: data on disk (ingest, pack) and the loader pipelines (FFCV, DALI, plain torch).
 
-build_loader() is the one entry point of the training loop; see .brief/CONTRACTS.md for the packed
+build_loader() is the one entry point of the training loop; docs/packed-format.md describes the packed
 layout. Batches:
   text_mode "rewrite" / "original": (images float32 [B,3,H,W] CLIP-normalised, tokens int32 [B,77])
   text_mode "all":                  (images, tokens int32 [B,max_texts,77], mask bool [B,max_texts])

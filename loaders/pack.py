@@ -1,4 +1,4 @@
-"""Pack an image-text source into FFCV .beton and DALI webdataset shards (layout: .brief/CONTRACTS.md).
+"""Pack an image-text source into FFCV .beton and DALI webdataset shards (layout: docs/packed-format.md).
 
     python -m loaders.pack --input <dataset name | image folder | laclip.csv | tars> --out <dir>
         [--rewrites <rewrite store dir or rewrites.jsonl>] [--max-side 256] [--quality 90] [--keep-images]

@@ -1,4 +1,4 @@
-"""model/: CLIP towers, losses, checkpoints, tokenizer (see CONTRACTS.md, "Model contract").
+"""model/: CLIP towers, losses, checkpoints, tokenizer: a library that knows nothing of the trainer's files.
 
 Losses and checkpoints live in model.losses and model.checkpoint (imported on demand: checkpoint
 loading pulls in safetensors/DeepSpeed only when used).

@@ -16,7 +16,7 @@ DEFAULT_MODEL = "smollm2"
 
 def import_transformers():
     """transformers imports torchvision when it is installed; the torchvision wheel beside torch
-    2.13.0+cpu fails at import (`torchvision::nms does not exist`, see DESIGN.md). Its fake-op
+    2.13.0+cpu fails at import (`torchvision::nms does not exist`). Its fake-op
     registrations are the only failing part and transformers needs none of torchvision's C++ ops, so an
     empty stand-in for that one module lets the import succeed. Applied only when the import fails."""
     try:

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 def import_open_clip():
     # torchvision's C++ ops do not load beside torch 2.13.0+cpu; open_clip only needs its Python side.
-    # (DESIGN.md: test-only workaround, never in library code.)
+    # (a test-only workaround, never in library code.)
     sys.modules.setdefault("torchvision._meta_registrations",
                            types.ModuleType("torchvision._meta_registrations"))
     return pytest.importorskip("open_clip")
