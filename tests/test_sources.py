@@ -139,6 +139,6 @@ def test_pack_cli_folder_without_captions_is_one_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == f"pack: {tmp_path / 'imgs'}: a folder with neither a captions file (captions.jsonl or " \
+    assert last == f"pack: error: {tmp_path / 'imgs'}: a folder with neither a captions file (captions.jsonl or " \
                    "captions.csv) nor .tar shards"
     assert "Traceback" not in proc.stderr
