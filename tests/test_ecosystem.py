@@ -25,15 +25,15 @@ from model.tokenizer import get_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 WORKAROUND = ("import sys, types; "
               "sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('m')); ")
-# clip-benchmark 1.6.2's accuracy() calls float() on a 1-element array, which numpy 2.4 refuses; this is
-# its own function with only that call made scalar (same topk ranking, same division).
+# clip-benchmark 1.6.2's accuracy() calls float() on a 1-element array, which numpy 2.4 refuses. Stand-in
+# with the same meaning (fraction of rows whose target is among torch.topk's k best, topk's tie order):
 NUMPY2_SHIM = """
 from clip_benchmark.metrics import zeroshot_classification as zc
-def accuracy(output, target, topk=(1,)):
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
-zc.accuracy = accuracy
+def topk_hit_rates(logits, target, topk=(1,)):
+    best = logits.topk(max(topk), dim=1).indices
+    found = best == target.unsqueeze(1)
+    return [found[:, :k].any(dim=1).sum().item() / len(target) for k in topk]
+zc.accuracy = topk_hit_rates
 """
 
 
