@@ -279,13 +279,20 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     assert "launcher process" in out and "stopped by the launcher's exit after step" in out, out[-4000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     k = int(tag.split("-")[1])
-    assert 1 <= k < 6 and len(metrics(run_dir)) == k
+    assert 1 <= k < 200 and len(metrics(run_dir)) == k
     assert (run_dir / "checkpoints" / tag / "export" / "model.safetensors").is_file()
 
-    run_train(run_dir, *Z1_ACC, "stop_after=6", ranks=2, resume="latest")
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 7))
-    assert losses(run_dir) == losses(z1_acc)
-    assert grad_norms(run_dir) == grad_norms(z1_acc)
+    # How many steps pass before the ranks notice depends on the machine's speed: resume to at least
+    # one step past the stop, against an uninterrupted run at least as long
+    end = max(6, k + 1)
+    reference = z1_acc
+    if end > 6:
+        reference = runs / f"z1_acc_{end}"
+        run_train(reference, *Z1_ACC, f"stop_after={end}", ranks=2)
+    run_train(run_dir, *Z1_ACC, f"stop_after={end}", ranks=2, resume="latest")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, end + 1))
+    assert losses(run_dir) == losses(reference)
+    assert grad_norms(run_dir) == grad_norms(reference)
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
