@@ -45,7 +45,7 @@ def parse_args(argv):
                    help="regenerations of a filtered rewrite before using the original caption (default 2)")
     p.add_argument("--rank", type=int, help="this machine's rank (default $RANK or 0); it takes shards rank, rank+world, ...")
     p.add_argument("--world-size", type=int, dest="world_size", help="number of machines (default $WORLD_SIZE or 1)")
-    p.add_argument("--threads", type=int, help="torch CPU threads for the hf engine (1 is fastest on 2 cores)")
+    p.add_argument("--threads", type=int, help="CPU threads: torch threads for hf (1 is fastest on 2 cores); for vllm on CPU, unbound threads per server (default: one bound to each core)")
     p.add_argument("--tensor-parallel-size", type=int, dest="tensor_parallel_size", help="vllm: GPUs per model")
     p.add_argument("--llm-kwargs", dest="llm_kwargs", type=json.loads, metavar="JSON",
                    help="vllm: extra vllm.LLM arguments as JSON, e.g. '{\"gpu_memory_utilization\": 0.1}' "

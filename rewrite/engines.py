@@ -166,8 +166,13 @@ class LocalVLLMEngine(Engine):
             raise
 
     def generate(self, requests, n):
+        from .openai_engine import ServerError
         before = self.client.tokens_generated
-        out = self.client.generate(requests, n)
+        try:
+            out = self.client.generate(requests, n)
+        except ServerError as e:
+            why = self.server.died()
+            raise ServerError(f"{e}\n{why}" if why else str(e)) from e
         self.tokens_generated += self.client.tokens_generated - before
         return out
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .openai_engine import ServerError
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-vllm"
 
@@ -28,7 +30,7 @@ def _bf16_cpu() -> bool:
         return " avx512_bf16" in f.read()
 
 
-# Measured on 2 shared cores (README): bfloat16 where the CPU has AVX512-BF16; eager mode (torch.compile
+# Measured on 2 cores (README): float32 (bfloat16 changes a rewrite with its batch); eager mode (torch.compile
 # costs a minute at every start for no measurable gain here); prompts of at most max_model_len tokens.
 # Per-request seeds need each prompt's prefill in one scheduler step (vLLM's CPU sampler cannot offset a
 # seeded generator): a token budget above the longest prompt and no chunked prefill. No prefix caching:
@@ -37,6 +39,21 @@ SERVER_ARGS = ["--dtype", os.environ.get("LACLIP_VLLM_DTYPE", "float32"), "--enf
                "--max-model-len", "2048", "--max-num-batched-tokens", "4096", "--max-num-seqs", "128",
                "--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
 START_TIMEOUT_S = 600
+
+
+def thread_env(threads: int | None) -> dict:
+    """Where the server's model worker runs its OpenMP threads. vLLM's automatic binding puts one thread on
+    the first core and keeps the rest for its other processes: on 2 cores that is 3.7 rewrites/s, where
+    binding one thread to each core the process may use gives 6.5 (measured, README), and every server
+    on a machine would take the same first core. With `threads` given (several servers sharing a
+    machine), that many unbound threads each; a VLLM_CPU_OMP_THREADS_BIND of the user's wins."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    if threads:
+        return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
+    cpus = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "OMP_NUM_THREADS": str(len(cpus))}
 
 
 def vllm_python() -> Path:
@@ -87,9 +104,10 @@ class VLLMServer:
                    "--seed", str(seed), *SERVER_ARGS, *server_flags(options or {})]  # later flags win
         env = {"VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
                # a step may take minutes on a busy shared CPU; vLLM's default (300 s) kills the engine
-               "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600", **os.environ}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+               "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
+               # the model is a local folder: nothing to look up on a hub, no usage report to send
+               "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               **os.environ, **thread_env(threads)}
         self.log = open(self.log_path, "wb")
         print(f"rewrite: starting vLLM server on {self.base_url} (log {self.log_path})", file=sys.stderr)
         # its own process group, so that stop() also ends the engine processes vLLM starts
@@ -97,15 +115,22 @@ class VLLMServer:
                                      preexec_fn=_die_with_parent, start_new_session=True)
         self._wait_ready()
 
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def died(self) -> str | None:
+        """Why the server is gone (its exit status and the end of its log), or None while it runs."""
+        if self.proc.poll() is None:
+            return None
+        return f"vLLM server exited with {self.proc.returncode}; log {self.log_path} ends:\n{self.log_tail()}"
+
     def _wait_ready(self) -> None:
         import httpx
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode} while starting; "
-                                   f"log {self.log_path}:\n{tail}")
+                raise ServerError(f"while starting: {self.died()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     return
@@ -113,7 +138,8 @@ class VLLMServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"vLLM server not ready after {START_TIMEOUT_S} s; log {self.log_path}")
+        raise ServerError(f"vLLM server not ready after {START_TIMEOUT_S} s; log {self.log_path} ends:\n"
+                           f"{self.log_tail()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

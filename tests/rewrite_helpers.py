@@ -76,8 +76,11 @@ def shared_server(model: str):
     """One vLLM server on the tiny model for the whole session (startup costs tens of seconds)."""
     from rewrite.vllm_server import VLLMServer
     if model not in _servers:
-        _servers[model] = VLLMServer(model, served_name="tiny", seed=0)
+        _servers[model] = VLLMServer(model, served_name="tiny", seed=0, threads=1)
         atexit.register(_servers[model].stop)
+    why = _servers[model].died()
+    if why:  # say why here, not as a refused connection in whichever test comes next
+        pytest.fail(f"the shared test server died: {why}")
     return _servers[model]
 
 

@@ -32,7 +32,7 @@ def server(tiny_model):
 @pytest.fixture(scope="module")
 def second_server(tiny_model):
     """A second server on the same model (the last test here kills it)."""
-    with VLLMServer(tiny_model, served_name="tiny", seed=0) as s:
+    with VLLMServer(tiny_model, served_name="tiny", seed=0, threads=1) as s:
         yield s
 
 
