@@ -26,8 +26,8 @@ config is merged into the generated DeepSpeed config (any DeepSpeed option, its 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -36,7 +36,6 @@ import signal
 import sys
 import threading
 import time
-import typing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
@@ -48,6 +47,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
+from common.config import ConfigError  # noqa: E402
+from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
+
 EXIT_NONFINITE = 3
 EXIT_USAGE = 2
 CHECKPOINT_FORMAT_VERSION = 1
@@ -55,142 +57,9 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------- config
 
-@dataclasses.dataclass
-class TrainConfig:
-    # model
-    model: str = "tiny"                  # a model/configs/<name>.json
-    model_overrides: dict = dataclasses.field(default_factory=dict)  # merged into the model config
-    # data
-    data: str = "synthetic"              # synthetic | torch | ffcv | dali (loaders.build_loader kind)
-    data_root: str = ""                  # packed dataset directory (loaders/pack)
-    text_mode: str = "rewrite"           # original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)
-    max_texts: int = 5                   # text slots per sample in text_mode=all
-    mt_text_to_image: str = "all"        # LaCLIP-MT's text-to-image term: all texts | original caption
-    image_loss: str = "clip"             # clip | slip (adds SimCLR on two views)
-    ssl_weight: float = 1.0              # SLIP's weight of the SimCLR term
-    augment: bool = True
-    num_workers: int = 1
-    synthetic_samples: int = 4096        # dataset size of data=synthetic
-    # batch
-    micro_batch: int = 8                 # per rank, per forward
-    accumulation: int = 1                # micro batches per optimizer step (gradient cache)
-    # engine
-    zero_stage: int = 1
-    precision: str = "fp32"              # fp32 | bf16
-    grad_checkpointing: bool = False
-    compile: bool = False                # torch.compile through DeepSpeed's engine.compile()
-    # optimizer and schedule
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.0            # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    weight_decay: float = 0.2
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-8
-    grad_clip: float = 1.0               # 0 = off
-    # run
-    seed: int = 0
-    run_dir: str = "runs/default"
-    checkpoint_every: int = 1000         # steps; 0 = only at the end and on SIGTERM
-    keep_checkpoints: int = 0            # keep the newest N checkpoints (0 = all)
-    eval_every: int = 0                  # zero-shot evaluation every N steps (0 = off)
-    eval_datasets: str = ""              # comma-separated eval.py names, e.g. "imagenet1k,cifar10"
-    eval_data_root: str = "data"
-    eval_max_per_split: int = 0          # >0: a fixed subsample per split (quick checks)
-    deepspeed: dict = dataclasses.field(default_factory=dict)  # merged into the generated DeepSpeed config
-    stop_after: int = 0                  # stop (with a checkpoint) after this step; 0 = total_steps
-    progress: bool = True                # tqdm bar on rank 0
-
-    def validate(self):
-        choices = {"data": ("synthetic", "torch", "ffcv", "dali"),
-                   "text_mode": ("original", "rewrite", "all"), "image_loss": ("clip", "slip"),
-                   "mt_text_to_image": ("all", "original"),
-                   "precision": ("fp32", "bf16"), "zero_stage": (0, 1, 2, 3)}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config {key}={getattr(self, key)!r}: expected one of {allowed}")
-        if self.data != "synthetic" and not self.data_root:
-            raise ValueError(f"config data={self.data!r} needs data_root (a packed dataset directory)")
-        for key in ("micro_batch", "accumulation", "total_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config {key}={getattr(self, key)} must be >= 1")
-        if len(self.betas) != 2:
-            raise ValueError(f"config betas={self.betas}: expected two numbers")
-        if self.eval_every and not self.eval_datasets:
-            raise ValueError(f"config eval_every={self.eval_every} needs eval_datasets")
-
-
-def _coerce(value, hint, key):
-    """A YAML / command-line value -> the field's type (YAML reads 1e-3 as a string)."""
-    origin = typing.get_origin(hint) or hint
-    try:
-        if origin is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if origin in (int, float, str):
-            if origin is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return origin(float(value)) if origin is int and isinstance(value, str) and "e" in value \
-                else origin(value)
-        if origin is tuple:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
-            return tuple(float(v) for v in value)
-        if origin is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"config {key}: cannot read {value!r} as {origin.__name__}") from err
-    return value
-
-
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """Defaults <- YAML file <- `key=value` overrides; unknown keys are errors."""
-    hints = typing.get_type_hints(TrainConfig)
-    values = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        values.update(loaded)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        values[key.strip()] = raw if hints.get(key.strip()) is str else yaml.safe_load(raw)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown} (from {path or 'the command line'}); "
-                         f"known: {sorted(hints)}")
-    cfg = TrainConfig(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
-    cfg.validate()
-    return cfg
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    out = dataclasses.asdict(cfg)
-    out["betas"] = list(cfg.betas)
-    return out
-
-
-def merged(base: dict, override: dict) -> dict:
-    """Nested dict update: model_overrides={vision_cfg: {qk_norm: true}} keeps the other vision keys."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def parse_args(argv):
-    import argparse  # noqa: PLC0415
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file of TrainConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
+    from common.config import build_parser  # noqa: PLC0415
+    p = build_parser(TrainConfig, "train.py", __doc__.split("\n")[0])
     p.add_argument("--resume", help="'latest' (this run_dir's newest checkpoint) or a checkpoint path")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
     return p.parse_args(argv)
@@ -845,7 +714,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.set)
-    except (OSError, ValueError, yaml.YAMLError) as err:
+    except ConfigError as err:
         raise UsageError(err) from err
     rank, world, device = init_distributed()
     preflight_all_ranks(cfg, args.resume, rank)
