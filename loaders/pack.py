@@ -721,22 +721,39 @@ def pack(cfg: PackConfig) -> dict:
     return summary
 
 
-def parse_args(argv=None) -> PackConfig:
-    import argparse
+PACK_KEYS_HELP = {
+    "input": "source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a builder name",
+    "out": "packed dataset directory (re-running with the same out resumes)",
+    "rewrites": "rewrite store or JSONL of {key, rewrites} (python -m rewrite)",
+    "image_root": "LaCLIP CSV: images are relative to this (default: the CSV's folder)",
+    "data_root": "where builders (openclipart, emoji) cache their image folders",
+    "max_side": "short side at most this many pixels",
+    "quality": "JPEG quality of re-encoded images",
+    "keep_images": "pass colour JPEGs through untouched",
+    "samples_per_shard": "samples per output shard (tar inputs: one output shard per input tar instead)",
+    "max_samples": "stop after this many samples (default: all)",
+    "workers": "image worker processes per rank",
+    "rank": "this rank (default: the launcher's $RANK / SLURM, else 0)",
+    "world_size": "number of ranks (default: the launcher's, else 1)",
+    "wait_s": "how long a rank waits for the others between stages (0: exit, re-run later)",
+    "keep_staging": "keep the staged parts after the final shards are written",
+}
 
-    p = argparse.ArgumentParser(prog="python -m loaders.pack", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file with PackConfig fields; flags override it")
-    for f in dataclasses.fields(PackConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None)
-    a = vars(p.parse_args(argv))
-    cfg = PackConfig.from_yaml(a.pop("config")) if a.get("config") else PackConfig()
-    a.pop("config", None)
-    return dataclasses.replace(cfg, **{k: v for k, v in a.items() if v is not None})
+
+def cli_parser():
+    from common.config import build_parser, with_help
+
+    keys = with_help(PackConfig, PACK_KEYS_HELP)
+    return keys, build_parser(keys, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
+
+
+def parse_args(argv=None) -> PackConfig:
+    """--config FILE, --set key=value and a --kebab-case flag per key; a bad key or value: one line, exit 2."""
+    from common.config import as_dict, parse
+
+    keys, parser = cli_parser()
+    cfg, _ = parse(keys, parser, argv)
+    return PackConfig(**as_dict(cfg))
 
 
 def main(argv=None) -> dict:
