@@ -18,7 +18,6 @@ stages, and redoes a stage whose settings changed):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib
@@ -40,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common.config import ConfigError, build_parser, fail, flag_values, load, option  # noqa: E402
 from loaders.images import atomic_write_bytes  # noqa: E402
 
 PY = sys.executable
@@ -50,68 +50,53 @@ METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rew
 
 @dataclasses.dataclass
 class DemoConfig:
-    out: str = "results/demo"
-    datasets: list = dataclasses.field(default_factory=lambda: ["openclipart", "emoji"])
-    max_samples: int | None = None
-    build_image_size: int = 256
-    heldout_fraction: float = 0.1
-    data_cache: str | None = None
-    shipped_rewrites: str = "data/rewrites"
-    # shipped rewrites are used for this fixed sample of training captions only (1,000 keys), so the demo
-    # trains on as many images as before the shipped store covered every caption; "" = every caption
-    shipped_sample: str = "data/rewrites/demo/input.jsonl"
-    train_on: str = "rewritten"
-    min_rewritten: int = 256
-    live_rewrites: int = 50
-    live_config: str = "configs/rewrite.yaml"
-    live_pools: list | None = None
-    eda_config: str = "configs/rewrite_eda.yaml"
-    pack_max_side: int = 64
-    pack_quality: int = 90
-    samples_per_shard: int = 100000
-    loader: str = "auto"
-    loader_bench_batches: int = 40
-    train_config: str = "configs/demo_train.yaml"
-    train_overrides: dict = dataclasses.field(default_factory=dict)
-    methods: list = dataclasses.field(default_factory=lambda: list(METHODS))
-    seeds: int = 1
-    steps: int = 300
-    warmup_steps: int = 30
-    checkpoint_every: int = 50
-    ranks: int = 2
-    fmnist_max_per_split: int = 2000
-    fewshot_episodes: int = 1000
+    out: str = option("results/demo", help="where every stage writes")
+    datasets: list = option(factory=lambda: ["openclipart", "emoji"], help="image folders built by loaders.datasets")
+    max_samples: int | None = option(None, help="samples per dataset (default: all)")
+    build_image_size: int = option(256, help="size the dataset builders render at")
+    heldout_fraction: float = option(0.1, help="fraction of keys (by hash) held out for evaluation")
+    data_cache: str | None = option(None, help="where the builders cache image folders (default: $LACLIP_DATA or "
+                                 "~/.cache/laclip/datasets)")
+    shipped_rewrites: str = option("data/rewrites", help="the shipped rewrite store (make rewrites)")
+    shipped_sample: str = option("data/rewrites/demo/input.jsonl", help="shipped rewrites are used for this fixed "
+                                 "sample of training captions only; '' = every caption")
+    train_on: str = option("rewritten", help="rewritten: the images whose captions have LLM rewrites | all: every image",
+                           choices=("rewritten", "all"))
+    min_rewritten: int = option(256, help="fewest rewritten training captions the demo accepts")
+    live_rewrites: int = option(50, help="captions rewritten live with live_config (0 = none)")
+    live_config: str = option("configs/rewrite.yaml", help="rewrite config of the live sample")
+    live_pools: list | None = option(None, help="meta pools of the live sample (default: the config's)")
+    eda_config: str = option("configs/rewrite_eda.yaml", help="rewrite config of the EDA baseline")
+    pack_max_side: int = option(64, help="packed images' short side")
+    pack_quality: int = option(90, help="packed JPEG quality")
+    samples_per_shard: int = option(100000, help="packed samples per shard")
+    loader: str = option("auto", help="train.py loader kind: auto (the fastest present) | ffcv | dali | torch",
+                         choices=("auto", "ffcv", "dali", "torch"))
+    loader_bench_batches: int = option(40, help="batches of the loader throughput check")
+    train_config: str = option("configs/demo_train.yaml", help="train.py config of every run")
+    train_overrides: dict = option(factory=dict, help="train.py keys set over train_config")
+    methods: list = option(factory=lambda: list(METHODS), help="methods trained", choices=tuple(METHODS))
+    seeds: int = option(1, help="seeds per method (>= 3 gives mean +- std)")
+    steps: int = option(300, help="optimizer steps per training run")
+    warmup_steps: int = option(30, help="warmup steps per training run")
+    checkpoint_every: int = option(50, help="steps between the checkpoints the curves evaluate")
+    ranks: int = option(2, help="deepspeed CPU ranks per training run")
+    fmnist_max_per_split: int = option(2000, help="Fashion-MNIST samples per split (few-shot, linear probe)")
+    fewshot_episodes: int = option(1000, help="few-shot episodes on Fashion-MNIST")
 
 
 def load_config(argv=None) -> DemoConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", help="YAML of DemoConfig keys (default configs/demo.yaml)")
+    """configs/demo.yaml (--quick: demo_quick.yaml, or --config FILE) <- the flags <- --set key=value."""
+    p = build_parser(DemoConfig, "scripts/demo.py", __doc__, flags=["out", "seeds", "steps", "max_samples",
+                                                                    "live_rewrites"],
+                     config_help="YAML of DemoConfig keys (default configs/demo.yaml)")
     p.add_argument("--quick", action="store_true", help="configs/demo_quick.yaml: a few dozen samples")
-    p.add_argument("--out", help="where every stage writes (default results/demo)")
-    p.add_argument("--seeds", type=int, help="seeds per method (>= 3 gives mean +- std)")
-    p.add_argument("--steps", type=int, help="optimizer steps per training run")
-    p.add_argument("--max-samples", type=int, dest="max_samples", help="samples per dataset")
-    p.add_argument("--live-rewrites", type=int, dest="live_rewrites", help="captions rewritten live (0 = none)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any DemoConfig key")
-    a = p.parse_args(argv)
-    path = a.config or str(REPO / "configs" / ("demo_quick.yaml" if a.quick else "demo.yaml"))
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    for item in a.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-        values[key] = yaml.safe_load(raw)
-    values.update({k: getattr(a, k) for k in ("out", "seeds", "steps", "max_samples", "live_rewrites")
-                   if getattr(a, k) is not None})
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    if set(values) - known:
-        p.error(f"{path}: unknown keys {sorted(set(values) - known)}; known: {sorted(known)}")
-    cfg = DemoConfig(**values)
-    unknown = set(cfg.methods) - set(METHODS)
-    if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
-    return cfg
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    path = args.config or str(REPO / "configs" / ("demo_quick.yaml" if args.quick else "demo.yaml"))
+    try:
+        return load(DemoConfig, path, args.set, flag_values(DemoConfig, args))
+    except ConfigError as err:
+        fail(p.prog, err)
 
 
 # ----------------------------------------------------------------------------- stage bookkeeping
