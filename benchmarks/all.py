@@ -7,13 +7,14 @@ fails is recorded with its error and the others still run.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import os
 import time
 import traceback
 
-from benchmarks.common import write_json
+from benchmarks.common import parse_config, write_json
+from common.config import option
 
 STAGES = ["store", "rewrite", "pack", "loader", "train", "eval"]
 # The headline ratio of each stage: (key, what it compares, the target the issues set).
@@ -47,13 +48,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class AllOptions:
+    out: str = option("results/benchmarks.json", help="where to write the combined JSON result")
+    full: bool = option(False, help="long sizes where a benchmark has them")
+    only: str = option(",".join(STAGES), help="comma-separated stages")
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks all", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/benchmarks.json")
-    parser.add_argument("--full", action="store_true", help="long sizes where a benchmark has them")
-    parser.add_argument("--only", default=",".join(STAGES), help="comma-separated stages")
-    args = parser.parse_args(argv)
+    args = parse_config(AllOptions, "all", argv, __doc__)
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     results = {}

@@ -34,3 +34,12 @@ def write_json(result: dict, out: str | None) -> dict:
         os.replace(tmp, out)
     print(text)
     return result
+
+
+def parse_config(cls, name: str, argv, description: str | None = None):
+    """A benchmark's options: its dataclass of option() keys, with --config FILE, --set key=value and a
+    --kebab-case flag per key (common/config.py); a bad key or value is one line and exit status 2."""
+    from common.config import build_parser, parse
+    parser = build_parser(cls, f"python -m benchmarks {name}", description, flags="all")
+    cfg, _ = parse(cls, parser, argv)
+    return cfg

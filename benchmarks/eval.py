@@ -5,7 +5,7 @@ timed at 1 thread and at all threads and the faster counts as the baseline.
 
   python -m benchmarks eval --out eval.json [--n-train 6000] [--n-test 2000] [--features pixels|model]
 """
-import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -13,19 +13,23 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import eval as E
-from benchmarks.common import machine, write_json
+from benchmarks.common import parse_config, machine, write_json
+from common.config import option
 from loaders.eval_sets import open_eval_set
 
 
+@dataclasses.dataclass
+class EvalBenchOptions:
+    out: str | None = option(None, help="where to write the JSON result")
+    n_train: int = option(6000, help="Fashion-MNIST training images of the linear probe")
+    n_test: int = option(2000, help="Fashion-MNIST test images")
+    features: str = option("pixels", choices=("pixels", "model"),
+                           help="probe on raw Fashion-MNIST pixels (784-d) or tiny-model features (64-d)")
+    tol: float = option(1e-4, help="solver tolerance of both probes")
+
+
 def main(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out")
-    p.add_argument("--n-train", type=int, default=6000)
-    p.add_argument("--n-test", type=int, default=2000)
-    p.add_argument("--features", choices=["pixels", "model"], default="pixels",
-                   help="probe on raw Fashion-MNIST pixels (784-d) or tiny-model features (64-d)")
-    p.add_argument("--tol", type=float, default=1e-4)
-    a = p.parse_args(argv)
+    a = parse_config(EvalBenchOptions, "eval", argv, __doc__)
     from model.clip import build_model
     ds = open_eval_set("fashion_mnist", "/nonexistent")
     tr, _ = E._subsample(ds.splits["train"], a.n_train, 0)

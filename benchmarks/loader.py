@@ -29,7 +29,7 @@ loader cores per GPU for CC3M, CC12M and LAION-400M at --target-rate samples/s p
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import json
 import os
@@ -39,7 +39,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import write_json
+from benchmarks.common import parse_config, write_json
+from common.config import option
 
 CACHE = os.path.join(".cache", "bench-loader")
 DATASETS = {"CC3M": 3_300_000, "CC12M": 12_400_000, "LAION-400M": 400_000_000}
@@ -414,20 +415,23 @@ def project(measured: dict, target_rate: float, pack_cores: int = 2) -> dict:
             "note": "bytes and pack rate measured on 256 px clip art; web photos at 256 px are ~2-3x larger"}
 
 
+@dataclasses.dataclass
+class LoaderBenchOptions:
+    out: str | None = option(None, help="where to write the JSON result")
+    samples: int = option(3000, help="samples in the packed test dataset")
+    samples_per_shard: int = option(1000, help="samples per packed shard")
+    batch_size: int = option(64, help="loader batch size")
+    workers: str = option("1,2", help="comma-separated worker counts to measure")
+    repeats: int = option(4, help="alternating rounds: decode bound, draw on, off")
+    rounds: int = option(4, help="alternating rounds of FFCV and DALI at every worker count")
+    decode_samples: int = option(1000, help="images of the decode-only measurement")
+    project: bool = option(False, help="add the CC3M/CC12M/LAION-400M projection table")
+    from_json: str | None = option(None, flag="--from", help="project from this earlier result instead of measuring")
+    target_rate: float = option(2500.0, help="samples/s per GPU to feed")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks loader")
-    p.add_argument("--out", default=None)
-    p.add_argument("--samples", type=int, default=3000)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", default="1,2")
-    p.add_argument("--repeats", type=int, default=4, help="alternating rounds: decode bound, draw on, off")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds of FFCV and DALI at every worker count")
-    p.add_argument("--decode-samples", type=int, default=1000)
-    p.add_argument("--project", action="store_true", help="add the CC3M/CC12M/LAION-400M projection table")
-    p.add_argument("--from", dest="from_json", help="project from this earlier result instead of measuring")
-    p.add_argument("--target-rate", type=float, default=2500.0, help="samples/s per GPU to feed")
-    args = p.parse_args(argv)
+    args = parse_config(LoaderBenchOptions, "loader", argv, __doc__)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.from_json:
         with open(args.from_json) as f:

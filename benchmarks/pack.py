@@ -14,7 +14,7 @@ given by --nodes and --cores-per-node (one rank per core), every step of a rank 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import json
 import os
@@ -22,7 +22,8 @@ import shutil
 import tempfile
 import time
 
-from benchmarks.common import write_json
+from benchmarks.common import parse_config, write_json
+from common.config import option
 
 
 def _pil_baseline(folder: str, max_side: int, quality: int, limit: int) -> float:
@@ -88,24 +89,27 @@ def projection(by_ranks: dict, nodes: int, cores_per_node: int, samples: int = 4
                        "keeps up"}
 
 
+@dataclasses.dataclass
+class PackBenchOptions:
+    dataset: str = option("emoji", choices=("emoji", "openclipart"), help="builder of the source images")
+    samples: int = option(2000, help="source images packed")
+    image_size: int = option(256, help="size the builder renders at")
+    max_side: int = option(128, help="pack resize target (below the source: real work)")
+    quality: int = option(90, help="JPEG quality")
+    workers: str = option("1,2", help="comma-separated worker counts")
+    ranks: str = option("1,2", help="rank counts to pack with (separate processes)")
+    repeats: int = option(3, help="rank runs per rank count (best kept)")
+    shard_size: int = option(600, help="samples per shard in the rank runs")
+    nodes: int = option(16, help="LAION-400M projection: nodes")
+    cores_per_node: int = option(64, help="LAION-400M projection: cores (ranks) per node")
+    out: str | None = option(None, help="where to write the JSON result")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from loaders.datasets import build_dataset, default_cache
     from loaders.pack import PackConfig, pack
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks pack")
-    p.add_argument("--dataset", default="emoji", choices=["emoji", "openclipart"])
-    p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--image-size", type=int, default=256, help="size the builder renders at")
-    p.add_argument("--max-side", type=int, default=128, help="pack resize target (below the source: real work)")
-    p.add_argument("--quality", type=int, default=90)
-    p.add_argument("--workers", default="1,2")
-    p.add_argument("--ranks", default="1,2", help="rank counts to pack with (separate processes)")
-    p.add_argument("--repeats", type=int, default=3, help="rank runs per rank count (best kept)")
-    p.add_argument("--shard-size", type=int, default=600, help="samples per shard in the rank runs")
-    p.add_argument("--nodes", type=int, default=16, help="LAION-400M projection: nodes")
-    p.add_argument("--cores-per-node", type=int, default=64, help="LAION-400M projection: cores (ranks) per node")
-    p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+    a = parse_config(PackBenchOptions, "pack", argv, __doc__)
 
     folder = build_dataset(a.dataset, os.path.join(default_cache(), f"{a.dataset}-bench"),
                            max_samples=a.samples, image_size=a.image_size)

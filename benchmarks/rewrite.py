@@ -15,13 +15,16 @@ usage: python -m benchmarks rewrite --out rewrite.json [--captions 32] [--engine
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import glob
 import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import parse_config
+from common.config import option
 
 # Each engine at the batch size it is run with (configs/rewrite*.yaml): hf's batch is one generator's
 # draw; the server engines take every prompt at once and keep max_in_flight requests running.
@@ -99,18 +102,20 @@ def measure(name: str, captions: list[str], args, tmp: Path) -> dict:
             "pipeline_seconds": round(pipeline_s, 2), "filter_counts": summary["counts"]}
 
 
+@dataclasses.dataclass
+class RewriteBenchOptions:
+    out: str = option("rewrite.json", help="where to write the JSON result")
+    captions: int = option(32, help="captions rewritten per pass")
+    engines: list[str] | None = option(None, help="engines to measure (default: hf and vllm where present)")
+    model: str = option("smollm2", help="model of every engine")
+    base_url: list[str] | None = option(None, help="openai engine: server URL(s) (repeatable)")
+    threads: int = option(1, help="hf: torch threads (1 is fastest on 2 cores)")
+    pools: list[str] | None = option(None, help="meta pools (default: the rewrite default)")
+    repeats: int = option(2, help="alternating passes per side; the best counts")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks rewrite", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="rewrite.json")
-    p.add_argument("--captions", type=int, default=32)
-    p.add_argument("--engines", nargs="+", help="engines to measure (default: hf and vllm where present)")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--base-url", action="append", help="openai engine: server URL(s)")
-    p.add_argument("--threads", type=int, default=1, help="hf: torch threads (1 is fastest on 2 cores)")
-    p.add_argument("--pools", nargs="+", default=None)
-    p.add_argument("--repeats", type=int, default=2, help="alternating passes per side; the best counts")
-    args = p.parse_args(argv)
+    args = parse_config(RewriteBenchOptions, "rewrite", argv, __doc__)
 
     from rewrite.config import RewriteConfig
     from rewrite.engines import vllm_importable

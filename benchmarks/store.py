@@ -8,7 +8,7 @@ as a stand-in for original + rewrites; with --rewrites DIR samples are original 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import os
 import sysconfig
@@ -18,7 +18,8 @@ import time
 import numpy as np
 import zstandard
 
-from benchmarks.common import rate, write_json
+from benchmarks.common import parse_config, rate, write_json
+from common.config import option
 from benchmarks.corpus import clipart_captions, emoji_names
 from loaders.store import CaptionStore, store_bytes, write_store
 from model.tokenizer import get_tokenizer
@@ -45,14 +46,16 @@ def build_samples(texts_per_sample: int) -> list[list[str]]:
     return samples
 
 
+@dataclasses.dataclass
+class StoreBenchOptions:
+    out: str | None = option(None, help="where to write the JSON result")
+    level: int = option(12, help="zstd level for the store and the baseline")
+    texts_per_sample: int = option(5, help="texts stored per sample")
+    seconds: float = option(1.0, help="time per measurement")
+
+
 def main(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks store", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="where to write the JSON result")
-    parser.add_argument("--level", type=int, default=12, help="zstd level for the store and the baseline")
-    parser.add_argument("--texts-per-sample", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
-    args = parser.parse_args(argv)
+    args = parse_config(StoreBenchOptions, "store", argv, __doc__)
 
     samples = build_samples(args.texts_per_sample)
     texts = [t for s in samples for t in s]

@@ -17,7 +17,7 @@ real emoji images, or --data-root) for --data-steps steps: time waiting for batc
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,34 +29,37 @@ import time
 import types
 from pathlib import Path
 
+from benchmarks.common import parse_config
+from common.config import option
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@dataclasses.dataclass
+class TrainBenchOptions:
+    out: str | None = option(None, help="where to write the JSON result")
+    model: str | None = option(None, help="model/configs name (default ViT-S-16 on CPU, ViT-B-16 on GPU)")
+    micro_batch: str | None = option(None, help="samples per step, or 'auto' (GPU: largest power of two both "
+                                     "sides fit); default 8 on CPU, auto on GPU")
+    precision: str | None = option(None, choices=("fp32", "bf16"), help="default fp32 on CPU, bf16 on GPU")
+    zero_stage: int = option(0, help="our engine's ZeRO stage (one rank)")
+    steps: int = option(8, help="timed steps per measurement")
+    warmup: int = option(2, help="untimed steps first")
+    repeats: int = option(2, help="the paired run times steps x repeats alternating steps per side")
+    threads: int | None = option(None, help="torch threads (default: all cores)")
+    data_root: str | None = option(None, help="packed dataset for data_wait_fraction (default: pack real emoji "
+                                   "images into a temporary directory)")
+    loaders: str = option("torch,ffcv,dali", help="loader kinds to try; the fastest one feeds the data-wait "
+                          "measurement")
+    data_steps: int = option(6, help="steps of the data-wait measurement")
+    no_data: bool = option(False, help="skip the data-wait measurement")
+    worker: str | None = option(None, choices=("ours", "open_clip", "paired", "data"),
+                                help="internal: the measurement a spawned worker process runs")
+    loader: str | None = option(None, help="internal: the data worker's loader kind")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="where to write the JSON result")
-    p.add_argument("--model", default=None, help="model/configs name (default ViT-S-16 on CPU, "
-                   "ViT-B-16 on GPU)")
-    p.add_argument("--micro-batch", default=None, help="samples per step, or 'auto' (GPU: largest "
-                   "power of two both sides fit); default 8 on CPU, auto on GPU")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="default fp32 on CPU, bf16 on GPU")
-    p.add_argument("--zero-stage", type=int, default=0, help="our engine's ZeRO stage (one rank)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2, help="the paired run times steps x repeats "
-                   "alternating steps per side")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--data-root", default=None, help="packed dataset for data_wait_fraction "
-                   "(default: pack real emoji images into a temporary directory)")
-    p.add_argument("--loaders", default="torch,ffcv,dali", help="loader kinds to try; the fastest "
-                   "one feeds the data-wait measurement")
-    p.add_argument("--data-steps", type=int, default=6)
-    p.add_argument("--no-data", action="store_true", help="skip the data-wait measurement")
-    p.add_argument("--worker", choices=("ours", "open_clip", "paired", "data"), help=argparse.SUPPRESS)
-    p.add_argument("--loader", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return parse_config(TrainBenchOptions, "train", argv, __doc__)
 
 
 # ----------------------------------------------------------------------------- inside a worker
