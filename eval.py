@@ -346,31 +346,39 @@ def compare(a_path: str, b_path: str) -> str:
     return markdown_table({}, [("A", a["results"]), ("B", b["results"])]) + f"\n\nA = {a_path}\nB = {b_path}"
 
 
+EVAL_KEYS_HELP = {
+    "checkpoint": "an export directory (train.py's checkpoints/step-N/export), a .safetensors/.pt file, or an "
+                  "open_clip state dict (needs model)",
+    "model": "model/configs name, needed for open_clip state dicts",
+    "datasets": "CLIP_benchmark-style dataset names (comma-separated on the command line)",
+    "data_root": "where the datasets are (or are downloaded to)",
+    "out": "result JSON; with format clip_benchmark a folder of one JSON per set and task",
+    "format": "laclip (one JSON) | clip_benchmark (evaluation/clip_benchmark.py)",
+    "protocols": "protocols to run (comma-separated on the command line)",
+    "cache_dir": "feature cache directory ('' = none)",
+    "batch_size": "images per forward",
+    "workers": "data loader workers",
+    "device": "auto (cuda when present) | cpu | cuda | cuda:N",
+    "max_per_split": ">0: a fixed subsample of each split (quick CPU runs)",
+    "fewshot_ways": "few-shot: classes per episode",
+    "fewshot_shots": "few-shot: labelled examples per class",
+    "fewshot_queries": "few-shot: queries per class",
+    "fewshot_episodes": "few-shot: episodes averaged",
+    "seed": "seed of subsampling, episodes and the probe's split",
+    "probe_val_fraction": "linear probe: training fraction held out to pick the regularisation",
+    "probe_max_iter": "linear probe: solver iterations",
+}
+
+
 def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file of EvalConfig fields (CLI flags override it)")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"))
-    for f in dataclasses.fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("datasets", "protocols"):
-            p.add_argument(flag, help="comma-separated")
-        else:
-            p.add_argument(flag, type=str if f.name == "model" else type(f.default))
-    a = p.parse_args(argv)
-    cfg = EvalConfig()
-    if a.config:
-        import yaml
-        cfg = EvalConfig(**(yaml.safe_load(Path(a.config).read_text()) or {}))
-    for f in dataclasses.fields(EvalConfig):
-        v = getattr(a, f.name)
-        if v is not None:
-            setattr(cfg, f.name, v.split(",") if f.name in ("datasets", "protocols") else v)
-    if cfg.format not in OUTPUT_FORMATS:
-        p.error(f"unknown --format {cfg.format!r}; known: {', '.join(OUTPUT_FORMATS)}")
-    unknown = set(cfg.protocols) - set(PROTOCOLS)
-    if unknown:
-        p.error(f"unknown protocols {sorted(unknown)}; known: {PROTOCOLS}")
-    return cfg, a.compare
+    """--config FILE, --set key=value and a --kebab-case flag per EvalConfig key (common/config.py);
+    a bad key or value: one line on stderr, exit 2."""
+    from common.config import as_dict, build_parser, parse, with_help
+    keys = with_help(EvalConfig, EVAL_KEYS_HELP, choices={"format": OUTPUT_FORMATS, "protocols": PROTOCOLS})
+    p = build_parser(keys, "eval.py", __doc__.split("\n")[0], flags="all")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="a table of two result JSONs")
+    cfg, args = parse(keys, p, argv)
+    return EvalConfig(**as_dict(cfg)), args.compare
 
 
 class CheckpointError(Exception):

@@ -101,7 +101,7 @@ def coerce(value, hint, key: str):
         if origin is list:
             if isinstance(value, str):
                 parsed = yaml.safe_load(value)
-                value = parsed if isinstance(parsed, list) else [v for v in value.split(",") if v.strip()]
+                value = parsed if isinstance(parsed, list) else _split(value)
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
             (item,) = typing.get_args(hint) or (None,)
@@ -116,6 +116,10 @@ def coerce(value, hint, key: str):
             raise
         raise ConfigError(key, f"cannot read {value!r} as {_hint_name(hint)}") from err
     return value
+
+
+def _split(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def fields(cls) -> dict[str, dataclasses.Field]:
@@ -265,7 +269,7 @@ def build_parser(cls, prog: str, description: str | None = None, flags=(), epilo
                            help=help_)
         elif base is list:
             p.add_argument(_flag_of(f), dest=dest, action="extend", nargs="+", default=None, metavar="V",
-                           help=help_)
+                           help=help_ + " (space- or comma-separated)")
         else:
             p.add_argument(_flag_of(f), dest=dest, default=None, metavar="V", help=help_)
     return p
@@ -276,6 +280,8 @@ def flag_values(cls, args: argparse.Namespace) -> dict:
     out = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f"config:{f.name}", None)
+        if isinstance(value, list):  # a list key's flag takes items space- or comma-separated
+            value = [item for v in value for item in _split(v)]
         if value is not None:
             out[f.name] = (value, _flag_of(f))
     return out
