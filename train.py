@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import random
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,17 +39,22 @@ REPO = Path(__file__).resolve().parent
 # DeepSpeed JIT-compiles its shared-memory comm op on CPU (about a minute): compile once, reuse after.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
 from common.config import ConfigError  # noqa: E402
+from common.processes import is_launcher, launcher_chain, watch_launcher  # noqa: E402, F401
+from loaders.synthetic import SyntheticLoader  # noqa: E402, F401
+from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refuse_existing_run,  # noqa: E402, F401
+                                  resolve_resume, save_checkpoint, set_rng_state)
 from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
+from training.data import MicroBatches  # noqa: E402
+from training.engine import build_engine, clamp_logit_scale, lr_lambda, param_groups  # noqa: E402, F401
+from training.logger import Logger  # noqa: E402
 
 EXIT_NONFINITE = 3
 EXIT_USAGE = 2
-CHECKPOINT_FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -118,65 +120,10 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-# ----------------------------------------------------------------------------- launcher death and preflight
+# ----------------------------------------------------------------------------- preflight
 
 class UsageError(Exception):
     """A problem with the run's inputs, found before training: one line, exit EXIT_USAGE."""
-
-
-def is_launcher(cmdline: list[str]) -> bool:
-    """`deepspeed ...`, `python -m deepspeed.launcher.{runner,launch}`, `torchrun`, `-m torch.distributed.run`."""
-    return any(os.path.basename(arg) in ("deepspeed", "torchrun")
-               or arg.startswith(("deepspeed.launcher.", "torch.distributed.run")) for arg in cmdline)
-
-
-def launcher_chain() -> list:
-    """The launcher processes above this rank (deepspeed's runner and launch.py, torchrun), nearest first."""
-    import psutil  # noqa: PLC0415
-    chain, proc = [], psutil.Process().parent()
-    while proc is not None and proc.pid > 1:
-        try:
-            if not is_launcher(proc.cmdline()):
-                break
-            chain.append(proc)
-            proc = proc.parent()
-        except psutil.Error:
-            break
-    return chain
-
-
-def _alive(proc) -> bool:
-    import psutil  # noqa: PLC0415
-    try:  # is_running also compares the start time, so a reused pid counts as dead
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def watch_launcher(on_death, interval: float = 0.5):
-    """Call on_death(description) once if any launcher above this rank exits.
-
-    The deepspeed runner on one node installs no signal handler: SIGTERM kills it at once and its
-    launch.py keeps the ranks running with nobody left to stop them. So each rank polls its whole
-    launcher chain, and asks the kernel for SIGTERM (PR_SET_PDEATHSIG) when its direct parent dies.
-    """
-    chain = launcher_chain()
-    if not chain:
-        return
-    if sys.platform.startswith("linux"):
-        import ctypes  # noqa: PLC0415
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-    def poll():
-        while True:
-            for proc in chain:
-                if not _alive(proc):
-                    on_death(f"launcher process {proc.pid} exited")
-                    return
-            time.sleep(interval)
-
-    threading.Thread(target=poll, name="launcher-watch", daemon=True).start()
 
 
 def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
@@ -211,201 +158,6 @@ def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int):
     if by_problem:
         raise UsageError("; ".join(f"{p} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
                                    for p, rs in by_problem.items()))
-
-
-# ----------------------------------------------------------------------------- data
-
-SOT, EOT, CONTEXT = 49406, 49407, 77
-
-
-class SyntheticLoader:
-    """Seeded random images and token sequences, a pure function of (seed, epoch, sample index).
-
-    Same interface and sharding as loaders.build_loader: micro batch k of rank r holds positions
-    k*world*B + r*B .. +B of the epoch's permutation, so one optimizer step covers the same global
-    batch for every split into ranks x accumulation x micro batch (the step-equality tests use it).
-    Sample i has 1 + i % max_texts texts; their content is random ids.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank, world, image_size, epoch, start_batch):
-        self.cfg, self.rank, self.world, self.size = cfg, rank, world, image_size
-        self.epoch, self.start = epoch, start_batch
-        self.perm = np.random.default_rng([cfg.seed, epoch, 7]).permutation(cfg.synthetic_samples)
-
-    def batches_per_epoch(self) -> int:
-        return self.cfg.synthetic_samples // (self.cfg.micro_batch * self.world)
-
-    def __len__(self):  # batches left, like the loaders
-        return max(0, self.batches_per_epoch() - self.start)
-
-    def texts(self, i: int) -> np.ndarray:
-        k = self.cfg.max_texts
-        rng = np.random.default_rng([self.cfg.seed, int(i), 1])
-        out = np.zeros((k, CONTEXT), dtype=np.int64)
-        for j in range(1 + i % k):
-            ids = rng.integers(1, SOT, size=rng.integers(3, 12))
-            out[j, :len(ids) + 2] = [SOT, *ids, EOT]
-        return out
-
-    def sample(self, i: int) -> dict:
-        cfg, s = self.cfg, self.size
-        image = np.random.default_rng([cfg.seed, int(i), 0]).standard_normal((3, s, s), np.float32)
-        texts = self.texts(i)
-        n_texts = 1 + i % cfg.max_texts
-        out = {"images": image}
-        if cfg.text_mode == "all":
-            out["tokens"], out["mask"] = texts, np.arange(cfg.max_texts) < n_texts
-        else:
-            pick = 0 if cfg.text_mode == "original" else \
-                np.random.default_rng([cfg.seed, self.epoch, int(i), 2]).integers(n_texts)
-            out["tokens"] = texts[pick]
-        if cfg.image_loss == "slip":
-            rng = np.random.default_rng([cfg.seed, self.epoch, int(i), 3])
-            out["view1"] = image + 0.3 * rng.standard_normal(image.shape, np.float32)
-            out["view2"] = image + 0.3 * rng.standard_normal(image.shape, np.float32)
-        return out
-
-    def __iter__(self):
-        b = self.cfg.micro_batch
-        for k in range(self.start, self.batches_per_epoch()):
-            first = k * self.world * b + self.rank * b
-            samples = [self.sample(int(i)) for i in self.perm[first:first + b]]
-            yield {key: torch.from_numpy(np.stack([x[key] for x in samples])) for key in samples[0]}
-
-
-def as_dict(batch) -> dict:
-    """A loader batch (tuple or dict, see loaders.build_loader) -> {"images", "tokens", ["mask", "view1", ...]}."""
-    if isinstance(batch, dict):
-        return batch
-    keys = ("images", "tokens", "mask")[:len(batch)]
-    return dict(zip(keys, batch))
-
-
-class MicroBatches:
-    """This rank's endless stream of micro batches across epochs; (epoch, batch) is the position of
-    the next unseen batch, which a checkpoint stores and a resumed run starts from."""
-
-    def __init__(self, cfg: TrainConfig, rank, world, image_size, epoch=0, batch=0):
-        self.cfg, self.rank, self.world, self.image_size = cfg, rank, world, image_size
-        self.epoch, self.batch = epoch, batch
-        self.it = None
-
-    def _open(self):
-        cfg = self.cfg
-        if cfg.data == "synthetic":
-            loader = SyntheticLoader(cfg, self.rank, self.world, self.image_size, self.epoch, self.batch)
-        else:
-            from loaders import build_loader  # noqa: PLC0415
-            loader = build_loader(cfg.data, cfg.data_root, batch_size=cfg.micro_batch,
-                                  text_mode=cfg.text_mode, seed=cfg.seed, epoch=self.epoch,
-                                  rank=self.rank, world_size=self.world, num_workers=cfg.num_workers,
-                                  image_size=self.image_size, max_texts=cfg.max_texts,
-                                  slip_views=cfg.image_loss == "slip", start_batch=self.batch,
-                                  drop_last=True, augment=cfg.augment)
-        if self.batch == 0 and len(loader) == 0:
-            raise ValueError(f"{cfg.data_root or 'synthetic data'}: fewer samples than one global "
-                             f"micro batch ({cfg.micro_batch} x {self.world} ranks)")
-        return iter(loader)
-
-    def next(self, device, dtype) -> dict:
-        while True:
-            if self.it is None:
-                self.it = self._open()
-            try:
-                batch = as_dict(next(self.it))
-                break
-            except StopIteration:
-                self.epoch, self.batch, self.it = self.epoch + 1, 0, None
-        self.batch += 1
-        out = {}
-        for key, value in batch.items():
-            if key in ("images", "view1", "view2"):
-                out[key] = value.to(device, dtype, non_blocking=True)
-            elif key in ("tokens", "mask"):
-                out[key] = value.to(device, torch.bool if key == "mask" else torch.long)
-        return out
-
-
-# ----------------------------------------------------------------------------- model, optimizer
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW decay only on weight matrices: not on gains, biases, the logit scale, embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(cfg: TrainConfig):
-    """Multiplier of cfg.lr for optimizer step s (0-based): linear warmup, then cosine decay."""
-    def f(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return (s + 1) / cfg.warmup_steps
-        progress = min(1.0, (s - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The generated DeepSpeed config with the run config's `deepspeed:` mapping merged over it."""
-    return merged(_generated_deepspeed_config(cfg), cfg.deepspeed)
-
-
-def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.accumulation,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
-            # torch's fused AdamW kernel (CPU and CUDA): no DeepSpeed op to compile, one pass per step
-            "torch_adam": True, "fused": True}},
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_engine(cfg: TrainConfig, model_config: dict):
-    import deepspeed  # noqa: PLC0415
-    from model import build_model  # noqa: PLC0415
-    from torch.optim.lr_scheduler import LambdaLR  # noqa: PLC0415
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(model_config)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.weight_decay),
-        config=deepspeed_config(cfg), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
-    if cfg.zero_stage == 0 and dist.get_world_size() == 1:
-        engine.enable_backward_allreduce = False  # one rank: the gradient all-reduce only copies
-    if cfg.compile:
-        engine.compile()
-    return engine
-
-
-LOGIT_SCALE_MAX = math.log(100)
-
-
-def clamp_logit_scale(engine):
-    """logit_scale in [0, log 100] after every step, in the model copy and the fp32 master copy."""
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,  # noqa: PLC0415
-                                 safe_set_full_fp32_param, safe_set_local_fp32_param)
-    p = engine.module.logit_scale
-    with torch.no_grad():
-        if hasattr(p, "ds_id"):  # ZeRO-3: clamp this rank's shard (elementwise, no collective)
-            p.ds_tensor.data.clamp_(0, LOGIT_SCALE_MAX)
-            master = safe_get_local_fp32_param(p)
-            if master is not None:
-                safe_set_local_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
-            return
-        p.data.clamp_(0, LOGIT_SCALE_MAX)
-        master = safe_get_full_fp32_param(p)  # ZeRO 1/2, bf16: a collective; None without a master
-        if master is not None:
-            safe_set_full_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -511,96 +263,7 @@ def train_step(engine, micro: list[dict], cfg: TrainConfig, losses: dict, step: 
     return global_loss, outs[0][1].item()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def full_fp32_state_dict(engine) -> dict:
-    """Consolidated fp32 weights (collective: every rank calls it; the values are on every rank)."""
-    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
-    sd = {}
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        sd[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    for name, b in engine.module.named_buffers():
-        sd[name] = b.detach().cpu().clone()
-    return sd
-
-
-def save_checkpoint(engine, cfg: TrainConfig, model_config: dict, step: int, data: MicroBatches,
-                    rank: int) -> Path:
-    from model import build_model  # noqa: PLC0415
-    from model.checkpoint import save_export  # noqa: PLC0415
-    root = Path(cfg.run_dir) / "checkpoints"
-    tag = f"step-{step:07d}"
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state())
-    client = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "epoch": data.epoch,
-              "batch_in_epoch": data.batch, "rng": rngs, "config": config_dict(cfg)}
-    # DeepSpeed writes `latest` before the other ranks finish their shards; we move it ourselves, last
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-    sd = full_fp32_state_dict(engine)
-    if rank == 0:
-        model = build_model(model_config)
-        model.load_state_dict(sd)
-        save_export(model, model_config, root / tag / "export")
-    dist.barrier()  # every rank's files are written
-    if rank == 0:
-        write_latest(root, tag)
-    if rank == 0 and cfg.keep_checkpoints:
-        prune_checkpoints(root, cfg.keep_checkpoints)
-    dist.barrier()
-    return root / tag
-
-
-def write_latest(root: Path, tag: str):
-    """Point <root>/latest at tag atomically: a kill leaves the old pointer or the new, never half."""
-    tmp = root / f".latest.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
-
-
-def prune_checkpoints(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step-XXXXXXX checkpoints (never the one `latest` names)."""
-    import shutil  # noqa: PLC0415
-    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    tags = sorted(p for p in root.glob("step-*") if p.is_dir())
-    doomed = [p for p in tags[:-keep] if p.name != latest]
-    for p in doomed:
-        shutil.rmtree(p)
-    return doomed
-
-
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
-
-
-def refuse_existing_run(run_dir: Path, resuming: bool) -> None:
-    """A new run must not overwrite another's outputs (metrics.jsonl would be truncated)."""
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if found and not resuming:
-        raise SystemExit(f"train.py: {run_dir} already holds a run ({', '.join(found)}); continue it with "
-                         "--resume latest or choose another run_dir")
-
+# ----------------------------------------------------------------------------- evaluation during training
 
 def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank: int, device) -> dict:
     """Zero-shot top-1 / top-5 / mean per-class of the current weights on `sets`, through eval.py's
@@ -621,83 +284,6 @@ def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank
             out.update({f"zeroshot/{ds.name}/{k}": v for k, v in zs.items() if k != "accuracy"})
     dist.barrier()
     return out
-
-
-def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str] | None:
-    """'latest' or a path (checkpoints dir, or a tag dir) -> (DeepSpeed load dir, tag); None for 'latest'
-    when run_dir has no checkpoint yet (a fresh start, as open_clip's --resume latest)."""
-    path = run_dir / "checkpoints" if spec == "latest" else Path(spec)
-    if spec == "latest" and not (path / "latest").is_file():
-        return None
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if (path / "mp_rank_00_model_states.pt").is_file() or path.name.startswith("step-"):
-        return path.parent, path.name
-    raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path} (no 'latest' file and not a "
-                            "step-XXXXXXX directory)")
-
-
-# ----------------------------------------------------------------------------- logging
-
-class Logger:
-    """metrics.jsonl + TensorBoard + a tqdm bar, rank 0 only."""
-
-    def __init__(self, cfg: TrainConfig, rank: int, start_step: int):
-        self.active = rank == 0
-        if not self.active:
-            return
-        run_dir = Path(cfg.run_dir)
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
-        self.text = open(run_dir / "train.log", "a")
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        end = cfg.stop_after or cfg.total_steps
-        from tqdm import tqdm  # noqa: PLC0415
-        self.bar = tqdm(total=end, initial=start_step, desc="train", unit="step",
-                        disable=not cfg.progress, dynamic_ncols=True)
-
-    def note(self, message: str):
-        """A line in <run_dir>/train.log (rank 0)."""
-        if self.active:
-            self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            self.text.flush()
-
-    def log(self, row: dict):
-        if not self.active:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.note(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items() if k != "time"))
-        for key in ("loss", "lr", "logit_scale", "grad_norm", "samples_per_s", "data_wait"):
-            if row.get(key) is not None:
-                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
-        for key in (k for k in row if k.startswith("zeroshot/")):
-            self.tb.add_scalar(key, row[key], row["step"])
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                             sps=f"{row['samples_per_s']:.1f}", wait=f"{row['data_wait']:.2f}")
-        self.bar.update(1)
-
-    def close(self):
-        if self.active:
-            self.bar.close()
-            self.tb.close()
-            self.file.close()
-            self.text.close()
-
-
-def _step_of(line: str) -> float:
-    """A metrics.jsonl line's step; inf for a torn line (a kill mid-write), which is then dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 # ----------------------------------------------------------------------------- main

@@ -10,8 +10,7 @@ Formats load_checkpoint(path, model_name=None) accepts:
              directory holding `latest`. If <tag>/export/ exists (train.py writes one) it is used;
              otherwise the fp32 weights are consolidated with DeepSpeed's own
              get_fp32_state_dict_from_zero_checkpoint, and the model config is taken from
-             <tag>/export/config.json, <tag>/config.json, <tag>/../../config.yaml (key `model`) or
-             model_name. (DeepSpeed's consolidation unpickles its own files; for checkpoints from
+             <tag>/export/config.json, <tag>/config.json (train.py writes both) or model_name. (DeepSpeed's consolidation unpickles its own files; for checkpoints from
              elsewhere prefer the export, which is safetensors with a checksum.)
   open_clip  an open_clip state dict: .pt/.pth/.bin (torch.load(weights_only=True): plain dict or
              {"state_dict": ...}, "module." prefixes allowed) or .safetensors; needs model_name (a
@@ -212,18 +211,8 @@ def _deepspeed_config(tag_dir: Path, model_name):
     for cand in (tag_dir / "export" / CONFIG_NAME, tag_dir / CONFIG_NAME):
         if cand.is_file():
             return json.loads(cand.read_text())
-    run_cfg = tag_dir.parent.parent / "config.yaml"  # train.py: <run>/checkpoints/<tag>
-    if run_cfg.is_file():
-        import yaml  # noqa: PLC0415
-        from model.clip import merge_config  # noqa: PLC0415
-        run = yaml.safe_load(run_cfg.read_text()) or {}
-        if run.get("model"):
-            config = merge_config(get_config(run["model"]), run.get("model_overrides") or {})
-            if run.get("image_loss") == "slip":
-                config["slip"] = True
-            return config
-    raise ValueError(f"{tag_dir}: no model config found (looked for export/config.json, config.json, "
-                     f"{run_cfg}); pass model_name")
+    raise ValueError(f"{tag_dir}: no model config found (looked for export/config.json and config.json); "
+                     "pass model_name")
 
 
 def _load_deepspeed(path: Path, model_name):

@@ -232,8 +232,8 @@ def test_deepspeed_checkpoints_load(tmp_path):
                 torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=f"stage {stage} {k}")
     with pytest.raises(ValueError, match="model_name"):  # no config anywhere near this checkpoint
         load_checkpoint(tmp_path / "ds-z2")
-    # train.py's layout: <run>/config.yaml names the model; <run>/checkpoints/<tag>/export/ preferred
-    (tmp_path / "config.yaml").write_text("model: tiny\nmodel_overrides: {}\n")
+    # train.py's layout: <tag>/config.json is the model config; <tag>/export/ is preferred when present
+    (tmp_path / "ds-z2" / "step-0000001" / "config.json").write_text(json.dumps(build_model("tiny").config))
     model, info = load_checkpoint(tmp_path / "ds-z2")
     assert info["via"] == "zero_to_fp32"
     save_export(model, None, tmp_path / "ds-z2" / "step-0000001" / "export")

@@ -1,0 +1,90 @@
+"""The DeepSpeed engine of a TrainConfig: parameter groups, learning-rate schedule, DeepSpeed config, and
+the logit-scale clamp after each step."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from training.config import TrainConfig, merged
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW decay only on weight matrices: not on gains, biases, the logit scale, embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of cfg.lr for optimizer step s (0-based): linear warmup, then cosine decay."""
+    def f(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        progress = min(1.0, (s - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The generated DeepSpeed config with the run config's `deepspeed:` mapping merged over it."""
+    return merged(_generated_deepspeed_config(cfg), cfg.deepspeed)
+
+
+def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.accumulation,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+            # torch's fused AdamW kernel (CPU and CUDA): no DeepSpeed op to compile, one pass per step
+            "torch_adam": True, "fused": True}},
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: TrainConfig, model_config: dict):
+    import deepspeed  # noqa: PLC0415
+    from model import build_model  # noqa: PLC0415
+    from torch.optim.lr_scheduler import LambdaLR  # noqa: PLC0415
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(model_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.weight_decay),
+        config=deepspeed_config(cfg), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+    if cfg.zero_stage == 0 and dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False  # one rank: the gradient all-reduce only copies
+    if cfg.compile:
+        engine.compile()
+    return engine
+
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+def clamp_logit_scale(engine):
+    """logit_scale in [0, log 100] after every step, in the model copy and the fp32 master copy."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,  # noqa: PLC0415
+                                 safe_set_full_fp32_param, safe_set_local_fp32_param)
+    p = engine.module.logit_scale
+    with torch.no_grad():
+        if hasattr(p, "ds_id"):  # ZeRO-3: clamp this rank's shard (elementwise, no collective)
+            p.ds_tensor.data.clamp_(0, LOGIT_SCALE_MAX)
+            master = safe_get_local_fp32_param(p)
+            if master is not None:
+                safe_set_local_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
+            return
+        p.data.clamp_(0, LOGIT_SCALE_MAX)
+        master = safe_get_full_fp32_param(p)  # ZeRO 1/2, bf16: a collective; None without a master
+        if master is not None:
+            safe_set_full_fp32_param(p, master.clamp(0, LOGIT_SCALE_MAX))
