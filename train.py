@@ -14,7 +14,8 @@ runs once per step on the cached tower features of the whole batch. The result e
 up to float rounding, for CLIP, LaCLIP, LaCLIP-MT and SLIP alike.
 
 Writes <run_dir>/config.yaml, metrics.jsonl, train.log (text), tensorboard/, checkpoints/step-XXXXXXX/
-(DeepSpeed, with export/: fp32 weights and the model config, also in open_clip's hub layout). `latest`
+(DeepSpeed's files, config.json: the model config, and export/: fp32 weights and the model config, also
+in open_clip's hub layout). `latest`
 names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
@@ -23,6 +24,10 @@ A run_dir that already holds a run is refused unless resuming; `--resume latest`
 there is nothing to resume. keep_checkpoints=N keeps the newest N; eval_every=N runs zero-shot evaluation
 (eval.py's code) on eval_datasets every N steps, logged beside the loss; the `deepspeed:` mapping of the
 config is merged into the generated DeepSpeed config (any DeepSpeed option, its monitors included).
+
+This file is the run from start to end: config -> ranks -> preflight -> the step -> main. Its parts live in
+training/ (config.py: the keys, which `--help` lists; engine.py, data.py, checkpoints.py, logger.py),
+loaders/synthetic.py (data=synthetic) and common/processes.py (launcher watching).
 """
 from __future__ import annotations
 
