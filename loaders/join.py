@@ -23,6 +23,7 @@ import zlib
 from typing import Callable, Iterable, Iterator
 
 from loaders.ingest import read_jsonl
+from rewrite.quality import same_text
 
 PAGE_CACHE_KIB = 256 * 1024   # SQLite page cache: bounds the join's memory
 BULK_ROWS = 50_000            # rows per executemany
@@ -149,18 +150,24 @@ def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], in
                     raise error(f"{staged_path(shard)}: duplicate sample key {duplicate!r}")
                 chunk = []
         out, matched, dropped, dropped_keys, some_sample_key = Buckets(folder, "joined", rank, parts), 0, 0, [], None
+        same = 0
         for shard, pos, rkey, caption in read_buckets(folder, "lookups", rank, parts):
             some_sample_key = some_sample_key or rkey
-            rewrites = join.rewrites(rkey)
-            matched += rewrites is not None
-            usable = [t for t in rewrites or [] if keep_text(t)]
-            if len(usable) < len(rewrites or []):
-                dropped += len(rewrites) - len(usable)
+            found = join.rewrites(rkey)
+            matched += found is not None
+            rewrites = found or []
+            # a "rewrite" that says what the caption says (EDA with nothing to change, a store padded
+            # with the original) would only weight the original more in the draw: dropped and counted
+            different = [t for t in rewrites if not same_text(t, caption)]
+            same += len(rewrites) - len(different)
+            usable = [t for t in different if keep_text(t)]
+            if len(usable) < len(different):
+                dropped += len(different) - len(usable)
                 dropped_keys = (dropped_keys + [rkey])[:20]
             out.add(owner(shard), [shard, pos, [caption] + usable])
         out.close()
         return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched,
-                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys,
+                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys, "same_as_original_dropped": same,
                 "some_rewrite_key": join.some_rewrite_key(), "some_sample_key": some_sample_key}
     finally:
         join.close()

@@ -107,7 +107,8 @@ def caption_settings(cfg: PackConfig) -> dict:
     if cfg.rewrites:
         st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
         rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {**stage_settings(cfg), "rewrites": rewrites}
+    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them)
+    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2}
 
 
 def settings_key(settings: dict) -> str:
@@ -363,6 +364,10 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
+    counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
+    if counts["same_as_original_dropped"]:
+        print(f"pack: dropped {counts['same_as_original_dropped']} rewrite(s) that repeat their original caption "
+              f"(not a rewrite; counted in plan.json text_counts)", file=sys.stderr)
     dropped = [{"file": cfg.rewrites, "key": k} for m in joins for k in m["dropped_keys"]][:20]
     if dropped:
         print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "

@@ -42,7 +42,9 @@ def _check_run(out: Path, run: dict) -> None:
 
 
 def rewrite_chunk(engine, chunk, pool, cfg: RewriteConfig, counts: dict) -> list[list[str]]:
-    """Rewrites for a list of (key, caption): generate, filter, retry the rejected slots, fall back."""
+    """Rewrites for a list of (key, caption): generate, filter, retry the rejected slots. A caption may
+    end with fewer than n rewrites (EDA cannot change a one-word caption, say): the rest are counted as
+    "unfilled", never padded with the original."""
     n = cfg.rewrites_per_pool
     examples = [draw_examples(pool, cfg.seed, key) if pool else [] for key, _ in chunk]
     prompts = [build_prompt(cap, ex) if pool else None for (_, cap), ex in zip(chunk, examples)]
@@ -63,9 +65,7 @@ def rewrite_chunk(engine, chunk, pool, cfg: RewriteConfig, counts: dict) -> list
                     results[i].append(text)
                     counts["kept"] += 1
         todo = [i for i in todo if len(results[i]) < n]
-    for i in todo:  # still short after the retries: the original caption stands in
-        counts["fallback"] += n - len(results[i])
-        results[i] += [chunk[i][1]] * (n - len(results[i]))
+    counts["unfilled"] += sum(n - len(results[i]) for i in todo)
     return results
 
 
@@ -95,7 +95,7 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
     todo = [(s, pool, name) for s in mine for pool, name in zip(pools, names)
             if not shard_path(out, name, s).is_file()]
     skipped = len(mine) * len(names) - len(todo)
-    counts = {k: 0 for k in ("kept", *REASONS, "fallback")}
+    counts = {k: 0 for k in ("kept", *REASONS, "unfilled")}
     own_engine = todo and engine is None
     if own_engine:
         engine = make_engine(cfg.engine, cfg.model, batch_size=cfg.batch_size, threads=cfg.threads,
@@ -115,7 +115,7 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
                "kept_fraction": round(counts["kept"] / generated, 4) if generated else None, "counts": counts}
     print(f"rewrite: rank {rank}/{world} wrote {len(todo)} shard files ({done} caption-pool rewrites), "
           f"skipped {skipped} finished, {seconds:.1f} s; kept {counts['kept']}, rejected "
-          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; fell back to the original {counts['fallback']}",
+          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; {counts['unfilled']} slots left without a rewrite",
           file=sys.stderr)
     return summary
 

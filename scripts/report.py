@@ -253,9 +253,12 @@ def diagnosis(data: dict, cfg, info: dict) -> list[str]:
                      f"{', '.join(s['pools'])}, {s['shard_files']} shard files, {s['matched_train']} training captions.")
         if s.get("filter_counts"):
             fc = s["filter_counts"]
-            gen = sum(v for k, v in fc.items() if k not in ("fallback",))
-            lines.append(f"  Filter counts {fc}: {fc.get('fallback', 0)} rewrites fell back to the original "
-                         f"caption ({100 * fc.get('fallback', 0) / max(1, gen):.1f}% of generations).")
+            # "fallback" in stores written before unfilled slots were left empty (they repeat the original)
+            unfilled = fc.get("unfilled", fc.get("fallback", 0))
+            slots = fc.get("kept", 0) + unfilled
+            lines.append(f"  Filter counts {fc}: {unfilled} of {slots} rewrite slots "
+                         f"({100 * unfilled / max(1, slots):.1f}%) got no acceptable rewrite; packing drops any "
+                         f"text equal to its original caption, so those images have fewer texts.")
     if rw.get("live"):
         live = rw["live"]
         lines.append(f"- **Rewrite quality** (live sample, {live['captions']} captions): kept fraction "
