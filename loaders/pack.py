@@ -68,6 +68,7 @@ class PackConfig:
     input: str = ""
     out: str = ""
     rewrites: str | None = None
+    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py; stores only)
     image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
     data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
     max_side: int = 256  # short side at most this many pixels
@@ -108,7 +109,7 @@ def caption_settings(cfg: PackConfig) -> dict:
         st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
         rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
     # join_rules 2: rewrites equal to their original caption are dropped (1 kept them)
-    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2}
+    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "min_fidelity": cfg.min_fidelity}
 
 
 def settings_key(settings: dict) -> str:
@@ -296,8 +297,9 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
                 yield i, m
 
-        join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError)
-        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records})
+        low = join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError, cfg.min_fidelity)
+        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records,
+                           "low_fidelity_dropped": low})
     if not done("scatter"):
         return False
     sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
@@ -365,6 +367,14 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
     counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
+    if cfg.min_fidelity is not None:  # per source (pool of the rewrite store)
+        low = {}
+        for m in scatters:
+            for pool, n in m.get("low_fidelity_dropped", {}).items():
+                low[pool] = low.get(pool, 0) + n
+        counts["low_fidelity_dropped"] = low
+        print(f"pack: dropped rewrites with fidelity below {cfg.min_fidelity}: "
+              + (", ".join(f"{pool} {n}" for pool, n in low.items()) or "none"), file=sys.stderr)
     if counts["same_as_original_dropped"]:
         print(f"pack: dropped {counts['same_as_original_dropped']} rewrite(s) that repeat their original caption "
               f"(not a rewrite; counted in plan.json text_counts)", file=sys.stderr)
@@ -736,7 +746,7 @@ def parse_args(argv=None) -> PackConfig:
         if f.type in ("bool",):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
             p.add_argument(flag, type=kind, default=None)
     a = vars(p.parse_args(argv))
     cfg = PackConfig.from_yaml(a.pop("config")) if a.get("config") else PackConfig()

@@ -58,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--chat", action="store_true", default=None,
                    help="wrap prompts in the model's chat template (default: plain few-shot completion)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_false", default=None,
+                   help="do not score each rewrite's fidelity to its original (python -m rewrite.fidelity can later)")
     p.add_argument("--import-laclip", metavar="CSV", help="import LaCLIP's released files instead of generating: "
                    "the relative_image_path,caption CSV ...")
     p.add_argument("--laclip-txt", nargs="+", metavar="TXT", help="... and its line-aligned rewrite .txt files "

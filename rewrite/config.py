@@ -21,7 +21,7 @@ class RewriteConfig:
     rewrites_per_pool: int = 1      # samples per prompt; 4 pools x 1 gives LaCLIP's M = 4
     shard_size: int = 1000          # captions per shard file (unit of resume and of rank assignment)
     batch_size: int = 8             # prompts per engine call
-    max_retries: int = 2            # regenerations of a rejected rewrite before falling back to the original
+    max_retries: int = 2            # regenerations of a rejected rewrite before the slot is left empty
     rank: int | None = None         # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0
     world_size: int | None = None   # default: $WORLD_SIZE, else 1
     threads: int | None = None      # torch CPU threads for the hf engine (1 is fastest on 2 cores)
@@ -31,6 +31,7 @@ class RewriteConfig:
     base_urls: list[str] = field(default_factory=list)  # openai: completions servers, requests spread over all
     max_in_flight: int = 64         # openai / vllm server: requests in flight per server
     chat: bool = False              # wrap the prompt in the model's chat template
+    fidelity: bool = True           # store each rewrite's fidelity score (all-MiniLM-L6-v2 similarity to its original)
     progress: bool = True
 
     def resolved_rank(self) -> tuple[int, int]:

@@ -127,7 +127,7 @@ def _rewrite_shards(engine, todo, captions, cfg: RewriteConfig, out: Path, count
     total = sum(len(captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]) for s, _, _ in todo)
     bar = tqdm(total=total, unit="cap", desc=f"rewrite rank {rank}/{world}", disable=not cfg.progress,
                dynamic_ncols=True, file=sys.stderr)
-    done = 0
+    done, scorer = 0, None
     for s, pool, name in todo:
         shard = captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]
         shard_counts = {k: 0 for k in counts}
@@ -141,6 +141,11 @@ def _rewrite_shards(engine, todo, captions, cfg: RewriteConfig, out: Path, count
         header = {"engine": cfg.engine, "model": getattr(engine, "model_id", cfg.model), "pool": name,
                   "seed": cfg.seed, "shard": s, "num_captions": len(shard),
                   "rewrites_per_pool": cfg.rewrites_per_pool, "counts": shard_counts}
+        if cfg.fidelity:  # each rewrite's similarity to its original, stored beside it (pack can filter)
+            from .fidelity import MODEL_NAME, FidelityScorer, score_records
+            scorer = scorer or FidelityScorer()
+            score_records(scorer, records)
+            header["fidelity_model"] = MODEL_NAME
         write_shard(out, name, s, header, records)
         for k, v in shard_counts.items():
             counts[k] += v
