@@ -23,6 +23,7 @@ import zlib
 from typing import Callable, Iterable, Iterator
 
 from loaders.ingest import read_jsonl
+from rewrite.quality import same_text
 
 PAGE_CACHE_KIB = 256 * 1024   # SQLite page cache: bounds the join's memory
 BULK_ROWS = 50_000            # rows per executemany
@@ -51,16 +52,25 @@ def _rewrite_row(row, where: str, error) -> tuple[str, list[str]]:
     return str(key), texts
 
 
-def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError) -> Iterator[tuple[str, list[str]]]:
+def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError, min_fidelity: float | None = None,
+                      dropped: dict | None = None) -> Iterator[tuple[str, list[str]]]:
     """Rank `rank`'s share of the rewrite input: the rewrite-store shards s % parts == rank, or the JSONL
-    lines that start in byte range [rank, rank + 1) * size / parts. The shares of all ranks are the input."""
+    lines that start in byte range [rank, rank + 1) * size / parts. The shares of all ranks are the input.
+    With `min_fidelity` (rewrite stores only), rewrites scoring below it are left out, counted per pool
+    in `dropped`."""
     if os.path.isdir(path):
         from rewrite.store import iter_rewrites, read_run
 
         mine = set(range(rank, read_run(path)["num_shards"], parts))
-        for key, _, rewrites in iter_rewrites(path, shards=mine):
-            yield key, rewrites
+        try:
+            for key, _, rewrites in iter_rewrites(path, shards=mine, min_fidelity=min_fidelity, dropped=dropped):
+                yield key, rewrites
+        except ValueError as e:
+            raise error(str(e)) from None
         return
+    if min_fidelity is not None:
+        raise error(f"{path}: a minimum fidelity needs a rewrite store with scores (python -m rewrite.fidelity), "
+                    "not a JSONL of rewrites")
     size = os.path.getsize(path)
     start, end = size * rank // parts, size * (rank + 1) // parts
     with open(path, "rb") as f:
@@ -114,11 +124,12 @@ def read_buckets(folder: str, family: str, dest: int, parts: int) -> Iterator:
 
 
 def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: Iterable[tuple[int, dict]],
-            error) -> None:
+            error, min_fidelity: float | None = None) -> dict:
     """Map step of rank `rank`: its rewrite share and its staged shards' samples into bucket files.
-    shards: (shard number, staged manifest) of the shards this rank staged."""
-    out = Buckets(folder, "rewrites", rank, parts)
-    for key, texts in (iter_rewrite_part(rewrites, rank, parts, error) if rewrites else ()):
+    shards: (shard number, staged manifest) of the shards this rank staged. Returns the rewrites left
+    out for a fidelity below `min_fidelity`, per pool."""
+    out, dropped = Buckets(folder, "rewrites", rank, parts), {}
+    for key, texts in (iter_rewrite_part(rewrites, rank, parts, error, min_fidelity, dropped) if rewrites else ()):
         out.add(partition(key, parts), [key, texts])
     out.close()
     lookups, keys = Buckets(folder, "lookups", rank, parts), Buckets(folder, "keys", rank, parts)
@@ -128,6 +139,7 @@ def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: It
             keys.add(partition(key, parts), [key, shard])
     lookups.close()
     keys.close()
+    return dropped
 
 
 def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], int],
@@ -149,18 +161,24 @@ def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], in
                     raise error(f"{staged_path(shard)}: duplicate sample key {duplicate!r}")
                 chunk = []
         out, matched, dropped, dropped_keys, some_sample_key = Buckets(folder, "joined", rank, parts), 0, 0, [], None
+        same = 0
         for shard, pos, rkey, caption in read_buckets(folder, "lookups", rank, parts):
             some_sample_key = some_sample_key or rkey
-            rewrites = join.rewrites(rkey)
-            matched += rewrites is not None
-            usable = [t for t in rewrites or [] if keep_text(t)]
-            if len(usable) < len(rewrites or []):
-                dropped += len(rewrites) - len(usable)
+            found = join.rewrites(rkey)
+            matched += found is not None
+            rewrites = found or []
+            # a "rewrite" that says what the caption says (EDA with nothing to change, a store padded
+            # with the original) would only weight the original more in the draw: dropped and counted
+            different = [t for t in rewrites if not same_text(t, caption)]
+            same += len(rewrites) - len(different)
+            usable = [t for t in different if keep_text(t)]
+            if len(usable) < len(different):
+                dropped += len(different) - len(usable)
                 dropped_keys = (dropped_keys + [rkey])[:20]
             out.add(owner(shard), [shard, pos, [caption] + usable])
         out.close()
         return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched,
-                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys,
+                "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys, "same_as_original_dropped": same,
                 "some_rewrite_key": join.some_rewrite_key(), "some_sample_key": some_sample_key}
     finally:
         join.close()

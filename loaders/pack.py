@@ -68,6 +68,7 @@ class PackConfig:
     input: str = ""
     out: str = ""
     rewrites: str | None = None
+    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py; stores only)
     image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
     data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
     max_side: int = 256  # short side at most this many pixels
@@ -107,7 +108,8 @@ def caption_settings(cfg: PackConfig) -> dict:
     if cfg.rewrites:
         st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
         rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {**stage_settings(cfg), "rewrites": rewrites}
+    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them)
+    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "min_fidelity": cfg.min_fidelity}
 
 
 def settings_key(settings: dict) -> str:
@@ -295,8 +297,9 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
                 yield i, m
 
-        join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError)
-        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records})
+        low = join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError, cfg.min_fidelity)
+        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records,
+                           "low_fidelity_dropped": low})
     if not done("scatter"):
         return False
     sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
@@ -363,6 +366,18 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
+    counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
+    if cfg.min_fidelity is not None:  # per source (pool of the rewrite store)
+        low = {}
+        for m in scatters:
+            for pool, n in m.get("low_fidelity_dropped", {}).items():
+                low[pool] = low.get(pool, 0) + n
+        counts["low_fidelity_dropped"] = low
+        print(f"pack: dropped rewrites with fidelity below {cfg.min_fidelity}: "
+              + (", ".join(f"{pool} {n}" for pool, n in low.items()) or "none"), file=sys.stderr)
+    if counts["same_as_original_dropped"]:
+        print(f"pack: dropped {counts['same_as_original_dropped']} rewrite(s) that repeat their original caption "
+              f"(not a rewrite; counted in plan.json text_counts)", file=sys.stderr)
     dropped = [{"file": cfg.rewrites, "key": k} for m in joins for k in m["dropped_keys"]][:20]
     if dropped:
         print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "
@@ -725,6 +740,7 @@ PACK_KEYS_HELP = {
     "input": "source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a builder name",
     "out": "packed dataset directory (re-running with the same out resumes)",
     "rewrites": "rewrite store or JSONL of {key, rewrites} (python -m rewrite)",
+    "min_fidelity": "drop rewrites scoring below this fidelity (rewrite/fidelity.py; rewrite stores only)",
     "image_root": "LaCLIP CSV: images are relative to this (default: the CSV's folder)",
     "data_root": "where builders (openclipart, emoji) cache their image folders",
     "max_side": "short side at most this many pixels",

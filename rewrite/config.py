@@ -25,7 +25,7 @@ class RewriteConfig:
     rewrites_per_pool: int = option(1, help="samples per prompt; 4 pools x 1 gives LaCLIP's M = 4")
     shard_size: int = option(1000, help="captions per shard file (unit of resume and of rank assignment)")
     batch_size: int = option(8, help="prompts per engine call (outputs do not depend on it, except with hf)")
-    max_retries: int = option(2, help="regenerations of a rejected rewrite before falling back to the original")
+    max_retries: int = option(2, help="regenerations of a rejected rewrite before the slot is left empty")
     rank: int | None = option(None, help="this machine's rank (default: the launcher's $RANK / SLURM, else 0)")
     world_size: int | None = option(None, help="number of machines (default: $WORLD_SIZE, else 1)")
     threads: int | None = option(None, help="CPU threads: torch threads for hf; unbound threads per vllm-cpu "
@@ -37,6 +37,8 @@ class RewriteConfig:
                                   "http://127.0.0.1:8000/v1; requests spread over all")
     max_in_flight: int = option(64, help="openai / vllm server: requests in flight per server")
     chat: bool = option(False, help="wrap the prompt in the model's chat template")
+    fidelity: bool = option(True, help="store each rewrite's fidelity score (all-MiniLM-L6-v2 similarity to its "
+                            "original); --no-fidelity skips it (python -m rewrite.fidelity can score later)")
     progress: bool = option(True, help="progress bar")
 
     def resolved_rank(self) -> tuple[int, int]:

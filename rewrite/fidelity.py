@@ -74,3 +74,123 @@ class FidelityScorer:
         a = emb[[position[t] for t in originals]]
         b = emb[[position[t] for t in rewrites]]
         return np.clip((a * b).sum(axis=1), -1.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------- scores in rewrite stores
+def score_records(scorer: FidelityScorer, records: list[dict]) -> None:
+    """Adds "scores" (one per rewrite, 4 decimals) to each {"caption", "rewrites"} record, in place."""
+    originals = [r["caption"] for r in records for _ in r["rewrites"]]
+    rewrites = [t for r in records for t in r["rewrites"]]
+    scores = iter(scorer.score(originals, rewrites).tolist() if rewrites else [])
+    for r in records:
+        r["scores"] = [round(next(scores), 4) for _ in r["rewrites"]]
+
+
+def score_store(out_dir, scorer: FidelityScorer | None = None, progress: bool = True) -> dict:
+    """Scores every finished shard file of a rewrite store that has no scores yet (each file rewritten
+    atomically, so an interrupted run resumes). Returns {"scored": files, "already": files}."""
+    from tqdm import tqdm
+
+    from .store import read_run, read_shard, shard_path, write_shard
+    run = read_run(out_dir)
+    paths = [shard_path(out_dir, p, s) for s in range(run["num_shards"]) for p in run["pools"]]
+    paths = [p for p in paths if p.is_file()]
+    done = {"scored": 0, "already": 0}
+    for path in tqdm(paths, desc=f"fidelity {out_dir}", unit="file", disable=not progress):
+        header, records = read_shard(path)
+        if header.get("fidelity_model") == MODEL_NAME:
+            done["already"] += 1
+            continue
+        scorer = scorer or FidelityScorer()
+        score_records(scorer, records)
+        header = {k: v for k, v in header.items() if k != "format_version"}
+        written = write_shard(out_dir, header["pool"], header["shard"], {**header, "fidelity_model": MODEL_NAME},
+                              records)
+        if written != path:  # a plain .jsonl shard of an older store, now rewritten compressed
+            path.unlink()
+        done["scored"] += 1
+    return done
+
+
+def summarize(out_dir, bins: int = 20, examples: int = 3) -> dict:
+    """Per pool (source): how many rewrites are scored, quantiles, a histogram over [0, 1] and examples
+    at the low end (5th percentile), the median and the high end (95th)."""
+    from .store import read_run, read_shard, shard_path
+    run, pools = read_run(out_dir), {}
+    for pool in run["pools"]:
+        rows = []
+        for s in range(run["num_shards"]):
+            path = shard_path(out_dir, pool, s)
+            if path.is_file():
+                rows += [(score, r["caption"], t) for r in read_shard(path)[1]
+                         for t, score in zip(r["rewrites"], r.get("scores", []))]
+        if not rows:
+            continue
+        rows.sort(key=lambda x: x[0])
+        scores = np.array([x[0] for x in rows], dtype=np.float64)
+        counts, edges = np.histogram(np.clip(scores, 0, 1), bins=bins, range=(0.0, 1.0))
+
+        def around(q):
+            at = int(q * (len(rows) - 1))
+            return [{"score": round(x[0], 3), "caption": x[1], "rewrite": x[2]}
+                    for x in rows[max(0, at - examples // 2):at - examples // 2 + examples]]
+        pools[pool] = {"n": len(rows), "mean": round(float(scores.mean()), 4),
+                       "quantiles": {str(q): round(float(np.quantile(scores, q)), 4) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+                       "histogram": {"edges": [round(e, 3) for e in edges.tolist()], "counts": counts.tolist()},
+                       "examples": {"low": around(0.05), "median": around(0.5), "high": around(0.95)}}
+    return {"store": str(out_dir), "model": MODEL_NAME, "engine": run.get("engine"), "pools": pools}
+
+
+def plot(summary: dict, path) -> None:
+    """One histogram per source, on one set of axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for pool, info in summary["pools"].items():
+        edges, counts = np.array(info["histogram"]["edges"]), np.array(info["histogram"]["counts"])
+        ax.stairs(counts / max(1, counts.sum()), edges, label=f"{pool} (n={info['n']}, mean {info['mean']:.2f})")
+    ax.set_xlabel(f"fidelity to the original caption ({MODEL_NAME} cosine)")
+    ax.set_ylabel("fraction of rewrites")
+    ax.set_title(f"{summary['store']} ({summary['engine']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """python -m rewrite.fidelity STORE [STORE ...]: score what is not scored yet, then write
+    STORE/fidelity.json (distribution and examples per source) and STORE/fidelity.png."""
+    import argparse
+    import json
+    import sys
+
+    from .store import write_atomic
+    parser = argparse.ArgumentParser(prog="python -m rewrite.fidelity", description=main.__doc__)
+    parser.add_argument("stores", nargs="+", help="rewrite store directories (python -m rewrite --out)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    scorer = None
+    for store in args.stores:
+        try:
+            if not Path(store, "run.json").is_file():
+                raise FileNotFoundError(f"{store}: not a rewrite store (no run.json)")
+            if not any(Path(store).glob("*/shard-*")):
+                raise FileNotFoundError(f"{store}: no finished shard files to score")
+            scorer = scorer or FidelityScorer()
+            done = score_store(store, scorer, progress=not args.no_progress)
+        except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
+            print(f"rewrite.fidelity: error: {e}", file=sys.stderr)
+            return 2
+        summary = summarize(store)
+        write_atomic(Path(store, "fidelity.json"), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        plot(summary, Path(store, "fidelity.png"))
+        means = ", ".join(f"{p} {v['mean']:.3f}" for p, v in summary["pools"].items())
+        print(f"rewrite.fidelity: {store}: scored {done['scored']} shard files ({done['already']} already); "
+              f"mean fidelity {means}; {store}/fidelity.json, fidelity.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

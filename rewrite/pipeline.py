@@ -42,7 +42,9 @@ def _check_run(out: Path, run: dict) -> None:
 
 
 def rewrite_chunk(engine, chunk, pool, cfg: RewriteConfig, counts: dict) -> list[list[str]]:
-    """Rewrites for a list of (key, caption): generate, filter, retry the rejected slots, fall back."""
+    """Rewrites for a list of (key, caption): generate, filter, retry the rejected slots. A caption may
+    end with fewer than n rewrites (EDA cannot change a one-word caption, say): the rest are counted as
+    "unfilled", never padded with the original."""
     n = cfg.rewrites_per_pool
     examples = [draw_examples(pool, cfg.seed, key) if pool else [] for key, _ in chunk]
     prompts = [build_prompt(cap, ex) if pool else None for (_, cap), ex in zip(chunk, examples)]
@@ -63,9 +65,7 @@ def rewrite_chunk(engine, chunk, pool, cfg: RewriteConfig, counts: dict) -> list
                     results[i].append(text)
                     counts["kept"] += 1
         todo = [i for i in todo if len(results[i]) < n]
-    for i in todo:  # still short after the retries: the original caption stands in
-        counts["fallback"] += n - len(results[i])
-        results[i] += [chunk[i][1]] * (n - len(results[i]))
+    counts["unfilled"] += sum(n - len(results[i]) for i in todo)
     return results
 
 
@@ -95,7 +95,7 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
     todo = [(s, pool, name) for s in mine for pool, name in zip(pools, names)
             if not shard_path(out, name, s).is_file()]
     skipped = len(mine) * len(names) - len(todo)
-    counts = {k: 0 for k in ("kept", *REASONS, "fallback")}
+    counts = {k: 0 for k in ("kept", *REASONS, "unfilled")}
     own_engine = todo and engine is None
     if own_engine:
         engine = make_engine(cfg.engine, cfg.model, batch_size=cfg.batch_size, threads=cfg.threads,
@@ -115,7 +115,7 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
                "kept_fraction": round(counts["kept"] / generated, 4) if generated else None, "counts": counts}
     print(f"rewrite: rank {rank}/{world} wrote {len(todo)} shard files ({done} caption-pool rewrites), "
           f"skipped {skipped} finished, {seconds:.1f} s; kept {counts['kept']}, rejected "
-          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; fell back to the original {counts['fallback']}",
+          + ", ".join(f"{k} {counts[k]}" for k in REASONS) + f"; {counts['unfilled']} slots left without a rewrite",
           file=sys.stderr)
     return summary
 
@@ -127,7 +127,7 @@ def _rewrite_shards(engine, todo, captions, cfg: RewriteConfig, out: Path, count
     total = sum(len(captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]) for s, _, _ in todo)
     bar = tqdm(total=total, unit="cap", desc=f"rewrite rank {rank}/{world}", disable=not cfg.progress,
                dynamic_ncols=True, file=sys.stderr)
-    done = 0
+    done, scorer = 0, None
     for s, pool, name in todo:
         shard = captions[s * cfg.shard_size:(s + 1) * cfg.shard_size]
         shard_counts = {k: 0 for k in counts}
@@ -141,6 +141,11 @@ def _rewrite_shards(engine, todo, captions, cfg: RewriteConfig, out: Path, count
         header = {"engine": cfg.engine, "model": getattr(engine, "model_id", cfg.model), "pool": name,
                   "seed": cfg.seed, "shard": s, "num_captions": len(shard),
                   "rewrites_per_pool": cfg.rewrites_per_pool, "counts": shard_counts}
+        if cfg.fidelity:  # each rewrite's similarity to its original, stored beside it (pack can filter)
+            from .fidelity import MODEL_NAME, FidelityScorer, score_records
+            scorer = scorer or FidelityScorer()
+            score_records(scorer, records)
+            header["fidelity_model"] = MODEL_NAME
         write_shard(out, name, s, header, records)
         for k, v in shard_counts.items():
             counts[k] += v

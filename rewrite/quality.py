@@ -1,5 +1,6 @@
-"""Output filter: why a generated rewrite is rejected. Rejected rewrites are retried, then replaced by
-the original caption (counted as "fallback")."""
+"""Output filter: why a generated rewrite is rejected. Rejected rewrites are retried; a slot still
+without one is left empty (counted as "unfilled"): repeating the original caption there would only
+weight the original more in the loader's draw."""
 from __future__ import annotations
 
 import re
@@ -24,12 +25,17 @@ def clean_output(text: str) -> str:
     return text
 
 
+def same_text(text: str, caption: str) -> bool:
+    """The rewrite says exactly what the caption says, up to case, punctuation and spacing."""
+    return _norm(text) == _norm(caption)
+
+
 def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = ()) -> str | None:
     """None if the rewrite is kept, else the first reason (one of REASONS) it fails."""
     norm = _norm(text)
     if not norm:
         return "empty"
-    if norm == _norm(caption):
+    if same_text(text, caption):
         return "identical"
     # Small models often echo an example with a word changed; the caption itself never appears there.
     if any(SequenceMatcher(None, norm, _norm(e)).ratio() >= NEAR_COPY for pair in examples for e in pair):

@@ -1,8 +1,11 @@
 """The rewrite store: what rewrite/ writes and loaders/ pack reads.
 
 <out>/run.json                     the run: engine, model, pools (in store order), seed, shards, ...
-<out>/<pool>/shard-00000.jsonl.zst line 1: header {"engine", "model", "pool", "seed", "shard", "counts", ...}
-                                   then one {"key", "caption", "rewrites": [...]} per caption, input order;
+<out>/<pool>/shard-00000.jsonl.zst line 1: header {"engine", "model", "pool", "seed", "shard", "counts",
+                                   "fidelity_model" once scored, ...}
+                                   then one {"key", "caption", "rewrites": [...], "scores": [...]} per
+                                   caption, input order (a caption may have fewer rewrites than asked
+                                   for; "scores": each rewrite's fidelity, rewrite/fidelity.py);
                                    zstd-compressed JSONL (plain `.jsonl` shards of older stores read too)
 A shard file exists only when complete (written to a temp file, fsynced, renamed), so a re-run redoes
 exactly the missing files. `load_rewrites` gives each key its rewrites in the run's pool order.
@@ -79,9 +82,11 @@ def missing_shards(out_dir) -> list[Path]:
             if not shard_path(out_dir, p, s).is_file()]
 
 
-def iter_rewrites(out_dir, shards=None) -> Iterator[tuple[str, str, list[str]]]:
+def iter_rewrites(out_dir, shards=None, min_fidelity: float | None = None,
+                  dropped: dict | None = None) -> Iterator[tuple[str, str, list[str]]]:
     """(key, original caption, rewrites in pool order) for every caption, in input order (of the given
-    shard numbers only, when `shards` is a collection of them)."""
+    shard numbers only, when `shards` is a collection of them). With `min_fidelity`, rewrites whose
+    fidelity score (rewrite/fidelity.py) is below it are left out and counted per pool in `dropped`."""
     run = read_run(out_dir)
     missing = missing_shards(out_dir)
     if missing:
@@ -90,12 +95,24 @@ def iter_rewrites(out_dir, shards=None) -> Iterator[tuple[str, str, list[str]]]:
     for s in range(run["num_shards"]):
         if shards is not None and s not in shards:
             continue
-        per_pool = [read_shard(shard_path(out_dir, p, s))[1] for p in run["pools"]]
+        paths = [shard_path(out_dir, p, s) for p in run["pools"]]
+        per_pool = [read_shard(path)[1] for path in paths]
         for rows in zip(*per_pool):
             key = rows[0]["key"]
             if any(r["key"] != key for r in rows):
                 raise ValueError(f"{out_dir} shard {s}: pools disagree on key order at {key!r}")
-            yield key, rows[0]["caption"], [t for r in rows for t in r["rewrites"]]
+            texts = []
+            for pool, path, row in zip(run["pools"], paths, rows):
+                kept = row["rewrites"]
+                if min_fidelity is not None:
+                    if "scores" not in row:
+                        raise ValueError(f"{path}: key {key!r} has no fidelity scores (score the store first: "
+                                         f"python -m rewrite.fidelity {out_dir})")
+                    kept = [t for t, score in zip(row["rewrites"], row["scores"]) if score >= min_fidelity]
+                    if dropped is not None:
+                        dropped[pool] = dropped.get(pool, 0) + len(row["rewrites"]) - len(kept)
+                texts += kept
+            yield key, rows[0]["caption"], texts
 
 
 def load_rewrites(out_dir) -> dict[str, list[str]]:

@@ -88,7 +88,20 @@ def fmt(mean, std) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
-def table(data: dict, cfg, methods: dict) -> str:
+def chance_levels(cfg, sets: dict) -> dict[str, float]:
+    """What a model that knows nothing scores in each column, in percent: zero-shot 1 / classes,
+    recall@5 5 / candidates, Fashion-MNIST's 10 classes, 5-way few-shot 1 / 5."""
+    chance = {"F-MNIST ZS": 10.0, "F-MNIST 5w5s": 20.0, "F-MNIST linear": 10.0}
+    for head, _, name, path in columns(cfg.datasets):
+        info = sets.get(name.removeprefix("captions:heldout-"), {})
+        if path == "zeroshot/top1" and info.get("categories"):
+            chance[head] = 100.0 / info["categories"]
+        elif "R@5" in path and info.get("heldout"):
+            chance[head] = 100.0 * min(5, info["heldout"]) / info["heldout"]
+    return chance
+
+
+def table(data: dict, cfg, methods: dict, chance: dict | None = None) -> str:
     cols = columns(cfg.datasets)
     stats = {m: {h: mean_std(d["final"][h]) for h, *_ in cols} for m, d in data.items()}
     best = {h: max((s[h][0] for s in stats.values() if s[h][0] is not None), default=None) for h, *_ in cols}
@@ -99,6 +112,8 @@ def table(data: dict, cfg, methods: dict) -> str:
             text = fmt(*s[h])
             cells.append(f"**{text}**" if s[h][0] is not None and s[h][0] == best[h] else text)
         lines.append(f"| {methods[m][0]} | " + " | ".join(cells) + " |")
+    if chance:
+        lines.append("| *chance* | " + " | ".join(f"*{chance[h]:.1f}*" if h in chance else "-" for h, *_ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -160,8 +175,21 @@ def _paired(data: dict, cfg, method: str, fn) -> tuple[float, float, int] | None
     return float(np.mean(diffs)), se, len(diffs)
 
 
+def paired_test(d: float, se: float, seeds: int) -> tuple[float, float]:
+    """Two-sided paired t-test of a mean per-seed difference d with standard error se over `seeds` seeds
+    (n - 1 degrees of freedom): (p value, smallest detectable difference), the latter being the
+    difference that would just reach p = 0.05 with this spread (t(0.975, n - 1) x se)."""
+    from scipy import stats
+    df = seeds - 1
+    smallest = float(stats.t.ppf(0.975, df) * se)
+    if se == 0:
+        return (0.0 if d != 0 else 1.0), smallest
+    return float(2 * stats.t.sf(abs(d / se), df)), smallest
+
+
 def verdict(data: dict, cfg, info: dict) -> list[str]:
-    """Does LaCLIP beat CLIP here? Paired by seed; a difference counts only beyond ~2 standard errors."""
+    """Does LaCLIP beat CLIP here? Paired by seed, a two-sided paired t-test at 5% with n - 1 degrees of
+    freedom, and the smallest difference these seeds could have detected."""
     if "clip" not in data or "laclip" not in data:
         return ["(CLIP or LaCLIP was not run: no comparison.)"]
     out = []
@@ -173,15 +201,14 @@ def verdict(data: dict, cfg, info: dict) -> list[str]:
             continue
         d, se, seeds = paired
         if seeds >= 2:
-            spread = f"{d:+.1f} ± {se * math.sqrt(seeds):.1f} (std of the paired difference over {seeds} seeds)"
-            if seeds < 3:  # a standard deviation from 2 values is too rough to call a null result
-                call = "**not established** (two seeds estimate the spread too roughly; run `--seeds 3`)"
-            elif d > 2 * se:
-                call = "LaCLIP **beats** CLIP"
-            elif d < -2 * se:
-                call = "LaCLIP is **worse** than CLIP"
+            p, smallest = paired_test(d, se, seeds)
+            spread = (f"{d:+.1f} ± {se * math.sqrt(seeds):.1f} (std of the paired difference over {seeds} seeds; "
+                      f"paired t-test, {seeds - 1} df, p = {p:.3f}; smallest detectable difference ±{smallest:.1f})")
+            if p < 0.05:
+                call = "LaCLIP **beats** CLIP" if d > 0 else "LaCLIP is **worse** than CLIP"
             else:
-                call = "**no difference beyond the seed-to-seed spread**"
+                call = (f"**no difference detectable** with {seeds} seeds (a true difference under "
+                        f"±{smallest:.1f} points could hide in this spread)")
         else:
             spread = f"{d:+.1f} on a single seed"
             call = "**not established** (one seed measures no spread; run `--seeds 3`)"
@@ -221,10 +248,11 @@ def augmentation_control(data: dict, cfg, info: dict) -> list[str]:
     rows = {m: _paired(data, cfg, m, _retrieval) for m in ("laclip", "laclip_mt", "eda")}
     if any(v is None for v in rows.values()) or rows["laclip"][2] < 3:
         return []
-    said = ", ".join(f"{info['labels'][m]} {d:+.1f} ± {2 * se:.1f}" for m, (d, se, _) in rows.items())
-    line = (f"- **Text-augmentation control** (retrieval R@5 minus CLIP's, paired by seed, ± 2 standard errors): "
+    said = ", ".join(f"{info['labels'][m]} {d:+.1f} (p = {paired_test(d, se, n)[0]:.3f})"
+                     for m, (d, se, n) in rows.items())
+    line = (f"- **Text-augmentation control** (retrieval R@5 minus CLIP's, paired by seed, paired t-test): "
             f"{said}.")
-    worse = lambda m: rows[m][0] < -2 * rows[m][1]   # noqa: E731
+    worse = lambda m: rows[m][0] < 0 and paired_test(*rows[m])[0] < 0.05   # noqa: E731
     if worse("laclip") and not worse("eda"):
         line += (" EDA varies every caption too and stays level with CLIP, so varying the text is not what hurts "
                  "here; what the LLM rewrites say is (rewrite quality: read the live before/after pairs below for "
@@ -253,9 +281,12 @@ def diagnosis(data: dict, cfg, info: dict) -> list[str]:
                      f"{', '.join(s['pools'])}, {s['shard_files']} shard files, {s['matched_train']} training captions.")
         if s.get("filter_counts"):
             fc = s["filter_counts"]
-            gen = sum(v for k, v in fc.items() if k not in ("fallback",))
-            lines.append(f"  Filter counts {fc}: {fc.get('fallback', 0)} rewrites fell back to the original "
-                         f"caption ({100 * fc.get('fallback', 0) / max(1, gen):.1f}% of generations).")
+            # "fallback" in stores written before unfilled slots were left empty (they repeat the original)
+            unfilled = fc.get("unfilled", fc.get("fallback", 0))
+            slots = fc.get("kept", 0) + unfilled
+            lines.append(f"  Filter counts {fc}: {unfilled} of {slots} rewrite slots "
+                         f"({100 * unfilled / max(1, slots):.1f}%) got no acceptable rewrite; packing drops any "
+                         f"text equal to its original caption, so those images have fewer texts.")
     if rw.get("live"):
         live = rw["live"]
         lines.append(f"- **Rewrite quality** (live sample, {live['captions']} captions): kept fraction "
@@ -327,7 +358,7 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
     micro = cfg.train_overrides.get("micro_batch", tc.get("micro_batch"))
     info["global_batch"] = micro * cfg.ranks * cfg.train_overrides.get("accumulation", tc.get("accumulation", 1))
     data = collect(out, cfg, methods)
-    tab = table(data, cfg, methods)
+    tab = table(data, cfg, methods, chance_levels(cfg, info["data"]["sets"]))
     plot(data, cfg, methods, out / "curves.png")
     d = info["data"]
     sets = ", ".join(f"{k}: {v['train']} train / {v['heldout']} held-out, {v['categories']} categories"
@@ -337,7 +368,7 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
           f"Data: {sets}. Model `{tc.get('model')}`, {cfg.steps} steps at global batch {info['global_batch']} "
           f"({cfg.ranks} ranks on CPU, DeepSpeed ZeRO-{tc.get('zero_stage')}), same initial weights and data order "
           f"for every method; {cfg.seeds} seed(s) per method" + (" (mean ± std over seeds)" if cfg.seeds > 1 else "")
-          + ". Numbers in percent; best of each column in bold.",
+          + ". Numbers in percent; best of each column in bold; the last row is chance.",
           "",
           tab,
           "",

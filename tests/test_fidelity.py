@@ -34,3 +34,58 @@ def test_batched_scores_equal_one_text_at_a_time(scorer):
     np.testing.assert_allclose(batched, single, atol=1e-5)
     with pytest.raises(ValueError, match="2 originals but 1 rewrites"):
         scorer.score(["a", "b"], ["c"])
+
+
+def test_store_scores_min_fidelity_pack_and_report(tmp_path, scorer, capsys):
+    """A rewrite run stores each rewrite's score; the fidelity command scores an unscored store, writes
+    its distribution and plot; pack drops rewrites below a minimum, counted per source."""
+    import json
+
+    from loaders.datasets import build_dataset
+    from loaders.pack import PackConfig, pack, verify_pack
+    from loaders.store import CaptionStore
+    from rewrite.config import RewriteConfig
+    from rewrite.fidelity import main as fidelity_main
+    from rewrite.pipeline import run
+    from rewrite.store import read_shard, shard_path
+
+    folder = build_dataset("openclipart", str(tmp_path / "oc"), max_samples=12, image_size=64, seed=1)
+    rows = [json.loads(line) for line in open(f"{folder}/captions.jsonl")]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"key": r["key"], "caption": r["caption"]}) + "\n" for r in rows))
+    scored = RewriteConfig(input=str(caps), out=str(tmp_path / "eda"), engine="eda", rewrites_per_pool=2,
+                           shard_size=5, progress=False)
+    run(scored)
+    header, records = read_shard(shard_path(scored.out, "eda", 0))
+    assert header["fidelity_model"] == "all-MiniLM-L6-v2"
+    assert all(len(r["scores"]) == len(r["rewrites"]) for r in records)
+    first = records[0]
+    expected = scorer.score([first["caption"]] * len(first["rewrites"]), first["rewrites"])
+    np.testing.assert_allclose(first["scores"], expected, atol=1e-4)
+
+    unscored = RewriteConfig(**{**scored.__dict__, "out": str(tmp_path / "eda2"), "fidelity": False})
+    run(unscored)
+    assert "scores" not in read_shard(shard_path(unscored.out, "eda", 0))[1][0]
+    assert fidelity_main([unscored.out, "--no-progress"]) == 0
+    assert read_shard(shard_path(unscored.out, "eda", 0))[1] == records  # the same scores as at rewrite time
+    summary = json.loads((tmp_path / "eda2" / "fidelity.json").read_text())
+    assert summary["pools"]["eda"]["n"] == sum(len(r["rewrites"]) for s in range(3)
+                                              for r in read_shard(shard_path(scored.out, "eda", s))[1])
+    assert set(summary["pools"]["eda"]["examples"]) == {"low", "median", "high"}
+    assert (tmp_path / "eda2" / "fidelity.png").stat().st_size > 1000
+
+    all_scores = [x for s in range(3) for r in read_shard(shard_path(scored.out, "eda", s))[1] for x in r["scores"]]
+    threshold = float(np.median(all_scores))
+    out = str(tmp_path / "packed")
+    pack(PackConfig(input=folder, out=out, rewrites=scored.out, min_fidelity=threshold, max_side=64, workers=1))
+    counts = verify_pack(out)["text_counts"]
+    assert counts["low_fidelity_dropped"] == {"eda": sum(x < threshold for x in all_scores)}
+    kept = sum(x >= threshold for x in all_scores)
+    assert counts["texts"] == 12 + kept - counts["same_as_original_dropped"]
+    assert len(CaptionStore(f"{out}/captions")) == 12
+
+
+def test_fidelity_command_errors_are_one_line(tmp_path, capsys):
+    from rewrite.fidelity import main as fidelity_main
+    assert fidelity_main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

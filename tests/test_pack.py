@@ -286,6 +286,31 @@ def test_laclip_csv_with_rewrite_store(source, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(store.texts(i), expected))
 
 
+def test_rewrite_equal_to_its_original_is_dropped_and_counted(source, tmp_path):
+    """An EDA output with nothing changed, or a store padded with the original, is not a rewrite: the
+    pack keeps one copy of the caption (up to case, punctuation and spacing) and counts the rest."""
+    from rewrite import import_laclip
+
+    rows = source["rows"][:10]
+    with open(tmp_path / "cc.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["relative_image_path", "caption"])
+        for r in rows:
+            w.writerow([r["file"], r["caption"]])
+    (tmp_path / "eda.txt").write_text("".join(f"{r['caption'].upper()} .\n" for r in rows))
+    (tmp_path / "llm.txt").write_text("".join(f"a drawing: {r['caption']}\n" for r in rows))
+    store_dir = import_laclip(tmp_path / "cc.csv", [tmp_path / "eda.txt", tmp_path / "llm.txt"], tmp_path / "rw")
+    out = str(tmp_path / "packed")
+    pack(PackConfig(input=str(tmp_path / "cc.csv"), out=out, image_root=source["folder"], rewrites=str(store_dir),
+                    max_side=64, workers=1))
+    counts = verify_pack(out)["text_counts"]
+    assert counts["texts"] == 20 and counts["same_as_original_dropped"] == 10 and counts["with_rewrites"] == 10
+    store, tok = CaptionStore(os.path.join(out, "captions")), get_tokenizer()
+    for i, r in enumerate(rows):
+        expected = tok.encode([r["caption"], f"a drawing: {r['caption']}"])
+        assert len(store.texts(i)) == 2 and all(np.array_equal(a, b) for a, b in zip(store.texts(i), expected))
+
+
 def _tar(path, samples):
     with tarfile.open(path, "w") as tar:
         for key, image, caption in samples:

@@ -2,6 +2,7 @@
 on LaCLIP vs CLIP, the noise floor, the text-augmentation control and the over-fitting check."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from scripts import report
@@ -38,7 +39,7 @@ def test_verdict_without_both_methods():
 @pytest.mark.parametrize("laclip_zs, call", [
     ([35.0, 37.1, 35.9], "LaCLIP **beats** CLIP"),              # +5 every seed
     ([25.0, 27.2, 25.8], "LaCLIP is **worse** than CLIP"),       # -5 every seed
-    ([33.0, 29.0, 32.5], "**no difference beyond the seed-to-seed spread**"),  # +0.5 +- 2
+    ([33.0, 29.0, 32.5], "**no difference detectable** with 3 seeds"),  # +0.5 +- 2
 ])
 def test_verdict_three_seeds(laclip_zs, call):
     lines = verdict_lines({"clip": CLIP3, "laclip": method(laclip_zs, [51.0, 52.0, 51.0])})
@@ -52,13 +53,36 @@ def test_verdict_one_seed_is_not_established():
     assert "LaCLIP - CLIP = +10.0 on a single seed" in lines[0]
 
 
+def test_verdict_is_a_paired_t_test_with_n_minus_1_df():
+    """The call follows scipy's paired t-test (n - 1 df), not a 2-standard-error rule: with 3 seeds
+    and t = 2.6 (p = 0.12) the old rule (beyond 2 standard errors) said "beats"; the t-test does not. The smallest detectable
+    difference is t(0.975, n - 1) x se."""
+    from scipy import stats
+    clip, laclip = [30.0, 32.0, 31.0], [33.0, 33.0, 36.0]  # differences 3, 1, 5: mean 3, se 1.155
+    lines = verdict_lines({"clip": method(clip, [50.0] * 3), "laclip": method(laclip, [50.0] * 3)})
+    p = stats.ttest_rel(laclip, clip).pvalue
+    assert 0.05 < p < 0.2 and 3 > 2 * 2 / np.sqrt(3)  # the old rule would have called it
+    assert f"p = {p:.3f}" in lines[0] and "2 df" in lines[0] and "**no difference detectable**" in lines[0]
+    smallest = stats.t.ppf(0.975, 2) * np.std([3, 1, 5], ddof=1) / np.sqrt(3)
+    assert f"smallest detectable difference ±{smallest:.1f}" in lines[0]
+
+
 def test_verdict_two_seeds_is_not_a_null_result():
-    """Two seeds estimate the spread too roughly to call either way: a +10 difference must not read as
-    'no difference'."""
+    """Two seeds leave one degree of freedom: a consistent +10 is significant, and a non-significant
+    result states how large a difference could hide (never a bare 'no difference')."""
     lines = verdict_lines({"clip": method([30.0, 31.0], [50.0, 51.0]),
                            "laclip": method([40.0, 41.5], [60.0, 61.0])})
-    assert "no difference" not in lines[0]
-    assert "**not established**" in lines[0] and "over 2 seeds" in lines[0]
+    assert "LaCLIP **beats** CLIP" in lines[0] and "over 2 seeds" in lines[0]
+    noisy = verdict_lines({"clip": method([30.0, 31.0], [50.0, 51.0]), "laclip": method([40.0, 29.0], [60.0, 61.0])})
+    assert "could hide" in noisy[0]
+
+
+def test_chance_row():
+    chance = report.chance_levels(CFG, INFO["data"]["sets"])
+    assert chance["ZS Emoji top-1"] == 10.0 and chance["F-MNIST 5w5s"] == 20.0
+    assert chance[[h for h, *_ in report.columns(DATASETS) if "R@5" in h][0]] == 5.0
+    text = report.table({"clip": CLIP3}, CFG, INFO["labels"] and {"clip": ("CLIP",)}, chance)
+    assert text.splitlines()[-1].startswith("| *chance* | *10.0* |")
 
 
 def test_verdict_skips_a_metric_with_no_paired_values():

@@ -16,7 +16,7 @@ from rewrite.inputs import read_captions
 from rewrite.pipeline import run
 from rewrite.pools import DEFAULT_POOLS, load_pool
 from rewrite.prompt import TASK, build_prompt, draw_examples
-from rewrite.quality import reject_reason
+from rewrite.quality import reject_reason, same_text
 from rewrite.store import import_laclip, load_rewrites, read_shard, shard_path
 from tests.rewrite_helpers import CAPTIONS, REPO, needs_vllm, store_contents, tiny_model  # noqa: F401
 
@@ -141,12 +141,13 @@ def test_pipeline_store_determinism_and_resume_skip(tmp_path, tiny_model, hf_eng
     assert s1["shards_written"] == 3 * 2 and s1["shards_skipped"] == 0
     store = load_rewrites(cfg.out)
     keys = [k for k, _ in read_captions(cfg.input)]
-    assert list(store) == keys and all(len(v) == 2 for v in store.values())
+    assert list(store) == keys and all(len(v) <= 2 for v in store.values())
     header, records = read_shard(shard_path(cfg.out, "coco", 0))
     assert (header["engine"], header["pool"], header["seed"], header["model"]) == ("hf", "coco", 0, tiny_model)
-    c = s1["counts"]  # every slot is either a kept rewrite or the original after the retries
-    assert c["kept"] + c["fallback"] == len(CAPTIONS) * 2
-    assert sum(c[k] for k in ("empty", "identical", "copied_example", "too_long", "non_text")) >= c["fallback"]
+    c = s1["counts"]  # every slot is either a kept rewrite or left unfilled after the retries
+    assert c["kept"] + c["unfilled"] == len(CAPTIONS) * 2 == sum(len(v) for v in store.values()) + c["unfilled"]
+    assert sum(c[k] for k in ("empty", "identical", "copied_example", "too_long", "non_text")) >= c["unfilled"]
+    assert not any(same_text(t, cap) for (key, cap) in read_captions(cfg.input) for t in store[key])
     # A re-run skips everything; a fresh run with the same seed writes identical files.
     assert run(cfg, engine=hf_engine)["shards_written"] == 0
     cfg2 = cfg_for(tmp_path, tiny_model, out=str(tmp_path / "again"))
@@ -169,7 +170,7 @@ def test_sharding_by_rank(tmp_path, monkeypatch):
     cfg.rank, cfg.world_size = 0, 2  # flags win over the environment
     assert run(cfg)["shards_written"] == 3
     store = load_rewrites(cfg.out)
-    assert len(store) == len(CAPTIONS) and all(len(v) == 2 for v in store.values())
+    assert len(store) == len(CAPTIONS) and all(len(v) <= 2 for v in store.values())  # EDA may find no 2nd change
 
 
 def test_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model, hf_engine):
