@@ -148,8 +148,8 @@ def read_yaml(path: str) -> dict:
     return loaded
 
 
-def load(cls, path: str | None = None, sets=(), flags=None, base: dict | None = None):
-    """Defaults <- `base` <- YAML file <- flags {key: value} <- `key=value` overrides, each value typed and
+def load(cls, path: str | None = None, sets=(), flags=None):
+    """Defaults <- YAML file <- flags {key: (value, flag)} <- `key=value` overrides, each value typed and
     checked where it is read; then `cls.validate()` if it has one. Raises ConfigError naming the source."""
     hints = typing.get_type_hints(cls)
     known = fields(cls)
@@ -165,8 +165,6 @@ def load(cls, path: str | None = None, sets=(), flags=None, base: dict | None = 
             raise ConfigError(err.key, err.message, err.source, err.unknown) from None
         sources[key] = source
 
-    for key, value in (base or {}).items():
-        put(key, value, "defaults")
     if path:
         for key, value in read_yaml(path).items():
             put(str(key), value, path)
@@ -293,12 +291,11 @@ def fail(prog: str, err: Exception) -> typing.NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-def parse(cls, parser: argparse.ArgumentParser, argv=None, default_config: str | None = None,
-          base: dict | None = None):
+def parse(cls, parser: argparse.ArgumentParser, argv=None):
     """argv -> (config, argparse namespace); a config problem is fail()'s one line and exit 2."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load(cls, args.config or default_config, args.set, flag_values(cls, args), base=base)
+        cfg = load(cls, args.config, args.set, flag_values(cls, args))
     except ConfigError as err:
         fail(parser.prog, err)
     return cfg, args
@@ -309,6 +306,9 @@ def with_help(cls, helps: dict[str, str], choices: dict | None = None, name: str
     elsewhere without it; same names, types and defaults. Build the original with `cls(**as_dict(cfg))`."""
     hints = typing.get_type_hints(cls)
     specs = []
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in helps]
+    if missing:  # a key added to cls without its line for --help
+        raise TypeError(f"{cls.__name__}: no help line for {missing}")
     for f in dataclasses.fields(cls):
         kw = {"help": helps[f.name], "choices": (choices or {}).get(f.name)}
         if f.default_factory is not _MISSING:
