@@ -69,7 +69,8 @@ def read_shard(path: Path) -> tuple[dict, list[dict]]:
     if str(path).endswith(".zst"):
         import zstandard
         data = zstandard.ZstdDecompressor().decompress(data)
-    lines = data.decode("utf-8").splitlines()
+    # "\n" only: str.splitlines also splits at U+2028 and other separators a rewrite may hold
+    lines = data.decode("utf-8").rstrip("\n").split("\n")
     header, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
     if header.get("format_version") != FORMAT_VERSION or len(records) != header["num_captions"]:
         raise ValueError(f"{path}: bad header or {len(records)} records for {header.get('num_captions')}")
