@@ -32,19 +32,20 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode {text_mode!r}, expected one of {TEXT_MODES}")
-    kw = dict(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
-              world_size=world_size, num_workers=num_workers, image_size=image_size, max_texts=max_texts,
-              slip_views=slip_views, start_batch=start_batch, drop_last=drop_last, augment=augment,
-              draw_text=draw_text, return_dict=return_dict, normalize=normalize)
-    if check_records:
-        kw["check_records"] = True
+    from loaders.base import LoaderConfig
+
+    config = LoaderConfig(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
+                          world_size=world_size, num_workers=num_workers, image_size=image_size,
+                          max_texts=max_texts, slip_views=slip_views, start_batch=start_batch, drop_last=drop_last,
+                          augment=augment, draw_text=draw_text, return_dict=return_dict, normalize=normalize,
+                          check_records=check_records)
     if kind == "ffcv":
         from loaders.ffcv_loader import FfcvLoader
-        return FfcvLoader(root, **kw)
+        return FfcvLoader(root, config)
     if kind == "dali":
         from loaders.dali_loader import DaliLoader
-        return DaliLoader(root, **kw)
+        return DaliLoader(root, config)
     if kind == "torch":
         from loaders.torch_loader import TorchLoader
-        return TorchLoader(root, **kw)
+        return TorchLoader(root, config)
     raise ValueError(f"loader kind {kind!r}, expected one of {KINDS}")

@@ -124,13 +124,14 @@ class EpochSampler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-sample augmentation draws: crop box and flip as pure functions of (seed, epoch, index, view).
+# Per-sample draws: caption, crop box and flip as pure functions of (seed, epoch, index[, view]).
 #
-# Each draw hashes (seed, epoch, index) like the caption draw (loaders/store.py), then mixes in a salt
-# so the crop, flip and caption streams are independent, and a view number so SLIP's two views (and
-# the main image, view 0) get independent crops. They are numba-compiled, so the same code serves
-# Python callers (torch loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader,
-# worker count and resumed run therefore crops sample i of an epoch the same way.
+# Every draw hashes (seed, epoch, index) with splitmix64's finaliser. The caption draw takes that hash
+# modulo the sample's text count; the crop, flip and SLIP colour draws mix in a salt, so their streams
+# are independent of it and of each other, and a view number, so SLIP's two views (and the main image,
+# view 0) get independent crops. They are numba-compiled, so the same code serves Python callers (torch
+# loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader, worker count and resumed
+# run therefore draws sample i of an epoch the same way.
 
 _MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN_64 = np.uint64(0x9E3779B97F4A7C15)
@@ -139,11 +140,55 @@ FLIP_SALT = np.uint64(0x464C4950)  # "FLIP"
 SIMCLR_SALT = np.uint64(0x53494D43)  # "SIMC": SLIP's colour jitter, grayscale and blur
 
 
-@numba.njit(nogil=True)
-def _mix(z):
+def splitmix64(z):
+    """splitmix64's finaliser: a bijection on uint64 whose outputs look independent.
+
+    The one source of the mix: plain Python, so it runs on numpy uint64 arrays as it is (they wrap
+    silently) and every compiled user gets its own numba dispatcher of it."""
     z = (z ^ (z >> np.uint64(30))) * _MIX_1
     z = (z ^ (z >> np.uint64(27))) * _MIX_2
     return z ^ (z >> np.uint64(31))
+
+
+_mix = numba.njit(nogil=True)(splitmix64)
+
+
+def _text_draw(mix):
+    """The caption draw, written once: with mix=splitmix64 it runs on uint64 arrays, with mix a numba
+    dispatcher it compiles. Uniform over the n texts (0 = original); same hash as sample_stream's."""
+    def draw(seed, epoch, index, n_texts):
+        key = mix(np.uint64(seed) * _GOLDEN_64 + np.uint64(epoch))
+        h = mix(key ^ (np.uint64(index) * _GOLDEN_64))
+        return np.int64(h % np.maximum(np.uint64(n_texts), np.uint64(1)))
+
+    return draw
+
+
+def compiled_text_draw():
+    """A compiled caption draw (seed, epoch, index, n_texts) -> text number, with dispatchers of its own.
+
+    Each compiled pipeline (FFCV's decoder, DALI's operator) takes its own: numba once hung an FFCV
+    epoch when DALI had compiled a dispatcher they shared first."""
+    return numba.njit(nogil=True)(_text_draw(numba.njit(nogil=True)(splitmix64)))
+
+
+_draw_array = _text_draw(splitmix64)
+_draw_one = compiled_text_draw()
+
+
+def _u64(x) -> np.ndarray:
+    # 1-d arrays throughout: numpy wraps uint64 arithmetic silently on arrays (on scalars it warns).
+    return np.atleast_1d(np.asarray(x, dtype=np.uint64))
+
+
+def draw_text_index(seed, epoch, sample_index, n_texts):
+    """Which text (0 = original) a sample shows in an epoch. Arrays broadcast; scalars give an int.
+
+    Depends only on its arguments, so every loader, worker count and resumed run draws the same text.
+    """
+    if np.ndim(sample_index) == 0 and np.ndim(n_texts) == 0:
+        return int(_draw_one(int(seed), int(epoch), int(sample_index), int(n_texts)))
+    return _draw_array(_u64(seed), _u64(epoch), _u64(sample_index), _u64(n_texts))
 
 
 @numba.njit(nogil=True)

@@ -14,8 +14,8 @@ from scipy import stats
 
 from loaders import build_loader, datasets
 from loaders.pack import PackConfig, PackError, pack
-from loaders.sampling import EpochSampler, ShardTable, crop_box, flip
-from loaders.store import CaptionStore, draw_text_index
+from loaders.sampling import EpochSampler, ShardTable, crop_box, draw_text_index, flip
+from loaders.store import CaptionStore
 
 KINDS = ["torch", "ffcv", "dali"]
 MAX_TEXTS = 5
@@ -195,7 +195,7 @@ def test_text_draw_is_uniform_and_follows_draw_text_index(packed, store):
             texts, mask = store.all_texts(i, MAX_TEXTS)
             n = int(mask.sum())
             k = [j for j in range(n) if np.array_equal(texts[j], row)]
-            assert k == [draw_text_index(3, epoch, i, n)]  # the store's draw, exactly
+            assert k == [draw_text_index(3, epoch, i, n)]  # sampling's draw, exactly
             if n > 1:
                 counts[n][k[0]] += 1
     for n, c in counts.items():
@@ -239,7 +239,7 @@ def test_truncated_pack_file_gives_a_clear_error(kind, victim, packed, tmp_path)
 def test_truncated_files_are_caught_by_their_own_structure(packed, tmp_path):
     """Even when meta.json's recorded sizes are gone, the .beton and tar checks name the file."""
     from loaders.ffcv_loader import check_beton
-    from loaders.torch_loader import parse_tar_index
+    from loaders.packed import parse_tar_index
 
     beton, tar = tmp_path / "a.beton", tmp_path / "a.tar"
     shutil.copy(os.path.join(packed, "ffcv/part-00000.beton"), beton)
