@@ -11,7 +11,7 @@ import dataclasses
 
 from loaders import augment
 from loaders.packed import PackedMeta, read_meta
-from loaders.sampling import EpochSampler
+from loaders.sampling import EpochSampler, caption_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,8 @@ class LoaderConfig:
     return_dict: bool = False
     normalize: bool = True
     check_records: bool = False
+    p_original: float | None = None  # weighted caption draw (sampling.caption_weights); None and None:
+    style_weights: dict | tuple | None = None  # uniform over a sample's texts, today's draw exactly
 
 
 class PackedLoader:
@@ -52,6 +54,8 @@ class PackedLoader:
                                     rank=c.rank, world_size=c.world_size, drop_last=c.drop_last,
                                     start_batch=c.start_batch)
         self.text_mode = c.text_mode
+        # float64 [1 + styles] (empty: uniform) that every pipeline's compiled draw reads
+        self.text_weights = caption_weights(c.p_original, c.style_weights)
         self.return_dict = c.return_dict or c.slip_views
 
     def __len__(self):

@@ -94,7 +94,7 @@ class DaliLoader(PackedLoader):
         views = (main,) + (((*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 1),
                             (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if c.slip_views else ())
         self.op_config = dict(mode=c.text_mode if c.draw_text else None, max_texts=c.max_texts, views=views,
-                              check=c.check_records)
+                              check=c.check_records, weights=tuple(self.text_weights.tolist()))
         self.crcs = self.packed.record_crcs() if c.check_records else None  # kept alive: the op reads it
         self.kw = dict(batch_size=c.batch_size, num_workers=c.num_workers, image_size=c.image_size,
                        slip_views=c.slip_views, normalize=c.normalize, seed=c.seed, epoch=c.epoch)

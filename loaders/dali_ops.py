@@ -65,16 +65,19 @@ def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
     return n_texts if at == got else np.int64(-1)
 
 
-def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
+def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int,
+             weights: tuple = ()):
     """A DALI NumbaFunction: (idx, image shape, record, jpeg, params) -> (index, boxes [views, 4], tokens).
     views: (scale_lo, scale_hi, ratio_lo, ratio_hi, view) per output image; scale_lo < 0 = centre square.
     params: seed, epoch and (check=True) the address of the uint32 [N, 2] table of per-record CRC-32s
-    (JPEG, caption record) written at pack time, which the sample's bytes must match."""
+    (JPEG, caption record) written at pack time, which the sample's bytes must match. weights: the
+    caption draw's sampling.caption_weights as a tuple (empty: uniform)."""
     from nvidia.dali import types
     from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
     mode_id, n_views = MODES[mode], len(views)
     view_table = np.array(views, dtype=np.float64)
+    weight_table = np.array(weights, dtype=np.float64)
     token_shape = {0: (CONTEXT_LENGTH,), 1: (CONTEXT_LENGTH,), 2: (max_texts, CONTEXT_LENGTH), 3: (1,)}[mode_id]
 
     def setup(outs, ins):
@@ -126,7 +129,7 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
                 for k in range(min(n_texts, max_texts)):
                     _pad(tokens[k], buf, starts[k], lengths[k], sot, eot)
             elif n_texts > 0:
-                k = _draw(seed, epoch, index, n_texts) if mode_id == 0 and n_texts > 1 else 0
+                k = _draw(seed, epoch, index, n_texts, weight_table) if mode_id == 0 and n_texts > 1 else 0
                 _pad(tokens, buf, starts[k], lengths[k], sot, eot)
         free_dctx(dctx)
 
@@ -139,9 +142,10 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
 _COMPILED: dict = {}
 
 
-def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
+def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int,
+              weights: tuple = ()):
     """The compiled operator for this configuration, built on first use and kept for the process."""
-    key = (mode, max_texts, views, check, ddict, sot, eot)
+    key = (mode, max_texts, views, check, ddict, sot, eot, tuple(weights))
     if key not in _COMPILED:
         _COMPILED[key] = _compile(*key)
     return _COMPILED[key]

@@ -65,7 +65,8 @@ class FfcvLoader(PackedLoader):
         # what a shard's compiled Loader depends on (its cache key)
         self.pipeline = dict(batch_size=c.batch_size, text_mode=c.text_mode if c.draw_text else None,
                              num_workers=c.num_workers, image_size=c.image_size, max_texts=c.max_texts,
-                             slip_views=c.slip_views, augment=c.augment, check_records=c.check_records)
+                             slip_views=c.slip_views, augment=c.augment, check_records=c.check_records,
+                             text_weights=tuple(self.text_weights.tolist()))
         self.crcs = self.packed.record_crcs() if c.check_records else None
 
     def _beton(self, name: str) -> Path:
@@ -132,7 +133,7 @@ class FfcvLoader(PackedLoader):
             decoder = caption_decoder_class()(
                 ddict=ddict(self.packed.dictionary), params=params, first_index=first, mode=c["text_mode"],
                 max_texts=c["max_texts"], sot=tok.sot_token_id, eot=tok.eot_token_id,
-                crcs=None if crcs is None else crcs[:, 1])
+                crcs=None if crcs is None else crcs[:, 1], weights=np.array(c["text_weights"]))
             pipelines["record"] = PipelineSpec("record", decoder=decoder, transforms=[ToTensor()])
         else:
             pipelines["record"] = None

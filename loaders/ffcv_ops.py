@@ -37,11 +37,12 @@ def caption_decoder_class():
         """Decoder of the "record" BytesField: decompress, draw (or take all), pad to int32 tokens."""
 
         def __init__(self, *, ddict: int, params: np.ndarray, first_index: int, mode: str, max_texts: int,
-                     sot: int, eot: int, crcs: np.ndarray | None = None):
+                     sot: int, eot: int, crcs: np.ndarray | None = None, weights: np.ndarray = sampling.UNIFORM):
             super().__init__()
             self.ddict, self.params, self.first_index = ddict, params, first_index
             self.mode, self.max_texts, self.sot, self.eot = mode, max_texts, sot, eot
             self.crcs = crcs  # the shard's record CRC-32s: checked when given
+            self.weights = np.array(weights, dtype=np.float64)  # sampling.caption_weights (empty: uniform)
 
         def declare_state_and_memory(self, previous_state):
             shape = (self.max_texts, CONTEXT_LENGTH) if self.mode == "all" else (CONTEXT_LENGTH,)
@@ -55,6 +56,7 @@ def caption_decoder_class():
             max_texts, sot, eot = self.max_texts, self.sot, self.eot
             check = self.crcs is not None
             crcs = self.crcs if check else np.zeros(1, dtype=np.uint32)
+            weights = self.weights
 
             def decode(batch_indices, destination, metadata, storage_state):
                 params = np.empty(2, dtype=np.int64)  # (seed, epoch), read now: set per epoch from Python
@@ -98,7 +100,7 @@ def caption_decoder_class():
                     else:
                         k = 0
                         if mode == 0 and n_texts > 1:
-                            k = draw(params[0], params[1], first + np.int64(sid), n_texts)
+                            k = draw(params[0], params[1], first + np.int64(sid), n_texts, weights)
                         if n_texts > 0:
                             _pad(out, buf, starts[k], lengths[k], sot, eot)
                 free_dctx(dctx)

@@ -21,14 +21,14 @@ import zstandard
 from loaders import augment
 from loaders.base import PackedLoader
 from loaders.packed import TarShards
-from loaders.sampling import EpochSampler, crop_box, draw_text_index
+from loaders.sampling import UNIFORM, EpochSampler, crop_box, draw_text_index
 from loaders.store import RecordCodec, pad_tokens
 
 CONTEXT_LENGTH = 77
 
 
 def texts_for(codec: RecordCodec, record: bytes, index: int, *, mode: str, seed: int, epoch: int,
-              max_texts: int) -> tuple[np.ndarray, np.ndarray | None]:
+              max_texts: int, weights: np.ndarray = UNIFORM) -> tuple[np.ndarray, np.ndarray | None]:
     """The tokens of one sample: int32 [77] (rewrite/original) or ([max_texts,77], mask) in all mode."""
     texts = codec.decode(record)
     if mode == "all":
@@ -37,7 +37,7 @@ def texts_for(codec: RecordCodec, record: bytes, index: int, *, mode: str, seed:
         for k, ids in enumerate(texts[:max_texts]):
             tokens[k], mask[k] = pad_tokens(ids), True
         return tokens, mask
-    k = 0 if mode == "original" else int(draw_text_index(seed, epoch, index, len(texts)))
+    k = 0 if mode == "original" else int(draw_text_index(seed, epoch, index, len(texts), weights))
     return pad_tokens(texts[k]), None
 
 
@@ -45,11 +45,11 @@ class _Batches(torch.utils.data.Dataset):
     """Map-style over batch numbers: item b = the whole batch b of this rank's epoch order."""
 
     def __init__(self, shards: TarShards, sampler: EpochSampler, *, text_mode, max_texts, image_size,
-                 augment_images, slip_views, draw_text=True, check_records=False):
+                 augment_images, slip_views, draw_text=True, check_records=False, text_weights=UNIFORM):
         self.shards, self.sampler = shards, sampler
         self.text_mode, self.max_texts, self.image_size = text_mode, max_texts, image_size
         self.augment_images, self.slip_views, self.draw_text = augment_images, slip_views, draw_text
-        self.check_records = check_records
+        self.check_records, self.text_weights = check_records, text_weights
         self.codec = RecordCodec(shards.packed.dictionary)
 
     def __len__(self):
@@ -89,7 +89,8 @@ class _Batches(torch.utils.data.Dataset):
                     self.shards.check(index, record, 1)
                 try:
                     t, m = texts_for(self.codec, record, index, mode=self.text_mode,
-                                     seed=s.seed, epoch=s.epoch, max_texts=self.max_texts)
+                                     seed=s.seed, epoch=s.epoch, max_texts=self.max_texts,
+                                     weights=self.text_weights)
                 except (zstandard.ZstdError, ValueError, IndexError) as e:
                     raise self.shards.error(index, f"caption record does not decode ({e})") from None
                 tokens.append(t)
@@ -112,7 +113,8 @@ class TorchLoader(PackedLoader):
         c = self.config
         self.dataset = _Batches(TarShards(self.packed, c.check_records), self.sampler, text_mode=c.text_mode,
                                 max_texts=c.max_texts, image_size=c.image_size, augment_images=c.augment,
-                                slip_views=c.slip_views, draw_text=c.draw_text, check_records=c.check_records)
+                                slip_views=c.slip_views, draw_text=c.draw_text, check_records=c.check_records,
+                                text_weights=self.text_weights)
 
     def __iter__(self):
         order = range(self.sampler.start_batch, self.sampler.num_batches)
