@@ -16,12 +16,14 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
 import json
 import os
 import re
 import tarfile
 from typing import Iterable, Iterator
+
+from common import io as common_io
+from common.io import read_jsonl, utf8_lines  # noqa: F401  (read_jsonl: kept importable from here)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Keys become tar member names and lines of keys.txt: no dots (DALI splits the extension at the first
@@ -88,17 +90,6 @@ def clean_caption(text: str | None) -> str:
     return text if has_tokens(text) else ""
 
 
-def utf8_lines(path: str, error: type[Exception] = ValueError) -> Iterator[str]:
-    """The lines of a text file, decoded as UTF-8; a line that is not raises `error` naming file and line."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise error(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
-                            f"{e.start + 1}); convert the file to UTF-8") from None
-
-
 def check_key(key: str, where: str) -> str:
     if not KEY_RE.match(key):
         raise IngestError(f"{where}: sample key {key!r} must match {KEY_RE.pattern} (no dots, slashes or spaces)")
@@ -107,31 +98,9 @@ def check_key(key: str, where: str) -> str:
 
 # ---------------------------------------------------------------- webdataset (img2dataset) shards
 def expand_shards(spec: str | os.PathLike | Iterable) -> list[str]:
-    """A tar file, a directory of tars, a glob, a webdataset brace list (`shards/{00000..00099}.tar`,
-    braceexpand's syntax), or a list of those -> tar paths (each glob sorted, brace lists in their order).
-    A brace list naming a file that does not exist is an error naming it."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return list(dict.fromkeys(p for s in spec for p in expand_shards(s)))
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if not tars:
-            raise IngestError(f"{spec}: a folder with neither a captions file (captions.jsonl or captions.csv) "
-                              "nor .tar shards")
-        return tars
-    from braceexpand import braceexpand
-    expanded = list(braceexpand(spec)) if "{" in spec else [spec]
-    paths, missing = [], []
-    for one in expanded:
-        found = sorted(glob.glob(one))
-        if not found and not glob.has_magic(one) and len(expanded) > 1:
-            missing.append(one)
-        paths += found
-    if missing:
-        raise IngestError(f"{spec}: {len(missing)} of {len(expanded)} shards do not exist (first: {missing[0]})")
-    if not paths:
-        raise IngestError(f"{spec}: no tar shards found")
-    return list(dict.fromkeys(paths))
+    """Tar paths of a shard spec (common/io.py: a tar, a folder of tars, a glob, a brace list, or a list of
+    those); a spec that names nothing is an IngestError."""
+    return common_io.expand_shards(spec, IngestError)
 
 
 def iter_webdataset(shards, report: IngestReport) -> Iterator[Sample]:
@@ -244,21 +213,6 @@ def iter_image_folder(root: str, report: IngestReport, captions_file: str | None
         sample = _file_sample(key, os.path.join(root, rel), caption, {**row, "__source__": where}, report)
         if sample is not None:
             yield sample
-
-
-def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file; a bad line raises `error`
-    naming the file and line. Every JSONL reader of the project goes through here."""
-    for line_no, line in enumerate(utf8_lines(path, error), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise error(f"{path}:{line_no}: invalid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise error(f"{path}:{line_no}: expected a JSON object")
-        yield line_no, row
 
 
 def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:

@@ -22,7 +22,7 @@ import sqlite3
 import zlib
 from typing import Callable, Iterable, Iterator
 
-from loaders.ingest import read_jsonl
+from common.io import read_jsonl
 
 PAGE_CACHE_KIB = 256 * 1024   # SQLite page cache: bounds the join's memory
 BULK_ROWS = 50_000            # rows per executemany

@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from loaders.images import atomic_write_bytes  # noqa: E402
+from common.io import read_jsonl as _read_jsonl, write_atomic  # noqa: E402
 
 PY = sys.executable
 # method -> (label in the report, which pack, train.py text_mode)
@@ -118,11 +118,11 @@ def load_config(argv=None) -> DemoConfig:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in _read_jsonl(path)]
 
 
 class Stages:
@@ -190,7 +190,7 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
 
 def write_text(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- 2. rewrites
