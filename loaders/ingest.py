@@ -230,32 +230,3 @@ def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
         if len(row) != len(header):
             raise IngestError(f"{path}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
         yield reader.line_num, dict(zip(header, row))
-
-
-# ---------------------------------------------------------------- one entry point
-def open_source(spec: str, report: IngestReport, *, image_root: str | None = None,
-                data_root: str | None = None, max_samples: int | None = None) -> Iterator[Sample]:
-    """Dispatch on what `spec` is: a builder name ("openclipart", "emoji"), an image folder with a captions
-    file, a .csv (LaCLIP), or tar shards (file, directory of tars or glob)."""
-    from loaders import datasets  # builders import this module
-
-    if spec in datasets.BUILDERS:
-        root = datasets.build_dataset(spec, os.path.join(data_root or datasets.default_cache(), spec),
-                                      max_samples=max_samples)
-        return iter_image_folder(root, report)
-    if os.path.isdir(spec) and find_captions_file(spec):
-        it = iter_image_folder(spec, report)
-    elif spec.endswith(".csv"):
-        it = iter_laclip_csv(spec, image_root, report)
-    elif spec.endswith((".jsonl",)):
-        it = iter_image_folder(image_root or os.path.dirname(os.path.abspath(spec)), report, captions_file=spec)
-    else:
-        it = iter_webdataset(spec, report)
-    return _limit(it, max_samples)
-
-
-def _limit(it: Iterator[Sample], n: int | None) -> Iterator[Sample]:
-    for i, s in enumerate(it):
-        if n is not None and i >= n:
-            return
-        yield s

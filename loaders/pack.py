@@ -35,8 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset,
-                            open_source)
+from loaders.datasets import open_source
+from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.io import read_jsonl, write_atomic, write_with
+if __name__ == "__main__":  # run as a script: the repository's packages come from its root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.io import read_jsonl, write_atomic, write_with  # noqa: E402
 
 SET_LABEL = {"openclipart": "OpenClipart", "emoji": "Emoji", "fashion_mnist": "F-MNIST"}
 
@@ -381,8 +383,7 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.demo import METHODS, DemoConfig
+    from scripts.demo_config import METHODS, DemoConfig
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/demo")
     cfg = DemoConfig(**_load(root / "config.json"))
