@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 
 from common.io import write_json_atomic
-
-from loaders.eval_sets import clip_benchmark_name
+from evaluation.datasets import clip_benchmark_name
 
 
 def to_clip_benchmark(result: dict) -> dict[str, dict]:

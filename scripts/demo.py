@@ -396,7 +396,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
     """eval.py on every checkpoint (zero-shot + retrieval on the held-out split: the curves) and on the
     final one (Fashion-MNIST zero-shot, 5-way 5-shot and linear probe). One JSON per evaluation."""
-    ev = importlib.import_module("eval")  # the repository's eval.py
+    from evaluation import runner as ev  # what eval.py runs
     run_dir = out / "runs" / f"{method}-seed{seed}"
     dest = out / "eval" / f"{method}-seed{seed}"
     heldout = [f"captions:{out / 'data' / f'heldout-{name}'}" for name in cfg.datasets]

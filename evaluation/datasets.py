@@ -11,7 +11,7 @@ its Karpathy-split layout), ours as aliases (aircraft imagenet resisc45), and fa
 hyphens and underscores are the same (fashion-mnist = fashion_mnist) | captions:<dir> (a captions.jsonl
 set: categories as classes, held-out split for zero-shot and retrieval) | folder:<dir>
 (<dir>/<split>/<class>/*).
-Class names and templates: loaders/eval_data/ (see NOTICE.md there for sources).
+Class names and templates: evaluation/eval_data/ (see NOTICE.md there for sources).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class EvalSet:
 
 
 def _fail(name: str, path: Path, expected: str) -> None:
-    raise DatasetError(f"{name}: expected {expected} at {path} (see loaders/eval_sets.py for layouts)")
+    raise DatasetError(f"{name}: expected {expected} at {path} (see evaluation/datasets.py for layouts)")
 
 
 def _need(name: str, *paths: Path, expected: str) -> None:
@@ -573,4 +573,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fetch-mnist"]:
         print(fetch_mnist(*sys.argv[2:3]))
     else:
-        print("usage: python -m loaders.eval_sets fetch-mnist [DEST]  (default .cache/datasets)")
+        print("usage: python -m evaluation.datasets fetch-mnist [DEST]  (default .cache/datasets)")
