@@ -29,6 +29,7 @@ FORMAT, FORMAT_VERSION = "laclip-eval", 1
 
 
 def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str) -> dict:
+    """The protocols of cfg on one set, from features extracted once per split (cached under ckpt_key)."""
     size = int(model.image_size)
     taken = {k: subsample(v, cfg.max_per_split, cfg.seed) for k, v in ds.splits.items()}
     splits = {k: v[0] for k, v in taken.items()}
@@ -75,6 +76,8 @@ class CheckpointError(Exception):
 
 
 def run(cfg: EvalConfig) -> dict:
+    """Evaluate cfg.checkpoint on this rank's share of cfg.datasets; write and return the report. Every set
+    is opened before the checkpoint is loaded, so a missing set fails in seconds, not after the model."""
     from model.checkpoint import load_checkpoint
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Under a multi-process launch (srun, torchrun) rank r evaluates sets r, r + W, ... (common/ranks.py).
