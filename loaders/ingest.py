@@ -23,7 +23,7 @@ import tarfile
 from typing import Iterable, Iterator
 
 from common import io as common_io
-from common.io import read_jsonl, utf8_lines  # noqa: F401  (read_jsonl: kept importable from here)
+from common.io import read_jsonl, utf8_lines
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Keys become tar member names and lines of keys.txt: no dots (DALI splits the extension at the first
