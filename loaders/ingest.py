@@ -22,8 +22,7 @@ import re
 import tarfile
 from typing import Iterable, Iterator
 
-from common import io as common_io
-from common.io import read_jsonl, utf8_lines
+from common.io import expand_shards as _expand_shards, read_jsonl, utf8_lines
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Keys become tar member names and lines of keys.txt: no dots (DALI splits the extension at the first
@@ -100,7 +99,7 @@ def check_key(key: str, where: str) -> str:
 def expand_shards(spec: str | os.PathLike | Iterable) -> list[str]:
     """Tar paths of a shard spec (common/io.py: a tar, a folder of tars, a glob, a brace list, or a list of
     those); a spec that names nothing is an IngestError."""
-    return common_io.expand_shards(spec, IngestError)
+    return _expand_shards(spec, IngestError)
 
 
 def iter_webdataset(shards, report: IngestReport) -> Iterator[Sample]:
