@@ -16,6 +16,9 @@ caption (same words, case-insensitive) also occurs in the training split or earl
 split is marked "duplicate" instead: retrieval on the held-out split has no ties with a training
 pair and no repeats inside itself. Re-running with the same arguments reuses the result; images already
 written are kept.
+
+`open_source(spec, report)` is the one entry point for any input: a builder name above, or what
+loaders/ingest.py reads (an image folder with a captions file, LaCLIP's CSV, a captions JSONL, tar shards).
 """
 from __future__ import annotations
 
