@@ -52,7 +52,9 @@ def read_shard(path: Path) -> tuple[dict, list[dict]]:
     if str(path).endswith(".zst"):
         import zstandard
         data = zstandard.ZstdDecompressor().decompress(data)
-    header, *records = [row for _, row in parse_jsonl(data.decode("utf-8").splitlines(), path)]
+    # "\n" only: str.splitlines also splits at U+2028 and other separators a rewrite may hold
+    lines = data.decode("utf-8").rstrip("\n").split("\n")
+    header, *records = [row for _, row in parse_jsonl(lines, path)]
     if header.get("format_version") != FORMAT_VERSION or len(records) != header["num_captions"]:
         raise ValueError(f"{path}: bad header or {len(records)} records for {header.get('num_captions')}")
     return header, records
