@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from common.io import read_jsonl
+
 DATA_DIR = Path(__file__).resolve().parent / "eval_data"
 PAPER_SETS = ["food101", "cifar10", "cifar100", "sun397", "cars", "aircraft", "dtd", "pets", "caltech101",
               "flowers", "stl10", "eurosat", "resisc45", "gtsrb", "country211"]
@@ -209,10 +211,11 @@ def _captions(spec: str) -> EvalSet:
     path = d if d.suffix == ".jsonl" else d / "captions.jsonl"
     if not path.is_file():
         _fail(f"captions:{spec}", path, "a captions.jsonl with key, file, caption, category, split")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, r in enumerate(rows):
+    rows = []
+    for line_no, r in read_jsonl(path):  # a malformed line: ValueError naming file and line, as json raised
         if not all(k in r for k in ("file", "caption", "category", "split")):
-            raise DatasetError(f"{path}: line {i + 1} lacks one of file, caption, category, split")
+            raise DatasetError(f"{path}: line {line_no} lacks one of file, caption, category, split")
+        rows.append(r)
     classes = sorted({r["category"] for r in rows})
     cid = {c: i for i, c in enumerate(classes)}
     splits, captions = {}, []
