@@ -35,8 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset,
-                            open_source)
+from loaders.datasets import open_source
+from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
 from model.tokenizer import has_tokens

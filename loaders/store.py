@@ -38,6 +38,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import zstandard
 
+from common.io import write_atomic
 from model.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, get_tokenizer, tokenizer_identity
 
 FORMAT_VERSION = 1
@@ -156,12 +157,7 @@ def train_dictionary(raw_records: Sequence[bytes], max_size: int = 112 * 1024) -
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _shard_name(k: int) -> str:

@@ -40,47 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from loaders.images import atomic_write_bytes  # noqa: E402
+from common.io import read_jsonl as _read_jsonl, write_atomic  # noqa: E402
+from scripts.demo_config import METHODS, DemoConfig  # noqa: E402  (report.py reads them too)
 
 PY = sys.executable
-# method -> (label in the report, which pack, train.py text_mode)
-METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rewrite"),
-           "laclip_mt": ("LaCLIP-MT", "llm", "all"), "eda": ("EDA", "eda", "rewrite")}
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    out: str = "results/demo"
-    datasets: list = dataclasses.field(default_factory=lambda: ["openclipart", "emoji"])
-    max_samples: int | None = None
-    build_image_size: int = 256
-    heldout_fraction: float = 0.1
-    data_cache: str | None = None
-    shipped_rewrites: str = "data/rewrites"
-    # shipped rewrites are used for this fixed sample of training captions only (1,000 keys), so the demo
-    # trains on as many images as before the shipped store covered every caption; "" = every caption
-    shipped_sample: str = "data/rewrites/demo/input.jsonl"
-    train_on: str = "rewritten"
-    min_rewritten: int = 256
-    live_rewrites: int = 50
-    live_config: str = "configs/rewrite.yaml"
-    live_pools: list | None = None
-    eda_config: str = "configs/rewrite_eda.yaml"
-    pack_max_side: int = 64
-    pack_quality: int = 90
-    samples_per_shard: int = 100000
-    loader: str = "auto"
-    loader_bench_batches: int = 40
-    train_config: str = "configs/demo_train.yaml"
-    train_overrides: dict = dataclasses.field(default_factory=dict)
-    methods: list = dataclasses.field(default_factory=lambda: list(METHODS))
-    seeds: int = 1
-    steps: int = 300
-    warmup_steps: int = 30
-    checkpoint_every: int = 50
-    ranks: int = 2
-    fmnist_max_per_split: int = 2000
-    fewshot_episodes: int = 1000
 
 
 def load_config(argv=None) -> DemoConfig:
@@ -118,11 +81,11 @@ def load_config(argv=None) -> DemoConfig:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in _read_jsonl(path)]
 
 
 class Stages:
@@ -190,7 +153,7 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
 
 def write_text(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- 2. rewrites
@@ -433,7 +396,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
     """eval.py on every checkpoint (zero-shot + retrieval on the held-out split: the curves) and on the
     final one (Fashion-MNIST zero-shot, 5-way 5-shot and linear probe). One JSON per evaluation."""
-    ev = importlib.import_module("eval")  # the repository's eval.py
+    from evaluation import runner as ev  # what eval.py runs
     run_dir = out / "runs" / f"{method}-seed{seed}"
     dest = out / "eval" / f"{method}-seed{seed}"
     heldout = [f"captions:{out / 'data' / f'heldout-{name}'}" for name in cfg.datasets]
