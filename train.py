@@ -273,12 +273,11 @@ def train_step(engine, micro: list[dict], cfg: TrainConfig, losses: dict, step: 
 def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank: int, device) -> dict:
     """Zero-shot top-1 / top-5 / mean per-class of the current weights on `sets`, through eval.py's
     evaluation code (collective: every rank gathers the weights; rank 0 evaluates)."""
-    import importlib  # noqa: PLC0415
     from model import build_model  # noqa: PLC0415
     sd = full_fp32_state_dict(engine)
     out = {}
     if rank == 0:
-        E = importlib.import_module("eval")
+        from evaluation import runner as E  # noqa: PLC0415
         model = build_model(model_config)
         model.load_state_dict(sd)
         model = model.to(device).eval()
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
 
     eval_sets = []
     if cfg.eval_every:  # open the sets now: a missing one fails before the build
-        from loaders.eval_sets import open_eval_set  # noqa: PLC0415
+        from evaluation.datasets import open_eval_set  # noqa: PLC0415
         eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
     engine = build_engine(cfg, model_config)
     image_size = engine.module.image_size

@@ -7,6 +7,8 @@ import platform
 import time
 from typing import Callable
 
+from common.io import write_atomic
+
 
 def rate(fn: Callable[[], int], min_seconds: float = 1.0, repeats: int = 3) -> float:
     """Best items/second of `fn` (which returns how many items it processed) over a few timed runs."""
@@ -27,11 +29,7 @@ def write_json(result: dict, out: str | None) -> dict:
     result = {**result, "machine": machine()}
     text = json.dumps(result, indent=2)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = f"{out}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, out)
+        write_atomic(out, text + "\n")
     print(text)
     return result
 

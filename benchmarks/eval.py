@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-import eval as E
-from benchmarks.common import parse_config, machine, write_json
+from benchmarks.common import machine, parse_config, write_json
 from common.config import option
-from loaders.eval_sets import open_eval_set
+from evaluation.datasets import open_eval_set
+from evaluation.features import extract_features, subsample
+from evaluation.probe import linear_probe
 
 
 @dataclasses.dataclass
@@ -32,27 +33,27 @@ def main(argv: list[str]) -> dict:
     a = parse_config(EvalBenchOptions, "eval", argv, __doc__)
     from model.clip import build_model
     ds = open_eval_set("fashion_mnist", "/nonexistent")
-    tr, _ = E._subsample(ds.splits["train"], a.n_train, 0)
-    te, _ = E._subsample(ds.splits["test"], a.n_test, 0)
+    tr, _ = subsample(ds.splits["train"], a.n_train, 0)
+    te, _ = subsample(ds.splits["test"], a.n_test, 0)
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     t0 = time.perf_counter()
-    feats = {k: E.extract_features(model, s, size=model.image_size, device="cpu", batch_size=256, workers=0)
+    feats = {k: extract_features(model, s, size=model.image_size, device="cpu", batch_size=256, workers=0)
              for k, s in (("train", tr), ("test", te))}
     extract_s = time.perf_counter() - t0
     if a.features == "pixels":
         feats = {k: s.arrays.reshape(len(s), -1).astype(np.float32) / 255 for k, s in (("train", tr), ("test", te))}
     args = (feats["train"], tr.labels, feats["test"], te.labels)
-    E.linear_probe(*[x[:200] for x in args], n_classes=10)              # warm-up (imports, first calls)
-    E.linear_probe(*[x[:200] for x in args], n_classes=10, backend="sklearn")
+    linear_probe(*[x[:200] for x in args], n_classes=10)              # warm-up (imports, first calls)
+    linear_probe(*[x[:200] for x in args], n_classes=10, backend="sklearn")
     # scikit-learn's strongest setting on this machine: its lbfgs alternates numpy's BLAS pool with its
     # own OpenMP loss kernels, which on few cores can run faster on one thread than on all of them.
     refs = {}
     for threads in sorted({1, torch.get_num_threads()}):
         with threadpool_limits(limits=threads):
-            refs[threads] = E.linear_probe(*args, n_classes=10, backend="sklearn", tol=a.tol)
+            refs[threads] = linear_probe(*args, n_classes=10, backend="sklearn", tol=a.tol)
     ref_threads, ref = min(refs.items(), key=lambda kv: kv[1]["seconds"])
-    ours = E.linear_probe(*args, n_classes=10, tol=a.tol)
+    ours = linear_probe(*args, n_classes=10, tol=a.tol)
     result = {"benchmark": "eval", "machine": machine(), "torch_threads": torch.get_num_threads(),
               "feature_extraction_images_per_s": (len(tr) + len(te)) / extract_s,
               "probe_features": a.features, "n_train": len(tr), "n_test": len(te),

@@ -165,7 +165,7 @@ def decode_bound_per_core(root: str, limit: int, image_size: int = 224) -> dict:
 
     from loaders import augment
     from loaders.sampling import crop_box
-    from loaders.torch_loader import TarShards, read_meta
+    from loaders.packed import TarShards, read_meta
 
     shards = TarShards(read_meta(root))
     jpegs = [bytes(shards.jpeg(i)) for i in range(min(limit, shards.packed.shards.num_samples))]
@@ -198,14 +198,15 @@ def caption_draw_cost_us(root: str, epochs: int = 20) -> float:
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
 
-    from loaders.ffcv_loader import _caption_decoder_class, _ddict
-    from loaders.torch_loader import read_meta
+    from loaders.ffcv_ops import caption_decoder_class
+    from loaders.native import ddict
+    from loaders.packed import read_meta
     from model.tokenizer import get_tokenizer
 
     packed, tok = read_meta(root), get_tokenizer()
     beton = os.path.join(root, "ffcv", packed.meta["shards"][0]["name"] + ".beton")
     params = np.array([0, 1], dtype=np.int64)
-    decoder = _caption_decoder_class()(ddict=_ddict(packed.dictionary), params=params, first_index=0,
+    decoder = caption_decoder_class()(ddict=ddict(packed.dictionary), params=params, first_index=0,
                                        mode="rewrite", max_texts=5, sot=tok.sot_token_id, eot=tok.eot_token_id)
     costs = {}
     for name, pipes in (("index", {"index": [IntDecoder(), ToTensor()], "record": None}),

@@ -9,11 +9,11 @@ Few-shot and our linear probe have no counterpart there and are not written.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from loaders.eval_sets import clip_benchmark_name
+from common.io import write_json_atomic
+from evaluation.datasets import clip_benchmark_name
 
 
 def to_clip_benchmark(result: dict) -> dict[str, dict]:
@@ -50,11 +50,6 @@ def write_results(results: dict, out_dir: Path, *, model: str, pretrained: str,
                     "metrics": metrics, "language": language}
             path = out_dir / (f"{_slug(dataset)}_{_slug(os.path.basename(pretrained.rstrip('/')))}_"
                               f"{_slug(model)}_{language}_{task}.json")
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(dump, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_json_atomic(path, dump)
             written.append(str(path))
     return written

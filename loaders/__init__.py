@@ -20,7 +20,8 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
                  image_size: int = 224, max_texts: int = 5, slip_views: bool = False, start_batch: int = 0,
                  drop_last: bool = True, augment: bool = True, draw_text: bool = True,
-                 return_dict: bool = False, normalize: bool = True, check_records: bool = False):
+                 return_dict: bool = False, normalize: bool = True, check_records: bool = False,
+                 p_original: float | None = None, style_weights: dict | list | None = None):
     """An iterable of one epoch's batches for this rank, starting at batch `start_batch`.
 
     len(loader) = batches left. draw_text=False skips the captions (benchmarks only). normalize=False
@@ -29,22 +30,27 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
     check_records=True compares every JPEG and caption record with the CRC-32 stored at pack time (a
     corrupted sample raises PackError naming file, index and key; `python -m benchmarks loader` reports
     the cost as record_checksum_overhead).
+    p_original / style_weights weight the caption draw (loaders.sampling.caption_weights): the original
+    with probability p_original, rewrite styles (by name, in the store's style order, or by position) in
+    proportion to their weights, renormalised over the texts each sample has; both None (the default) is
+    the uniform draw. Deterministic in (seed, epoch, index) and the same in every loader.
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode {text_mode!r}, expected one of {TEXT_MODES}")
-    kw = dict(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
-              world_size=world_size, num_workers=num_workers, image_size=image_size, max_texts=max_texts,
-              slip_views=slip_views, start_batch=start_batch, drop_last=drop_last, augment=augment,
-              draw_text=draw_text, return_dict=return_dict, normalize=normalize)
-    if check_records:
-        kw["check_records"] = True
+    from loaders.base import LoaderConfig
+
+    config = LoaderConfig(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
+                          world_size=world_size, num_workers=num_workers, image_size=image_size,
+                          max_texts=max_texts, slip_views=slip_views, start_batch=start_batch, drop_last=drop_last,
+                          augment=augment, draw_text=draw_text, return_dict=return_dict, normalize=normalize,
+                          check_records=check_records, p_original=p_original, style_weights=style_weights)
     if kind == "ffcv":
         from loaders.ffcv_loader import FfcvLoader
-        return FfcvLoader(root, **kw)
+        return FfcvLoader(root, config)
     if kind == "dali":
         from loaders.dali_loader import DaliLoader
-        return DaliLoader(root, **kw)
+        return DaliLoader(root, config)
     if kind == "torch":
         from loaders.torch_loader import TorchLoader
-        return TorchLoader(root, **kw)
+        return TorchLoader(root, config)
     raise ValueError(f"loader kind {kind!r}, expected one of {KINDS}")

@@ -17,7 +17,6 @@ iterator has no uint16).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
@@ -25,9 +24,8 @@ import numpy as np
 import torch
 
 from loaders import augment as aug
-from loaders.pack import IDX_VERSION, PackError
-from loaders.sampling import EpochSampler
-from loaders.torch_loader import PackedMeta, read_meta
+from loaders.base import PackedLoader
+from loaders.packed import PackError, ShardIndex
 
 PREFETCH = 2                              # batches DALI prepares ahead
 NO_AUGMENT = (-1.0, -1.0, 0.0, 0.0, 0)   # dali_ops: a negative scale = the centred square
@@ -44,77 +42,6 @@ def _import_dali():
 def _gpu_id() -> int | None:
     """The GPU for 'mixed' decoding when one is usable, else None (CPU-only pipeline)."""
     return torch.cuda.current_device() if torch.cuda.is_available() else None
-
-
-class ShardIndex:
-    """The lines of each shard's DALI index file (one sample per line), read when a shard is first used."""
-
-    def __init__(self, packed: PackedMeta):
-        self.packed = packed
-        self._lines: dict[int, np.ndarray] = {}
-
-    def tar(self, shard: int) -> str:
-        return str(self.packed.root / "dali" / f"{self.packed.shard_names[shard]}.tar")
-
-    def lines(self, shard: int) -> np.ndarray:
-        if shard not in self._lines:
-            path = self.tar(shard)[:-4] + ".idx"
-            if not os.path.isfile(path):
-                raise PackError(f"{path}: missing tar index")
-            with open(path, "rb") as f:
-                head, *rows = f.read().splitlines()
-            n = int(self.packed.shards.sizes[shard])
-            if head.split() != [IDX_VERSION.encode(), str(n).encode()] or len(rows) != n:
-                raise PackError(f"{path}: expected a '{IDX_VERSION} {n}' index with {n} lines")
-            self._lines[shard] = np.array(rows, dtype=object)
-        return self._lines[shard]
-
-    def locate(self, index: int) -> tuple[int, list[bytes]]:
-        shard = int(np.searchsorted(self.packed.shards.first_index, index, side="right")) - 1
-        return shard, self.lines(shard)[index - int(self.packed.shards.first_index[shard])].split()
-
-    def key(self, index: int) -> str:
-        """The sample key of a global index (for error messages)."""
-        return self.locate(index)[1][3].decode().rsplit(".", 1)[0]
-
-    def jpeg(self, index: int) -> tuple[str, bytes]:
-        """(tar path, JPEG bytes) of a global index, read directly (error diagnosis only)."""
-        shard, parts = self.locate(index)
-        at = parts.index(b"jpg")
-        offset, size = int(parts[at + 1]), int(parts[at + 2])
-        with open(self.tar(shard), "rb") as f:
-            f.seek(offset)
-            return self.tar(shard), f.read(size)
-
-    def find_broken_jpeg(self, indices) -> str | None:
-        """'<tar>: JPEG of sample i (key k) does not decode (why)' for the first of indices that fails."""
-        import simplejpeg
-
-        for i in map(int, indices):
-            tar, data = self.jpeg(i)
-            try:
-                simplejpeg.decode_jpeg(data, colorspace="RGB")
-            except ValueError as e:
-                return f"{tar}: JPEG of sample {i} (key {self.key(i)!r}) does not decode ({e})"
-        return None
-
-    def write_epoch(self, sampler: EpochSampler, folder: str) -> tuple[list[str], list[str]]:
-        """Index files for this rank's positions from start_batch on, one per run of one shard, in order.
-        Returns (tar paths, index paths) for fn.readers.webdataset."""
-        lo = sampler.start_batch * sampler.batch_size
-        order = sampler.indices(lo, lo + sampler.positions_left())
-        shard_of = np.searchsorted(self.packed.shards.first_index, order, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        tars, indexes = [], []
-        for k, (a, b) in enumerate(zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)])):
-            shard = int(shard_of[a])
-            rows = self.lines(shard)[order[a:b] - self.packed.shards.first_index[shard]]
-            path = os.path.join(folder, f"run-{k:06d}.idx")
-            with open(path, "wb") as f:
-                f.write(f"{IDX_VERSION} {b - a}\n".encode() + b"\n".join(rows) + b"\n")
-            tars.append(self.tar(shard))
-            indexes.append(path)
-        return tars, indexes
 
 
 def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_workers, image_size, slip_views, seed, epoch,
@@ -153,38 +80,31 @@ def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_work
     return pipe()
 
 
-class DaliLoader:
+class DaliLoader(PackedLoader):
     """Iterable of batches for one (rank, epoch)."""
 
-    def __init__(self, root, *, batch_size, text_mode, seed, epoch, rank=0, world_size=1, num_workers=1,
-                 image_size=224, max_texts=5, slip_views=False, start_batch=0, drop_last=True, augment=True,
-                 draw_text=True, return_dict=False, normalize=True, check_records=False):
-        _import_dali()
-        self.packed = read_meta(root)
-        self.sampler = EpochSampler(self.packed.shards, seed=seed, epoch=epoch, batch_size=batch_size,
-                                    rank=rank, world_size=world_size, drop_last=drop_last,
-                                    start_batch=start_batch)
-        self.index = ShardIndex(self.packed)
-        main = (*augment_scale(augment), 0)
-        views = (main,) + (((*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 1),
-                            (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if slip_views else ())
-        self.op_config = dict(mode=text_mode if draw_text else None, max_texts=max_texts, views=views,
-                              check=check_records)
-        self.crcs = self.packed.record_crcs() if check_records else None  # kept alive: the op reads it
-        self.kw = dict(batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                       slip_views=slip_views, normalize=normalize, seed=seed, epoch=epoch)
-        self.text_mode, self.draw_text = text_mode, draw_text
-        self.return_dict = return_dict or slip_views
+    pipeline_normalizes = True  # crop_mirror_normalize hands out float CHW
 
-    def __len__(self):
-        return len(self.sampler)
+    def __init__(self, root, config=None, **options):
+        _import_dali()
+        super().__init__(root, config, **options)
+        c = self.config
+        self.index = ShardIndex(self.packed)
+        main = (*augment_scale(c.augment), 0)
+        views = (main,) + (((*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 1),
+                            (*aug.SIMCLR_SCALE, *aug.CROP_RATIO, 2)) if c.slip_views else ())
+        self.op_config = dict(mode=c.text_mode if c.draw_text else None, max_texts=c.max_texts, views=views,
+                              check=c.check_records, weights=tuple(self.text_weights.tolist()))
+        self.crcs = self.packed.record_crcs() if c.check_records else None  # kept alive: the op reads it
+        self.kw = dict(batch_size=c.batch_size, num_workers=c.num_workers, image_size=c.image_size,
+                       slip_views=c.slip_views, normalize=c.normalize, seed=c.seed, epoch=c.epoch)
 
     def _op(self):
         from loaders.dali_ops import sample_op
-        from loaders.ffcv_loader import _ddict
+        from loaders.native import ddict
         from model.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 
-        return sample_op(ddict=_ddict(self.packed.dictionary), sot=SOT_TOKEN_ID, eot=EOT_TOKEN_ID,
+        return sample_op(ddict=ddict(self.packed.dictionary), sot=SOT_TOKEN_ID, eot=EOT_TOKEN_ID,
                          **self.op_config)
 
     def __iter__(self):
@@ -243,27 +163,18 @@ class DaliLoader:
                 f"(key {self.index.key(index)!r}) does not decompress (corrupted?)")
 
     def _finish(self, d):
-        images = d["images"] if self.kw["normalize"] else d["images"].permute(0, 3, 1, 2)
-        out = {"images": images, "index": d["index"].view(-1)}
+        raw = {"images": d["images"], "index": d["index"].view(-1)}
         flags = d["tokens"].flatten(1)[:, 0]
         if (flags < 0).any():
             row = int((flags < 0).nonzero()[0])
-            raise PackError(self._bad_record(int(out["index"][row]), int(flags[row])))
-        if self.draw_text:
-            out["tokens"] = d["tokens"]
+            raise PackError(self._bad_record(int(raw["index"][row]), int(flags[row])))
+        if self.config.draw_text:
+            raw["tokens"] = d["tokens"]
             if self.text_mode == "all":
-                out["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
-        if "v1" in d:  # colour part per sample from (seed, epoch, index, view), like the crops
-            seed, epoch, index = self.sampler.seed, self.sampler.epoch, out["index"].numpy()
-            out["view1"] = aug.simclr_view_seeded(d["v1"], seed, epoch, index, 1)
-            out["view2"] = aug.simclr_view_seeded(d["v2"], seed, epoch, index, 2)
-        if self.return_dict:
-            return out
-        if not self.draw_text:
-            return (out["images"],)
-        if self.text_mode == "all":
-            return out["images"], out["tokens"], out["mask"]
-        return out["images"], out["tokens"]
+                raw["mask"] = d["tokens"][:, :, 0] != 0  # a filled slot starts with sot
+        if "v1" in d:
+            raw["view1"], raw["view2"] = d["v1"], d["v2"]
+        return self.finish(raw)
 
 
 def augment_scale(on: bool) -> tuple:

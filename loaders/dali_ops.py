@@ -6,7 +6,7 @@ For every sample the webdataset reader hands over (JPEG, caption record, ".idx" 
     loaders.sampling.crop_box (the image size comes from the JPEG header: fn.peek_image_shape), so the
     crop never depends on DALI's own seed, worker count or where an epoch was resumed,
   - zstd-decompresses the caption record (libzstd through ctypes, dictionary pre-loaded as a DDict) and
-    draws the text with the store's draw_text_index hash, writing sot + ids + eot as int32 [77] (or all
+    draws the text with loaders.sampling's caption draw, writing sot + ids + eot as int32 [77] (or all
     texts, [max_texts, 77]); a record that fails zstd's checksum or does not parse is flagged with -1 in
     its first token, which the loader turns into an error naming the sample.
 Nothing here runs Python per sample. Operators are compiled once per configuration and process and
@@ -17,32 +17,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from loaders import ffcv_loader, sampling
-from loaders.ffcv_loader import (RECORD_CAPACITY, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS, _create_dctx, _decompress,
-                                 _free_dctx, _is_error, _memcpy, _ref_ddict, _set_param)
+from loaders import native, sampling
+from loaders.native import (CONTEXT_LENGTH, MAX_TEXTS, RECORD_CAPACITY, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS, create_dctx,
+                            decompress, free_dctx, is_error, memcpy, ref_ddict, set_param)
 
 # Our own dispatchers of the shared draw, padding and crop code: FFCV's decoder threads compile their
 # signatures of these functions at first use, and numba can fail when a dispatcher another caller has
 # already compiled gets a new signature from two threads at once (seen as a hung FFCV epoch).
-_draw = numba.njit(nogil=True)(ffcv_loader._draw.py_func)
-_pad = numba.njit(nogil=True)(ffcv_loader._pad.py_func)
+_draw = sampling.compiled_text_draw()
+_pad = numba.njit(nogil=True)(native.pad_text)
 crop_box = numba.njit(nogil=True)(sampling.crop_box.py_func)
+_crc32 = native.crc32
 
-CONTEXT_LENGTH = 77
 MODES = {"rewrite": 0, "original": 1, "all": 2, None: 3}   # None: no caption (benchmarks' draw off)
 BAD_RECORD, JPEG_CRC_MISMATCH, RECORD_CRC_MISMATCH = -1, -2, -3   # flags in a sample's first token
-
-
-def _zlib_crc32():
-    import ctypes
-
-    fn = ctypes.CDLL("libz.so.1").crc32
-    fn.restype, fn.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_uint]
-    return fn
-
-
-_crc32 = _zlib_crc32()
-MAX_TEXTS = RECORD_CAPACITY // 2  # more texts than uint16 words cannot fit a record
 
 
 @numba.njit(nogil=True)
@@ -63,8 +51,8 @@ def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
     """Decompress one record into buf and find its texts: the text count (texts k at buf[starts[k]:] with
     lengths[k] ids), or -1 when the record is damaged. Layout: uint16 LE [n, len_1..len_n, ids...]
     (loaders/store.py)."""
-    got = _decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
-    if _is_error(got) or got < 2:
+    got = decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
+    if is_error(got) or got < 2:
         return np.int64(-1)
     n_texts = np.int64(buf[0]) | (np.int64(buf[1]) << 8)
     if 2 * (1 + n_texts) > got or n_texts > starts.shape[0]:
@@ -77,16 +65,19 @@ def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
     return n_texts if at == got else np.int64(-1)
 
 
-def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
+def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int,
+             weights: tuple = ()):
     """A DALI NumbaFunction: (idx, image shape, record, jpeg, params) -> (index, boxes [views, 4], tokens).
     views: (scale_lo, scale_hi, ratio_lo, ratio_hi, view) per output image; scale_lo < 0 = centre square.
     params: seed, epoch and (check=True) the address of the uint32 [N, 2] table of per-record CRC-32s
-    (JPEG, caption record) written at pack time, which the sample's bytes must match."""
+    (JPEG, caption record) written at pack time, which the sample's bytes must match. weights: the
+    caption draw's sampling.caption_weights as a tuple (empty: uniform)."""
     from nvidia.dali import types
     from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
     mode_id, n_views = MODES[mode], len(views)
     view_table = np.array(views, dtype=np.float64)
+    weight_table = np.array(weights, dtype=np.float64)
     token_shape = {0: (CONTEXT_LENGTH,), 1: (CONTEXT_LENGTH,), 2: (max_texts, CONTEXT_LENGTH), 3: (1,)}[mode_id]
 
     def setup(outs, ins):
@@ -100,10 +91,10 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
         buf = np.empty(RECORD_CAPACITY, dtype=np.uint8)
         starts = np.empty(MAX_TEXTS, dtype=np.int64)
         lengths = np.empty(MAX_TEXTS, dtype=np.int64)
-        dctx = _create_dctx()
-        _set_param(dctx, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS)
+        dctx = create_dctx()
+        set_param(dctx, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS)
         if ddict != 0:
-            _ref_ddict(dctx, ddict)
+            ref_ddict(dctx, ddict)
         for s in range(len(idx_in)):
             seed, epoch = params_in[s][0], params_in[s][1]
             index = parse_index(idx_in[s])
@@ -122,7 +113,7 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
             tokens[:] = 0
             if check and index >= 0:
                 expected = np.empty(2, dtype=np.uint32)
-                _memcpy(expected.ctypes.data, params_in[s][2] + 8 * index, 8)
+                memcpy(expected.ctypes.data, params_in[s][2] + 8 * index, 8)
                 if _crc32(0, jpeg_in[s].ctypes.data, jpeg_in[s].shape[0]) != expected[0]:
                     tokens.reshape(-1)[0] = JPEG_CRC_MISMATCH
                     continue
@@ -138,9 +129,9 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
                 for k in range(min(n_texts, max_texts)):
                     _pad(tokens[k], buf, starts[k], lengths[k], sot, eot)
             elif n_texts > 0:
-                k = _draw(seed, epoch, index, n_texts) if mode_id == 0 and n_texts > 1 else 0
+                k = _draw(seed, epoch, index, n_texts, weight_table) if mode_id == 0 and n_texts > 1 else 0
                 _pad(tokens, buf, starts[k], lengths[k], sot, eot)
-        _free_dctx(dctx)
+        free_dctx(dctx)
 
     return NumbaFunction(run_fn=run, setup_fn=setup, batch_processing=True,
                          out_types=[types.INT64, types.FLOAT, types.INT32],
@@ -151,9 +142,10 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
 _COMPILED: dict = {}
 
 
-def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int):
+def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict: int, sot: int, eot: int,
+              weights: tuple = ()):
     """The compiled operator for this configuration, built on first use and kept for the process."""
-    key = (mode, max_texts, views, check, ddict, sot, eot)
+    key = (mode, max_texts, views, check, ddict, sot, eot, tuple(weights))
     if key not in _COMPILED:
         _COMPILED[key] = _compile(*key)
     return _COMPILED[key]

@@ -16,6 +16,9 @@ caption (same words, case-insensitive) also occurs in the training split or earl
 split is marked "duplicate" instead: retrieval on the held-out split has no ties with a training
 pair and no repeats inside itself. Re-running with the same arguments reuses the result; images already
 written are kept.
+
+`open_source(spec, report)` is the one entry point for any input: a builder name above, or what
+loaders/ingest.py reads (an image folder with a captions file, LaCLIP's CSV, a captions JSONL, tar shards).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from loaders.images import atomic_write_bytes, encode_jpeg_pil
-from loaders.ingest import IngestReport, Sample, iter_image_folder
+from loaders.ingest import (IngestReport, Sample, find_captions_file, iter_image_folder, iter_laclip_csv,
+                            iter_webdataset)
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -278,6 +282,33 @@ def iter_samples(name: str, out_dir: str | None = None, *, split: str | None = N
     for s in iter_image_folder(root, report if report is not None else IngestReport()):
         if split is None or s.meta.get("split") == split:
             yield s
+
+
+# ---------------------------------------------------------------- one entry point
+# Here rather than in ingest.py, which it would make import the builders while they import it.
+def open_source(spec: str, report: IngestReport, *, image_root: str | None = None,
+                data_root: str | None = None, max_samples: int | None = None) -> Iterator[Sample]:
+    """Dispatch on what `spec` is: a builder name ("openclipart", "emoji"), an image folder with a captions
+    file, a .csv (LaCLIP), or tar shards (file, directory of tars or glob)."""
+    if spec in BUILDERS:
+        root = build_dataset(spec, os.path.join(data_root or default_cache(), spec), max_samples=max_samples)
+        return iter_image_folder(root, report)
+    if os.path.isdir(spec) and find_captions_file(spec):
+        it = iter_image_folder(spec, report)
+    elif spec.endswith(".csv"):
+        it = iter_laclip_csv(spec, image_root, report)
+    elif spec.endswith((".jsonl",)):
+        it = iter_image_folder(image_root or os.path.dirname(os.path.abspath(spec)), report, captions_file=spec)
+    else:
+        it = iter_webdataset(spec, report)
+    return _limit(it, max_samples)
+
+
+def _limit(it: Iterator[Sample], n: int | None) -> Iterator[Sample]:
+    for i, s in enumerate(it):
+        if n is not None and i >= n:
+            return
+        yield s
 
 
 def main(argv=None) -> None:

@@ -6,16 +6,14 @@ scaling), so large photos cost much less than a full decode + resize. Other form
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import numpy as np
 import simplejpeg
 from PIL import Image
 
+from common.io import write_atomic
+
 JPEG_MAGIC = b"\xff\xd8"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class BrokenImage(ValueError):
@@ -23,21 +21,8 @@ class BrokenImage(ValueError):
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """tmp file in the same directory + fsync + rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; packed files are shared with other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """tmp file in the same directory + fsync + rename (common/io.py): a reader never sees half a file."""
+    write_atomic(path, data)
 
 
 def encode_jpeg_pil(im: Image.Image, quality: int) -> bytes:

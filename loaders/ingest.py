@@ -16,12 +16,13 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import glob
 import json
 import os
 import re
 import tarfile
 from typing import Iterable, Iterator
+
+from common.io import expand_shards as _expand_shards, read_jsonl, utf8_lines
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Keys become tar member names and lines of keys.txt: no dots (DALI splits the extension at the first
@@ -88,17 +89,6 @@ def clean_caption(text: str | None) -> str:
     return text if has_tokens(text) else ""
 
 
-def utf8_lines(path: str, error: type[Exception] = ValueError) -> Iterator[str]:
-    """The lines of a text file, decoded as UTF-8; a line that is not raises `error` naming file and line."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise error(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
-                            f"{e.start + 1}); convert the file to UTF-8") from None
-
-
 def check_key(key: str, where: str) -> str:
     if not KEY_RE.match(key):
         raise IngestError(f"{where}: sample key {key!r} must match {KEY_RE.pattern} (no dots, slashes or spaces)")
@@ -107,31 +97,9 @@ def check_key(key: str, where: str) -> str:
 
 # ---------------------------------------------------------------- webdataset (img2dataset) shards
 def expand_shards(spec: str | os.PathLike | Iterable) -> list[str]:
-    """A tar file, a directory of tars, a glob, a webdataset brace list (`shards/{00000..00099}.tar`,
-    braceexpand's syntax), or a list of those -> tar paths (each glob sorted, brace lists in their order).
-    A brace list naming a file that does not exist is an error naming it."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return list(dict.fromkeys(p for s in spec for p in expand_shards(s)))
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if not tars:
-            raise IngestError(f"{spec}: a folder with neither a captions file (captions.jsonl or captions.csv) "
-                              "nor .tar shards")
-        return tars
-    from braceexpand import braceexpand
-    expanded = list(braceexpand(spec)) if "{" in spec else [spec]
-    paths, missing = [], []
-    for one in expanded:
-        found = sorted(glob.glob(one))
-        if not found and not glob.has_magic(one) and len(expanded) > 1:
-            missing.append(one)
-        paths += found
-    if missing:
-        raise IngestError(f"{spec}: {len(missing)} of {len(expanded)} shards do not exist (first: {missing[0]})")
-    if not paths:
-        raise IngestError(f"{spec}: no tar shards found")
-    return list(dict.fromkeys(paths))
+    """Tar paths of a shard spec (common/io.py: a tar, a folder of tars, a glob, a brace list, or a list of
+    those); a spec that names nothing is an IngestError."""
+    return _expand_shards(spec, IngestError)
 
 
 def iter_webdataset(shards, report: IngestReport) -> Iterator[Sample]:
@@ -246,21 +214,6 @@ def iter_image_folder(root: str, report: IngestReport, captions_file: str | None
             yield sample
 
 
-def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file; a bad line raises `error`
-    naming the file and line. Every JSONL reader of the project goes through here."""
-    for line_no, line in enumerate(utf8_lines(path, error), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise error(f"{path}:{line_no}: invalid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise error(f"{path}:{line_no}: expected a JSON object")
-        yield line_no, row
-
-
 def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
     if path.endswith(".jsonl"):
         yield from read_jsonl(path, IngestError)
@@ -276,32 +229,3 @@ def _iter_rows(path: str) -> Iterator[tuple[int, dict]]:
         if len(row) != len(header):
             raise IngestError(f"{path}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
         yield reader.line_num, dict(zip(header, row))
-
-
-# ---------------------------------------------------------------- one entry point
-def open_source(spec: str, report: IngestReport, *, image_root: str | None = None,
-                data_root: str | None = None, max_samples: int | None = None) -> Iterator[Sample]:
-    """Dispatch on what `spec` is: a builder name ("openclipart", "emoji"), an image folder with a captions
-    file, a .csv (LaCLIP), or tar shards (file, directory of tars or glob)."""
-    from loaders import datasets  # builders import this module
-
-    if spec in datasets.BUILDERS:
-        root = datasets.build_dataset(spec, os.path.join(data_root or datasets.default_cache(), spec),
-                                      max_samples=max_samples)
-        return iter_image_folder(root, report)
-    if os.path.isdir(spec) and find_captions_file(spec):
-        it = iter_image_folder(spec, report)
-    elif spec.endswith(".csv"):
-        it = iter_laclip_csv(spec, image_root, report)
-    elif spec.endswith((".jsonl",)):
-        it = iter_image_folder(image_root or os.path.dirname(os.path.abspath(spec)), report, captions_file=spec)
-    else:
-        it = iter_webdataset(spec, report)
-    return _limit(it, max_samples)
-
-
-def _limit(it: Iterator[Sample], n: int | None) -> Iterator[Sample]:
-    for i, s in enumerate(it):
-        if n is not None and i >= n:
-            return
-        yield s

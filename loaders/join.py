@@ -22,7 +22,7 @@ import sqlite3
 import zlib
 from typing import Callable, Iterable, Iterator
 
-from loaders.ingest import read_jsonl
+from common.io import read_jsonl
 from rewrite.quality import same_text
 
 PAGE_CACHE_KIB = 256 * 1024   # SQLite page cache: bounds the join's memory

@@ -35,32 +35,13 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.ingest import (IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset,
-                            open_source)
+from loaders.datasets import open_source
+from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
+from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
+                            verify_pack)
 from model.tokenizer import has_tokens
 
-__all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]
-FORMAT_VERSION = 1
-IDX_VERSION = "v1.2"  # DALI's webdataset index format, as its wds2idx tool writes it
-
-
-# ffcv.types.HeaderType, copied so that verifying does not import ffcv (numba: seconds)
-FFCV_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
-
-
-class PackError(RuntimeError):
-    """A packed file is missing, truncated or inconsistent with meta.json (message names the file)."""
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-def record_crc_file(name: str) -> str:
-    """Per-record checksums of a shard: uint32 little-endian [n, 2] = CRC-32 of each sample's JPEG and of
-    its compressed caption record, in shard order (the same bytes in the .beton and the DALI tar)."""
-    return f"checksums/{name}.crc32"
+__all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]  # the read side: loaders.packed
 
 
 @dataclasses.dataclass
@@ -142,7 +123,7 @@ def remove_temp_files(out: str) -> int:
 def _other_files(out: str) -> dict:
     """Sizes and sha256 of the files beside the shards (keys, caption store), for verify_pack."""
     rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not _is_temp(n))
-    return {k: v for rel in rels for k, v in _file_entry(out, rel).items()}
+    return {k: v for rel in rels for k, v in file_entry(out, rel).items()}
 
 
 def _remove_other_shards(out: str, names: set[str]) -> None:
@@ -405,7 +386,7 @@ def finalize_shard(cfg: PackConfig, shard: dict, store) -> dict:
     files = {}
     crcs = np.array([(zlib.crc32(j), zlib.crc32(r)) for j, r in zip(staged["jpegs"], records)], dtype="<u4")
     atomic_write_bytes(os.path.join(cfg.out, record_crc_file(shard["name"])), crcs.tobytes())
-    files.update(_file_entry(cfg.out, record_crc_file(shard["name"])))
+    files.update(file_entry(cfg.out, record_crc_file(shard["name"])))
     files.update(write_dali_shard(cfg.out, shard["name"], staged, records, first))
     files.update(write_ffcv_shard(cfg.out, shard["name"], staged, records, first, cfg.quality, cfg.workers))
     done = {**shard, "files": files, "settings": settings_key(caption_settings(cfg))}
@@ -456,14 +437,6 @@ def read_staged(out: str, index: int, captions_only: bool = False) -> dict:
     return m
 
 
-def _file_entry(out: str, rel: str) -> dict:
-    h = hashlib.sha256()
-    with open(os.path.join(out, rel), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {rel: {"bytes": os.path.getsize(os.path.join(out, rel)), "sha256": h.hexdigest()}}
-
-
 def _tmp_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + f".{os.getpid()}.tmp")
 
@@ -494,7 +467,7 @@ def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], fi
             lines.append(" ".join(parts))
     _fsync_rename(tmp, tar_path)
     atomic_write_bytes(idx_path, (f"{IDX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n").encode())
-    return {**_file_entry(out, tar_rel), **_file_entry(out, idx_rel)}
+    return {**file_entry(out, tar_rel), **file_entry(out, idx_rel)}
 
 
 def _encode_prejpeg(destination, value, malloc):
@@ -540,83 +513,7 @@ def write_ffcv_shard(out: str, name: str, staged: dict, records: list[bytes], fi
     # each writer process leaves one partly filled page: small shards get one process
     writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
     _fsync_rename(tmp, path)
-    return _file_entry(out, rel)
-
-
-def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
-    """Check a packed dataset before reading it; returns meta.json's dict or raises PackError naming the file.
-
-    Always: meta.json format, keys.txt count, contiguous shards, every file's exact size (a truncated or
-    half-copied file fails here), .beton headers, DALI index and checksum-table counts, caption store
-    length. checksums=True also re-hashes every file it wrote (shards, per-record checksums, keys, caption
-    store) against the sha256 recorded at pack time, and reads every caption-store block against its CRC
-    (reads everything)."""
-    from loaders.store import CaptionStore, StoreError
-
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise PackError(f"{meta_path}: missing (not a packed dataset, or packing did not finish)")
-    try:
-        with open(meta_path, "rb") as f:
-            meta = json.loads(f.read())
-    except ValueError as e:
-        raise PackError(f"{meta_path}: not valid JSON ({e}): corrupted?") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    n = meta["num_samples"]
-    expected_first = 0
-    for s in meta["shards"]:
-        if s["first_index"] != expected_first:
-            raise PackError(f"{meta_path}: shard {s['name']} starts at {s['first_index']}, expected {expected_first}")
-        expected_first += s["num_samples"]
-        for rel, info in s["files"].items():
-            _check_file(out_dir, rel, info, checksums)
-            _check_count(os.path.join(out_dir, rel), s["num_samples"])
-    for rel, info in meta.get("files", {}).items():
-        _check_file(out_dir, rel, info, checksums)
-    if expected_first != n:
-        raise PackError(f"{meta_path}: shards hold {expected_first} samples, num_samples says {n}")
-    keys_path = os.path.join(out_dir, meta.get("keys_file", "keys.txt"))
-    with open(keys_path, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    if lines != n:
-        raise PackError(f"{keys_path}: {lines} keys, expected {n}")
-    try:
-        store = CaptionStore(os.path.join(out_dir, "captions"))
-        if checksums:
-            store.verify()
-    except StoreError as e:
-        raise PackError(str(e)) from None
-    if len(store) != n:
-        raise PackError(f"{out_dir}/captions: {len(store)} records, expected {n}")
-    return meta
-
-
-def _check_file(out_dir: str, rel: str, info: dict, checksums: bool) -> None:
-    path = os.path.join(out_dir, rel)
-    if not os.path.isfile(path):
-        raise PackError(f"{path}: missing")
-    size = os.path.getsize(path)
-    if size != info["bytes"]:
-        raise PackError(f"{path}: {size} bytes, expected {info['bytes']} (truncated or modified)")
-    if checksums and _file_entry(out_dir, rel)[rel]["sha256"] != info["sha256"]:
-        raise PackError(f"{path}: sha256 mismatch (corrupted)")
-
-
-def _check_count(path: str, n: int) -> None:
-    if path.endswith(".beton"):
-        with open(path, "rb") as f:
-            header = np.frombuffer(f.read(FFCV_HEADER.itemsize), FFCV_HEADER)
-        if len(header) != 1 or int(header[0]["num_samples"]) != n:
-            raise PackError(f"{path}: header does not say {n} samples")
-    elif path.endswith(".crc32"):
-        if os.path.getsize(path) != 8 * n:
-            raise PackError(f"{path}: {os.path.getsize(path)} bytes, expected {8 * n} (two CRC-32s per sample)")
-    elif path.endswith(".idx"):
-        with open(path) as f:
-            first = f.readline().split()
-        if first != [IDX_VERSION, str(n)]:
-            raise PackError(f"{path}: index header {first}, expected {[IDX_VERSION, str(n)]}")
+    return file_entry(out, rel)
 
 
 def load_rewrites(path: str) -> dict[str, list[str]]:

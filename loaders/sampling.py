@@ -124,13 +124,14 @@ class EpochSampler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-sample augmentation draws: crop box and flip as pure functions of (seed, epoch, index, view).
+# Per-sample draws: caption, crop box and flip as pure functions of (seed, epoch, index[, view]).
 #
-# Each draw hashes (seed, epoch, index) like the caption draw (loaders/store.py), then mixes in a salt
-# so the crop, flip and caption streams are independent, and a view number so SLIP's two views (and
-# the main image, view 0) get independent crops. They are numba-compiled, so the same code serves
-# Python callers (torch loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader,
-# worker count and resumed run therefore crops sample i of an epoch the same way.
+# Every draw hashes (seed, epoch, index) with splitmix64's finaliser. The caption draw takes that hash
+# modulo the sample's text count (weighted: as a uniform in [0, 1) over the cumulative weights); the crop, flip and SLIP colour draws mix in a salt, so their streams
+# are independent of it and of each other, and a view number, so SLIP's two views (and the main image,
+# view 0) get independent crops. They are numba-compiled, so the same code serves Python callers (torch
+# loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader, worker count and resumed
+# run therefore draws sample i of an epoch the same way.
 
 _MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN_64 = np.uint64(0x9E3779B97F4A7C15)
@@ -139,18 +140,140 @@ FLIP_SALT = np.uint64(0x464C4950)  # "FLIP"
 SIMCLR_SALT = np.uint64(0x53494D43)  # "SIMC": SLIP's colour jitter, grayscale and blur
 
 
-@numba.njit(nogil=True)
-def _mix(z):
+def splitmix64(z):
+    """splitmix64's finaliser: a bijection on uint64 whose outputs look independent.
+
+    The one source of the mix: plain Python, so it runs on numpy uint64 arrays as it is (they wrap
+    silently) and every compiled user gets its own numba dispatcher of it."""
     z = (z ^ (z >> np.uint64(30))) * _MIX_1
     z = (z ^ (z >> np.uint64(27))) * _MIX_2
     return z ^ (z >> np.uint64(31))
 
 
+_mix = numba.njit(nogil=True)(splitmix64)
+
+
+def _text_hash(mix):
+    """The per-sample hash the caption draw uses (sample_stream's too), written once: with
+    mix=splitmix64 it runs on uint64 arrays, with mix a numba dispatcher it compiles."""
+    def text_hash(seed, epoch, index):
+        key = mix(np.uint64(seed) * _GOLDEN_64 + np.uint64(epoch))
+        return mix(key ^ (np.uint64(index) * _GOLDEN_64))
+
+    return text_hash
+
+
+def _draw_from(text_hash):
+    """The caption draw over a compiled text_hash (one source for every pipeline's dispatcher)."""
+    def draw(seed, epoch, index, n_texts, weights):
+        """Text number (0 = original) of one sample with n_texts texts. weights empty: uniform, h mod n.
+        Else weights = caption_weights(...): the original with probability weights[0] (when >= 0; else it
+        weighs 1 like a style), rewrite j (text j + 1) in proportion to weights[1 + j] (1.0 past the
+        end), renormalised over the texts this sample has; one uniform from the same hash picks."""
+        h = text_hash(seed, epoch, index)
+        if weights.shape[0] == 0 or n_texts <= 1:
+            return np.int64(h % np.uint64(max(n_texts, 1)))
+        u = np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+        total = 0.0
+        for j in range(n_texts - 1):
+            total += weights[1 + j] if 1 + j < weights.shape[0] else 1.0
+        p = weights[0]
+        if p < 0.0:  # no probability of its own: the original weighs 1, like an unweighted style
+            target = u * (1.0 + total)
+            if target < 1.0:
+                return np.int64(0)
+            target -= 1.0
+        else:
+            if total <= 0.0 or u < p:
+                return np.int64(0)
+            target = (u - p) / (1.0 - p) * total
+        last, acc = np.int64(0), 0.0
+        for j in range(n_texts - 1):
+            w = weights[1 + j] if 1 + j < weights.shape[0] else 1.0
+            if w > 0.0:
+                acc += w
+                last = np.int64(1 + j)
+                if target < acc:
+                    return last
+        return last  # (rounding: target within an ulp of the total)
+
+    return draw
+
+
+def compiled_text_draw():
+    """A compiled caption draw (seed, epoch, index, n_texts, weights) -> text number, with numba
+    dispatchers of its own (mix and hash included).
+
+    Each compiled pipeline (FFCV's decoder, DALI's operator) takes its own: numba once hung an FFCV
+    epoch when DALI had compiled a dispatcher they shared first."""
+    jit = numba.njit(nogil=True)
+    return jit(_draw_from(jit(_text_hash(jit(splitmix64)))))
+
+
+UNIFORM = np.zeros(0, dtype=np.float64)  # caption_weights() of the default: every text alike
+_hash_array = _text_hash(splitmix64)
+_sample_hash = numba.njit(nogil=True)(_text_hash(_mix))
+_draw_one = compiled_text_draw()
+
+
+@numba.njit(nogil=True)
+def _draw_each(seed, epoch, indices, n_texts, weights):
+    out = np.empty(indices.shape[0], dtype=np.int64)
+    for i in range(indices.shape[0]):
+        out[i] = _draw_one(seed, epoch, indices[i], n_texts[i], weights)
+    return out
+
+
+def caption_weights(p_original: float | None = None, style_weights=None, styles=None) -> np.ndarray:
+    """float64 [1 + S] for the compiled draw: [p_original or -1, weight of rewrite 1, ..., rewrite S];
+    empty (UNIFORM) when neither is given, which is exactly the uniform draw.
+
+    style_weights: {style name: weight} over `styles` (default rewrite.pools.DEFAULT_POOLS, the order in
+    which a sample's rewrites are stored; an unnamed style weighs 1), or weights by rewrite position."""
+    if p_original is None and style_weights is None:
+        return UNIFORM
+    if p_original is not None and not 0.0 <= float(p_original) <= 1.0:
+        raise ValueError(f"p_original {p_original!r}: a probability in [0, 1]")
+    if isinstance(style_weights, dict):
+        if styles is None:
+            from rewrite.pools import DEFAULT_POOLS as styles
+        unknown = set(style_weights) - set(styles)
+        if unknown:
+            raise ValueError(f"style_weights: unknown styles {sorted(unknown)} (rewrites are stored in the "
+                             f"order {list(styles)})")
+        style_weights = [float(style_weights.get(name, 1.0)) for name in styles]
+    weights = [float(w) for w in (style_weights or ())]
+    if any(not w >= 0.0 or w == float("inf") for w in weights):
+        raise ValueError(f"style_weights {weights}: weights must be finite and >= 0")
+    return np.array([-1.0 if p_original is None else float(p_original), *weights], dtype=np.float64)
+
+
+def _u64(x) -> np.ndarray:
+    # 1-d arrays throughout: numpy wraps uint64 arithmetic silently on arrays (on scalars it warns).
+    return np.atleast_1d(np.asarray(x, dtype=np.uint64))
+
+
+def draw_text_index(seed, epoch, sample_index, n_texts, weights=UNIFORM):
+    """Which text (0 = original) a sample shows in an epoch. Arrays broadcast; scalars give an int.
+    weights: caption_weights(...) (default: uniform over the sample's texts).
+
+    Depends only on its arguments, so every loader, worker count and resumed run draws the same text.
+    """
+    weights = np.ascontiguousarray(weights, dtype=np.float64)
+    if np.ndim(sample_index) == 0 and np.ndim(n_texts) == 0:
+        return int(_draw_one(int(seed), int(epoch), int(sample_index), int(n_texts), weights))
+    if len(weights) == 0:  # vectorised in numpy
+        h = _hash_array(_u64(seed), _u64(epoch), _u64(sample_index))
+        return (h % np.maximum(_u64(n_texts), np.uint64(1))).astype(np.int64)
+    index, n = np.broadcast_arrays(np.asarray(sample_index, dtype=np.int64), np.asarray(n_texts, dtype=np.int64))
+    return _draw_each(int(seed), int(epoch), np.ascontiguousarray(index.ravel()), np.ascontiguousarray(n.ravel()),
+                      weights).reshape(index.shape)
+
+
 @numba.njit(nogil=True)
 def sample_stream(seed, epoch, index, salt, view):
     """A uint64 key for one (seed, epoch, sample, purpose, view); draws then hash (key, k)."""
-    epoch_key = _mix(np.uint64(seed) * _GOLDEN_64 + np.uint64(epoch))
-    sample_key = _mix(epoch_key ^ (np.uint64(index) * _GOLDEN_64))
+    sample_key = _sample_hash(seed, epoch, index)
     return _mix(_mix(sample_key ^ (np.uint64(salt) * _GOLDEN_64)) + np.uint64(view) * _GOLDEN_64)
 
 

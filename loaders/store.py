@@ -38,6 +38,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import zstandard
 
+from common.io import write_atomic
 from model.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, get_tokenizer, tokenizer_identity
 
 FORMAT_VERSION = 1
@@ -50,51 +51,6 @@ MAX_TEXTS = 65535
 
 class StoreError(Exception):
     """A caption store file is missing, truncated, corrupted or of another format."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Text draw: uniform over a sample's texts, a pure function of (seed, epoch, sample index)
-
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _u64(x) -> np.ndarray:
-    # 1-d arrays throughout: numpy wraps uint64 arithmetic silently on arrays (on scalars it warns).
-    return np.atleast_1d(np.asarray(x, dtype=np.uint64))
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection on uint64 whose outputs look independent."""
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def draw_text_index(seed, epoch, sample_index, n_texts):
-    """Which text (0 = original) a sample shows in an epoch. Arrays broadcast; scalars give an int.
-
-    Depends only on its arguments, so every loader, worker count and resumed run draws the same text.
-    """
-    if np.ndim(sample_index) == 0 and np.ndim(n_texts) == 0:
-        return _draw_scalar(int(seed), int(epoch), int(sample_index), int(n_texts))
-    key = _mix64(_u64(seed) * _GOLDEN + _u64(epoch))
-    h = _mix64(key ^ (_u64(sample_index) * _GOLDEN))
-    return (h % np.maximum(_u64(n_texts), np.uint64(1))).astype(np.int64)
-
-
-_MASK = (1 << 64) - 1
-
-
-def _draw_scalar(seed: int, epoch: int, sample_index: int, n_texts: int) -> int:
-    """draw_text_index for one sample in plain integer arithmetic (a per-sample hot path)."""
-    def mix(z: int) -> int:
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        return z ^ (z >> 31)
-
-    key = mix((seed * 0x9E3779B97F4A7C15 + epoch) & _MASK)
-    return mix(key ^ ((sample_index * 0x9E3779B97F4A7C15) & _MASK)) % max(n_texts, 1)
 
 
 def pad_tokens(ids: np.ndarray, context_length: int = CONTEXT_LENGTH, out: np.ndarray | None = None) -> np.ndarray:
@@ -171,9 +127,11 @@ class RecordCodec:
 
     def draw(self, record: bytes, seed: int, epoch: int, sample_index: int) -> np.ndarray:
         """The text of this record that (seed, epoch, sample_index) draws, padded: int32 [77]."""
+        from loaders.sampling import draw_text_index  # (numba: imported by readers only)
+
         raw = self.decompress(record)
         n = int.from_bytes(raw[:2], "little")
-        return pad_tokens(_unpack_one(raw, _draw_scalar(seed, epoch, sample_index, n)))
+        return pad_tokens(_unpack_one(raw, draw_text_index(seed, epoch, sample_index, n)))
 
     def __getstate__(self):  # compressor objects do not pickle; workers rebuild them
         return {"dictionary": self.dictionary, "level": self.level}
@@ -199,12 +157,7 @@ def train_dictionary(raw_records: Sequence[bytes], max_size: int = 112 * 1024) -
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 def _shard_name(k: int) -> str:

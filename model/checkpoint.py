@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
+from common.io import write_with
 from model.clip import CLIP, IMAGE_MEAN, IMAGE_STD, build_model, resolve_config
 
 EXPORT_FORMAT = "laclip-export"
@@ -124,19 +124,8 @@ def tensors_sha256(sd: dict) -> str:
 
 
 def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """write(tmp) then fsync + rename + fsync of the folder (common/io.py): a kill leaves no half file."""
+    write_with(path, lambda tmp: write(Path(tmp)), sync_dir=True)
 
 
 def save_export(model: CLIP, config: dict | None, out_dir) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .engines import Engine
+from .engine_base import Engine
 from .prompt import clean_caption
 
 

@@ -10,7 +10,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from .engines import Engine
+from .engine_base import Engine
 
 ALPHA = 0.1  # fraction of words changed per operation, the usual EDA setting
 POS = ("noun", "verb", "adj", "adv")

@@ -40,6 +40,7 @@ class FidelityScorer:
         transformers = import_transformers()
         AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
+        transformers.utils.logging.disable_progress_bar()  # a bar per load would interleave with the run's own
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModel.from_pretrained(self.model_dir).to(device).eval()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from loaders.ingest import expand_shards, read_jsonl
+from common.io import expand_shards, read_jsonl
 
 KEY_COLUMNS = ("key", "relative_image_path")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from .engines import MAX_NEW_TOKENS, TEMPERATURE, TOP_P, Engine, first_line
+from .engine_base import MAX_NEW_TOKENS, TEMPERATURE, TOP_P, Engine, first_line
 
 SEED_RANGE = 2**31  # servers take a 32-bit signed seed
 

@@ -90,8 +90,9 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
     mine = [s for s in range(num_shards) if s % world == rank]
     for s in mine:  # temp files of this rank's shards left by a killed run (other ranks' are theirs)
         for name in names:
-            for tmp in (out / name).glob(f"shard-{s:05d}.jsonl.*.tmp"):
-                tmp.unlink()
+            for prefix in ("", "."):  # common/io.py's temp names start with a dot; older runs' did not
+                for tmp in (out / name).glob(f"{prefix}shard-{s:05d}.jsonl.*.tmp"):
+                    tmp.unlink()
     todo = [(s, pool, name) for s in mine for pool, name in zip(pools, names)
             if not shard_path(out, name, s).is_file()]
     skipped = len(mine) * len(names) - len(todo)

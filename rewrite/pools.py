@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.ingest import read_jsonl
+from common.io import read_jsonl
 
 POOL_DIR = Path(__file__).parent / "pools"
 # The fixed order in which a caption's rewrites are listed in the store (one pool = one style).

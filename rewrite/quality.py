@@ -19,7 +19,7 @@ def _norm(text: str) -> str:
 
 def clean_output(text: str) -> str:
     """Strip what models add around the answer: a repeated "Output:" label, wrapping quotes."""
-    text = _PREFIX.sub("", text.strip())
+    text = _PREFIX.sub("", " ".join(text.split()))  # any run of whitespace (U+2028 included) is one space
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text

@@ -13,31 +13,17 @@ exactly the missing files. `load_rewrites` gives each key its rewrites in the ru
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from common.io import parse_jsonl, write_atomic as _write_atomic
 
 FORMAT_VERSION = 1
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Atomic and durable (common/io.py): the file exists only when complete, and its rename survives a crash."""
+    _write_atomic(path, data, sync_dir=True)
 
 
 def shard_path(out_dir, pool: str, shard: int) -> Path:
@@ -69,8 +55,9 @@ def read_shard(path: Path) -> tuple[dict, list[dict]]:
     if str(path).endswith(".zst"):
         import zstandard
         data = zstandard.ZstdDecompressor().decompress(data)
-    lines = data.decode("utf-8").splitlines()
-    header, records = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    # "\n" only: str.splitlines also splits at U+2028 and other separators a rewrite may hold
+    lines = data.decode("utf-8").rstrip("\n").split("\n")
+    header, *records = [row for _, row in parse_jsonl(lines, path)]
     if header.get("format_version") != FORMAT_VERSION or len(records) != header["num_captions"]:
         raise ValueError(f"{path}: bad header or {len(records)} records for {header.get('num_captions')}")
     return header, records

@@ -39,50 +39,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.config import ConfigError, build_parser, fail, flag_values, load, option  # noqa: E402
-from loaders.images import atomic_write_bytes  # noqa: E402
+from common.config import ConfigError, build_parser, fail, flag_values, load  # noqa: E402
+from common.io import read_jsonl as _read_jsonl, write_atomic  # noqa: E402
+from scripts.demo_config import METHODS, DemoConfig  # noqa: E402  (report.py reads them too)
 
 PY = sys.executable
-# method -> (label in the report, which pack, train.py text_mode)
-METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rewrite"),
-           "laclip_mt": ("LaCLIP-MT", "llm", "all"), "eda": ("EDA", "eda", "rewrite")}
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    out: str = option("results/demo", help="where every stage writes")
-    datasets: list = option(factory=lambda: ["openclipart", "emoji"], help="image folders built by loaders.datasets")
-    max_samples: int | None = option(None, help="samples per dataset (default: all)")
-    build_image_size: int = option(256, help="size the dataset builders render at")
-    heldout_fraction: float = option(0.1, help="fraction of keys (by hash) held out for evaluation")
-    data_cache: str | None = option(None, help="where the builders cache image folders (default: $LACLIP_DATA or "
-                                 "~/.cache/laclip/datasets)")
-    shipped_rewrites: str = option("data/rewrites", help="the shipped rewrite store (make rewrites)")
-    shipped_sample: str = option("data/rewrites/demo/input.jsonl", help="shipped rewrites are used for this fixed "
-                                 "sample of training captions only; '' = every caption")
-    train_on: str = option("rewritten", help="rewritten: the images whose captions have LLM rewrites | all: every image",
-                           choices=("rewritten", "all"))
-    min_rewritten: int = option(256, help="fewest rewritten training captions the demo accepts")
-    live_rewrites: int = option(50, help="captions rewritten live with live_config (0 = none)")
-    live_config: str = option("configs/rewrite.yaml", help="rewrite config of the live sample")
-    live_pools: list | None = option(None, help="meta pools of the live sample (default: the config's)")
-    eda_config: str = option("configs/rewrite_eda.yaml", help="rewrite config of the EDA baseline")
-    pack_max_side: int = option(64, help="packed images' short side")
-    pack_quality: int = option(90, help="packed JPEG quality")
-    samples_per_shard: int = option(100000, help="packed samples per shard")
-    loader: str = option("auto", help="train.py loader kind: auto (the fastest present) | ffcv | dali | torch",
-                         choices=("auto", "ffcv", "dali", "torch"))
-    loader_bench_batches: int = option(40, help="batches of the loader throughput check")
-    train_config: str = option("configs/demo_train.yaml", help="train.py config of every run")
-    train_overrides: dict = option(factory=dict, help="train.py keys set over train_config")
-    methods: list = option(factory=lambda: list(METHODS), help="methods trained", choices=tuple(METHODS))
-    seeds: int = option(1, help="seeds per method (>= 3 gives mean +- std)")
-    steps: int = option(300, help="optimizer steps per training run")
-    warmup_steps: int = option(30, help="warmup steps per training run")
-    checkpoint_every: int = option(50, help="steps between the checkpoints the curves evaluate")
-    ranks: int = option(2, help="deepspeed CPU ranks per training run")
-    fmnist_max_per_split: int = option(2000, help="Fashion-MNIST samples per split (few-shot, linear probe)")
-    fewshot_episodes: int = option(1000, help="few-shot episodes on Fashion-MNIST")
 
 
 def load_config(argv=None) -> DemoConfig:
@@ -103,11 +64,11 @@ def load_config(argv=None) -> DemoConfig:
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in _read_jsonl(path)]
 
 
 class Stages:
@@ -175,7 +136,7 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
 
 def write_text(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(str(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------- 2. rewrites
@@ -418,7 +379,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
     """eval.py on every checkpoint (zero-shot + retrieval on the held-out split: the curves) and on the
     final one (Fashion-MNIST zero-shot, 5-way 5-shot and linear probe). One JSON per evaluation."""
-    ev = importlib.import_module("eval")  # the repository's eval.py
+    from evaluation import runner as ev  # what eval.py runs
     run_dir = out / "runs" / f"{method}-seed{seed}"
     dest = out / "eval" / f"{method}-seed{seed}"
     heldout = [f"captions:{out / 'data' / f'heldout-{name}'}" for name in cfg.datasets]

@@ -26,7 +26,7 @@ DEMO_SAMPLE = os.path.join(REPO, "data", "rewrites", "demo", "input.jsonl")
 def captions_file() -> str:
     """data/rewrites/embedded/input.jsonl: every training caption, the demo's sample first."""
     from loaders.datasets import build_dataset, default_cache
-    from loaders.ingest import read_jsonl
+    from common.io import read_jsonl
     from rewrite.store import write_atomic
 
     rows = []

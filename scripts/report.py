@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+if __name__ == "__main__":  # run as a script: the repository's packages come from its root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.io import read_jsonl, write_atomic, write_with  # noqa: E402
 
 SET_LABEL = {"openclipart": "OpenClipart", "emoji": "Emoji", "fashion_mnist": "F-MNIST"}
 
@@ -22,7 +25,7 @@ def _load(path: Path) -> dict:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [row for _, row in read_jsonl(path)] if path.is_file() else []
 
 
 def columns(datasets: list[str]) -> list[tuple[str, str, str, str]]:
@@ -145,10 +148,8 @@ def plot(data: dict, cfg, methods: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _headline(data: dict, method: str, cfg) -> list:
@@ -406,19 +407,14 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
            ", ".join(f"{k} {v:.0f} s" for k, v in info.get("stage_seconds", {}).items()), "",
            "Commands: " + "; ".join(f"`{r['command']}`" for r in runs[:1]) + " (one per method and seed).", ""]
     text = "\n".join(md)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    write_atomic(out / "report.md", text)
     summary = {"table": {m: d["final"] for m, d in data.items()}, "info": info}
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, out / "summary.json")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return tab
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.demo import METHODS, DemoConfig
+    from scripts.demo_config import METHODS, DemoConfig
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/demo")
     cfg = DemoConfig(**_load(root / "config.json"))

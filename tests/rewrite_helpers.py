@@ -70,13 +70,22 @@ def vllm_available() -> bool:
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="no vLLM: scripts/setup.sh builds .venv-vllm")
 
 _servers: dict = {}
+# the tiny model needs little KV cache; the default 2 GiB per server adds up when servers run side by side
+TEST_SERVER_OPTIONS = {"kv_cache_memory_bytes": 256 * 2**20}
+
+
+def stop_shared_servers() -> None:
+    """Ends the shared servers (each test module that uses them stops them when it is done, so that no
+    server outlives its module into tests that start their own)."""
+    while _servers:
+        _servers.popitem()[1].stop()
 
 
 def shared_server(model: str):
     """One vLLM server on the tiny model for the whole session (startup costs tens of seconds)."""
     from rewrite.vllm_server import VLLMServer
     if model not in _servers:
-        _servers[model] = VLLMServer(model, served_name="tiny", seed=0, threads=1)
+        _servers[model] = VLLMServer(model, served_name="tiny", seed=0, threads=1, options=TEST_SERVER_OPTIONS)
         atexit.register(_servers[model].stop)
     why = _servers[model].died()
     if why:  # say why here, not as a refused connection in whichever test comes next

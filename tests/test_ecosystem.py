@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import eval as E
+from evaluation import features
 from model.checkpoint import save_export
 from model.clip import build_model
 from model.tokenizer import get_tokenizer
@@ -78,7 +79,7 @@ def test_export_loads_in_open_clip_with_equal_embeddings(export):
     images = [_photo(i, s) for i, s in enumerate(_odd_sizes(12))]
     texts = ["a photo of a cat", "two dogs playing in the snow", "", "a red car on a street at night"]
     size = ours.image_size
-    x_ours = torch.stack([E.preprocess(im, size) for im in images])
+    x_ours = torch.stack([features.preprocess(im, size) for im in images])
     x_theirs = torch.stack([preprocess(im) for im in images])
     assert torch.equal(x_ours, x_theirs)                          # pixel-identical preprocessing
     assert torch.equal(x_theirs, torch.stack([preprocess_again(im) for im in images]))
@@ -183,7 +184,7 @@ def test_clip_benchmark_format_and_numbers_equal_its_own(export, tmp_path):
 
 
 def test_dataset_names_accept_clip_benchmark_and_both_spellings():
-    from loaders.eval_sets import DatasetError, canonical_name
+    from evaluation.datasets import DatasetError, canonical_name
     assert canonical_name("fashion-mnist") == canonical_name("fashion_mnist") == "fashion_mnist"
     assert canonical_name("imagenet1k") == canonical_name("imagenet") == "imagenet"
     assert canonical_name("fgvc_aircraft") == canonical_name("fgvc-aircraft") == "aircraft"
@@ -194,7 +195,7 @@ def test_dataset_names_accept_clip_benchmark_and_both_spellings():
 
 
 def test_fashion_mnist_hyphen_spelling_runs(export, tmp_path):
-    from loaders.eval_sets import FASHION_MNIST_SYSTEM
+    from evaluation.datasets import FASHION_MNIST_SYSTEM
     if not FASHION_MNIST_SYSTEM.is_dir():
         pytest.skip("Debian dataset-fashion-mnist is not installed")
     assert E.main(["--checkpoint", str(export), "--datasets", "fashion-mnist", "--protocols", "zeroshot",

@@ -1,4 +1,4 @@
-"""eval.py and loaders/eval_sets.py: protocols on constructed models and real features, errors, end to end."""
+"""eval.py and evaluation/: protocols on constructed models and real features, errors, end to end."""
 import json
 
 import numpy as np
@@ -8,8 +8,14 @@ from PIL import Image
 from torch import nn
 
 import eval as E
-from loaders.augment import CLIP_MEAN, CLIP_STD
-from loaders.eval_sets import DatasetError, load_class_names, open_eval_set
+from evaluation.config import EvalConfig
+from evaluation.datasets import DatasetError, load_class_names, open_eval_set
+from evaluation.fewshot import fewshot, fewshot_episodes
+from evaluation.probe import linear_probe
+from evaluation.retrieval import retrieval
+from evaluation.runner import evaluate_set
+from evaluation.zeroshot import zeroshot_classifier
+from model.clip import IMAGE_MEAN as CLIP_MEAN, IMAGE_STD as CLIP_STD
 from model.tokenizer import get_tokenizer
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -54,8 +60,8 @@ def _colour_folder(root, n=4):
 
 def test_zeroshot_on_agreeing_embeddings_is_100(tmp_path):
     ds = open_eval_set(f"folder:{_colour_folder(tmp_path / 'colours')}", tmp_path)
-    cfg = E.EvalConfig(protocols=["zeroshot"], cache_dir=str(tmp_path / "cache"), workers=0)
-    out = E.evaluate_set(ColourCLIP().eval(), ds, cfg, "k", "cpu")["zeroshot"]
+    cfg = EvalConfig(protocols=["zeroshot"], cache_dir=str(tmp_path / "cache"), workers=0)
+    out = evaluate_set(ColourCLIP().eval(), ds, cfg, "k", "cpu")["zeroshot"]
     assert out["top1"] == 100.0 and out["mean_per_class"] == 100.0
     assert "top5" not in out                        # fewer than 5 classes
 
@@ -66,7 +72,7 @@ def test_templates_ensembled_as_mean_of_normalised_then_renormalised():
     with torch.no_grad():
         model.words.weight.normal_()
     names, templates = ["cat", "dog", "red car"], ["a photo of a {}.", "a drawing of the {}.", "{}"]
-    w = E.zeroshot_classifier(model, names, templates, "cpu")
+    w = zeroshot_classifier(model, names, templates, "cpu")
     tok = get_tokenizer()
     for c, name in enumerate(names):
         emb = torch.nn.functional.normalize(model.encode_text(tok([t.format(name) for t in templates])), dim=-1)
@@ -78,9 +84,9 @@ def test_templates_ensembled_as_mean_of_normalised_then_renormalised():
 def test_fewshot_episodes_disjoint_and_reproducible():
     labels = np.repeat(np.arange(8), [30, 30, 30, 30, 30, 30, 9, 3])
     kw = dict(ways=5, shots=5, queries=15, episodes=50)
-    a = list(E.fewshot_episodes(labels, seed=1, **kw))
-    b = list(E.fewshot_episodes(labels, seed=1, **kw))
-    c = list(E.fewshot_episodes(labels, seed=2, **kw))
+    a = list(fewshot_episodes(labels, seed=1, **kw))
+    b = list(fewshot_episodes(labels, seed=1, **kw))
+    c = list(fewshot_episodes(labels, seed=2, **kw))
     for (s, sy, q, qy), (s2, sy2, q2, qy2) in zip(a, b):
         assert not set(s) & set(q)
         assert len(set(labels[s])) == 5 and 7 not in labels[s]     # class 7 (3 images) is not eligible
@@ -95,7 +101,7 @@ def test_fewshot_separable_features_score_100():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(6), 25)
     feats = np.eye(6)[labels] * 5 + rng.normal(0, 0.05, (150, 6))
-    out = E.fewshot(feats.astype(np.float32), labels, feats.mean(0).astype(np.float32), episodes=40)
+    out = fewshot(feats.astype(np.float32), labels, feats.mean(0).astype(np.float32), episodes=40)
     assert out["accuracy"] == 100.0 and out["episodes"] == 40
 
 
@@ -106,17 +112,17 @@ def test_linear_probe_agrees_with_sklearn(name):
     n_tr, n_te = min(len(tr), 1500), min(len(te), 1000)
     x = lambda s, n: s.arrays[:n].reshape(n, -1).astype(np.float32) / 255   # noqa: E731
     args = (x(tr, n_tr), tr.labels[:n_tr], x(te, n_te), te.labels[:n_te])
-    ours = E.linear_probe(*args, n_classes=10, tol=1e-6)    # both solvers converged tightly
-    ref = E.linear_probe(*args, n_classes=10, backend="sklearn", tol=1e-6)
+    ours = linear_probe(*args, n_classes=10, tol=1e-6)    # both solvers converged tightly
+    ref = linear_probe(*args, n_classes=10, backend="sklearn", tol=1e-6)
     assert abs(ours["accuracy"] - ref["accuracy"]) <= 0.5, (ours["accuracy"], ref["accuracy"])
     assert ours["accuracy"] > 70
 
 
 def test_retrieval_recall():
     t = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
-    out = E.retrieval(t.numpy(), t)
+    out = retrieval(t.numpy(), t)
     assert out["image_to_text_R@1"] == 100.0 and out["text_to_image_R@1"] == 100.0
-    assert E.retrieval(t.numpy(), t.roll(1, 0))["image_to_text_R@1"] == 0.0
+    assert retrieval(t.numpy(), t.roll(1, 0))["image_to_text_R@1"] == 0.0
 
 
 def test_missing_set_and_class_list_errors(tmp_path):

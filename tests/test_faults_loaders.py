@@ -205,7 +205,7 @@ def test_pack_rerun_with_other_settings_restages_instead_of_reusing(source, tmp_
     assert not leftover.exists()
     meta = verify_pack(str(out), checksums=True)
     assert meta["image"]["max_side"] == 24 and meta["source"]["rewrites"] is None
-    from loaders.torch_loader import TarShards, read_meta
+    from loaders.packed import TarShards, read_meta
 
     shards = TarShards(read_meta(out))
     sizes = {simplejpeg.decode_jpeg_header(bytes(shards.jpeg(i)))[:2] for i in range(meta["num_samples"])}

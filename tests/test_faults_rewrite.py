@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server, store_contents,
-                                   tiny_model, write_captions)  # noqa: F401
+from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server,  # noqa: F401
+                                   stop_shared_servers, store_contents, tiny_model, write_captions)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_server_ends_with_this_module():
+    yield
+    stop_shared_servers()
 
 
 def run_to_end(args) -> float:

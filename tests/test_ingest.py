@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from loaders import datasets
-from loaders.ingest import (IngestError, IngestReport, iter_image_folder, iter_laclip_csv, iter_webdataset,
-                            open_source)
+from loaders.datasets import open_source
+from loaders.ingest import IngestError, IngestReport, iter_image_folder, iter_laclip_csv, iter_webdataset
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from scipy import stats
 
 from loaders import build_loader, datasets
 from loaders.pack import PackConfig, PackError, pack
-from loaders.sampling import EpochSampler, ShardTable, crop_box, flip
-from loaders.store import CaptionStore, draw_text_index
+from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
+from loaders.store import CaptionStore
 
 KINDS = ["torch", "ffcv", "dali"]
 MAX_TEXTS = 5
@@ -195,11 +195,70 @@ def test_text_draw_is_uniform_and_follows_draw_text_index(packed, store):
             texts, mask = store.all_texts(i, MAX_TEXTS)
             n = int(mask.sum())
             k = [j for j in range(n) if np.array_equal(texts[j], row)]
-            assert k == [draw_text_index(3, epoch, i, n)]  # the store's draw, exactly
+            assert k == [draw_text_index(3, epoch, i, n)]  # sampling's draw, exactly
             if n > 1:
                 counts[n][k[0]] += 1
     for n, c in counts.items():
         assert stats.chisquare(c).pvalue > 1e-3, (n, c)
+
+
+# ------------------------------------------------------------------------------------ weighted caption draw
+
+WEIGHTS = dict(p_original=0.4, style_weights=[3.0, 1.0, 0.0, 2.0])  # rewrite 3 is never drawn
+
+
+def weighted_probabilities(n: int, p_original: float, style_weights: list) -> np.ndarray:
+    """The draw's definition for a sample with n texts: the original with probability p (1 when no
+    rewrite it has weighs anything), rewrite j in proportion to its weight among the sample's rewrites."""
+    w = np.array(style_weights[:n - 1], dtype=float)
+    if w.sum() == 0:
+        return np.eye(n)[0]
+    return np.concatenate([[p_original], (1 - p_original) * w / w.sum()])
+
+
+def test_weighted_draw_follows_its_weights_and_uniform_is_unchanged():
+    weights = caption_weights(**WEIGHTS)
+    index = np.arange(60_000)
+    for n in (2, 3, 5, 7):  # 7: rewrites past the listed styles weigh 1
+        draws = draw_text_index(3, 1, index, n, weights)
+        assert draws.tolist()[:200] == [draw_text_index(3, 1, int(i), n, weights) for i in range(200)]
+        style = WEIGHTS["style_weights"] + [1.0] * (n - 1 - len(WEIGHTS["style_weights"]))
+        expected = weighted_probabilities(n, WEIGHTS["p_original"], style) * len(index)
+        counts = np.bincount(draws, minlength=n)
+        assert counts[expected == 0].sum() == 0, (n, counts)
+        assert stats.chisquare(counts[expected > 0], expected[expected > 0]).pvalue > 1e-3, (n, counts)
+    assert (draw_text_index(3, 1, index, 1, weights) == 0).all()
+    # without p_original the original weighs 1 like an unweighted style; named styles are positions
+    named = caption_weights(style_weights={"chatbot_b": 0.0, "human": 4.0})
+    assert named.tolist() == [-1.0, 1.0, 0.0, 1.0, 4.0]
+    counts = np.bincount(draw_text_index(0, 0, index, 5, named), minlength=5)
+    expected = np.array([1, 1, 0, 1, 4]) / 7 * len(index)
+    assert counts[2] == 0 and stats.chisquare(counts[expected > 0], expected[expected > 0]).pvalue > 1e-3
+    # the default is the uniform draw, exactly
+    assert np.array_equal(draw_text_index(5, 2, index, 4, caption_weights()), draw_text_index(5, 2, index, 4))
+    assert np.array_equal(draw_text_index(5, 2, index[:300], 4), [draw_text_index(5, 2, int(i), 4) for i in range(300)])
+    with pytest.raises(ValueError, match="unknown styles"):
+        caption_weights(style_weights={"haiku": 1.0})
+    with pytest.raises(ValueError, match="p_original"):
+        caption_weights(p_original=1.5)
+
+
+def test_weighted_draw_is_identical_in_every_loader_and_on_resume(packed, store):
+    ref = run("torch", packed, num_workers=0, drop_last=False, **WEIGHTS)
+    index = cat(ref, "index").tolist()
+    for row, i in zip(cat(ref, "tokens").numpy(), index):
+        texts, mask = store.all_texts(i, MAX_TEXTS)
+        n = int(mask.sum())
+        k = [j for j in range(n) if np.array_equal(texts[j], row)]
+        assert k == [draw_text_index(3, 0, i, n, caption_weights(**WEIGHTS))]
+    for kind in ("ffcv", "dali"):
+        other = run(kind, packed, drop_last=False, **WEIGHTS)
+        assert torch.equal(cat(other, "index"), cat(ref, "index")), kind
+        assert torch.equal(cat(other, "tokens"), cat(ref, "tokens")), kind
+    tail = run("torch", packed, num_workers=0, drop_last=False, start_batch=2, **WEIGHTS)
+    assert torch.equal(cat(tail, "tokens"), cat(ref[2:], "tokens"))
+    uniform = run("torch", packed, num_workers=0, drop_last=False)
+    assert not torch.equal(cat(uniform, "tokens"), cat(ref, "tokens"))
 
 
 def test_image_matches_its_index_across_loaders(packed):
@@ -239,7 +298,7 @@ def test_truncated_pack_file_gives_a_clear_error(kind, victim, packed, tmp_path)
 def test_truncated_files_are_caught_by_their_own_structure(packed, tmp_path):
     """Even when meta.json's recorded sizes are gone, the .beton and tar checks name the file."""
     from loaders.ffcv_loader import check_beton
-    from loaders.torch_loader import parse_tar_index
+    from loaders.packed import parse_tar_index
 
     beton, tar = tmp_path / "a.beton", tmp_path / "a.tar"
     shutil.copy(os.path.join(packed, "ffcv/part-00000.beton"), beton)

@@ -111,7 +111,7 @@ def test_ffcv_roundtrip(packed):
 
     from ffcv.types import HeaderType
 
-    from loaders.pack import FFCV_HEADER
+    from loaders.packed import FFCV_HEADER
 
     assert FFCV_HEADER == HeaderType  # verify_pack reads .beton headers without importing ffcv
     out = packed["out"]

@@ -248,3 +248,14 @@ def test_cli_one_line_errors(tmp_path):
 def test_cli_help():
     res = subprocess.run([sys.executable, "-m", "rewrite", "--help"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and "--rewrites-per-pool" in res.stdout and "--engine" in res.stdout
+
+
+def test_store_keeps_texts_with_unicode_line_separators(tmp_path):
+    """A model once wrote U+2028 inside a rewrite: the shard must read back (lines split at \\n only), and
+    the output clean-up turns such separators into spaces."""
+    from rewrite.quality import clean_output
+    from rewrite.store import write_shard
+    records = [{"key": "a", "caption": "flag of Murcia", "rewrites": ["A flag (\u2028\u2028Murcia)"]}]
+    path = write_shard(tmp_path, "coco", 0, {"num_captions": 1}, records)
+    assert read_shard(path)[1] == records
+    assert clean_output(" A flag (\u2028\u2028Murcia)\u2029 ") == "A flag ( Murcia)"

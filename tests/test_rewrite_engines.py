@@ -18,8 +18,16 @@ from rewrite.pipeline import run
 from rewrite.pools import load_pool
 from rewrite.prompt import build_prompt, draw_examples
 from rewrite.vllm_server import VLLMServer
-from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server, store_contents,
-                                   tiny_model, write_captions)  # noqa: F401
+from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server,  # noqa: F401
+                                   TEST_SERVER_OPTIONS, stop_shared_servers, store_contents, tiny_model,
+                                   write_captions)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_server_ends_with_this_module():
+    yield
+    stop_shared_servers()
+
 
 pytestmark = [needs_vllm, pytest.mark.timeout(600)]
 
@@ -32,7 +40,7 @@ def server(tiny_model):
 @pytest.fixture(scope="module")
 def second_server(tiny_model):
     """A second server on the same model (the last test here kills it)."""
-    with VLLMServer(tiny_model, served_name="tiny", seed=0, threads=1) as s:
+    with VLLMServer(tiny_model, served_name="tiny", seed=0, threads=1, options=TEST_SERVER_OPTIONS) as s:
         yield s
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.store import (CaptionStore, RecordCodec, StoreError, draw_text_index, pad_tokens,
-                           write_store)
+from loaders.sampling import draw_text_index
+from loaders.store import CaptionStore, RecordCodec, StoreError, pad_tokens, write_store
 from model.tokenizer import CONTEXT_LENGTH, get_tokenizer
 from benchmarks.corpus import varied_captions
 

@@ -11,7 +11,7 @@ its Karpathy-split layout), ours as aliases (aircraft imagenet resisc45), and fa
 hyphens and underscores are the same (fashion-mnist = fashion_mnist) | captions:<dir> (a captions.jsonl
 set: categories as classes, held-out split for zero-shot and retrieval) | folder:<dir>
 (<dir>/<split>/<class>/*).
-Class names and templates: loaders/eval_data/ (see NOTICE.md there for sources).
+Class names and templates: evaluation/eval_data/ (see NOTICE.md there for sources).
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from common.io import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "eval_data"
 PAPER_SETS = ["food101", "cifar10", "cifar100", "sun397", "cars", "aircraft", "dtd", "pets", "caltech101",
@@ -69,7 +71,7 @@ class EvalSet:
 
 
 def _fail(name: str, path: Path, expected: str) -> None:
-    raise DatasetError(f"{name}: expected {expected} at {path} (see loaders/eval_sets.py for layouts)")
+    raise DatasetError(f"{name}: expected {expected} at {path} (see evaluation/datasets.py for layouts)")
 
 
 def _need(name: str, *paths: Path, expected: str) -> None:
@@ -209,10 +211,11 @@ def _captions(spec: str) -> EvalSet:
     path = d if d.suffix == ".jsonl" else d / "captions.jsonl"
     if not path.is_file():
         _fail(f"captions:{spec}", path, "a captions.jsonl with key, file, caption, category, split")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for i, r in enumerate(rows):
+    rows = []
+    for line_no, r in read_jsonl(path):  # a malformed line: ValueError naming file and line, as json raised
         if not all(k in r for k in ("file", "caption", "category", "split")):
-            raise DatasetError(f"{path}: line {i + 1} lacks one of file, caption, category, split")
+            raise DatasetError(f"{path}: line {line_no} lacks one of file, caption, category, split")
+        rows.append(r)
     classes = sorted({r["category"] for r in rows})
     cid = {c: i for i, c in enumerate(classes)}
     splits, captions = {}, []
@@ -573,4 +576,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["fetch-mnist"]:
         print(fetch_mnist(*sys.argv[2:3]))
     else:
-        print("usage: python -m loaders.eval_sets fetch-mnist [DEST]  (default .cache/datasets)")
+        print("usage: python -m evaluation.datasets fetch-mnist [DEST]  (default .cache/datasets)")

@@ -1,0 +1,48 @@
+"""The demo's settings and its four training methods, shared by scripts/demo.py (which runs the stages)
+and scripts/report.py (which can rewrite a finished demo's report on its own)."""
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import option
+
+# method -> (label in the report, which pack, train.py text_mode)
+METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rewrite"),
+           "laclip_mt": ("LaCLIP-MT", "llm", "all"), "eda": ("EDA", "eda", "rewrite")}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    out: str = option("results/demo", help="where every stage writes")
+    datasets: list = option(factory=lambda: ["openclipart", "emoji"], help="image folders built by loaders.datasets")
+    max_samples: int | None = option(None, help="samples per dataset (default: all)")
+    build_image_size: int = option(256, help="size the dataset builders render at")
+    heldout_fraction: float = option(0.1, help="fraction of keys (by hash) held out for evaluation")
+    data_cache: str | None = option(None, help="where the builders cache image folders (default: $LACLIP_DATA or "
+                                 "~/.cache/laclip/datasets)")
+    shipped_rewrites: str = option("data/rewrites", help="the shipped rewrite store (make rewrites)")
+    shipped_sample: str = option("data/rewrites/demo/input.jsonl", help="shipped rewrites are used for this fixed "
+                                 "sample of training captions only; '' = every caption")
+    train_on: str = option("rewritten", help="rewritten: the images whose captions have LLM rewrites | all: every image",
+                           choices=("rewritten", "all"))
+    min_rewritten: int = option(256, help="fewest rewritten training captions the demo accepts")
+    live_rewrites: int = option(50, help="captions rewritten live with live_config (0 = none)")
+    live_config: str = option("configs/rewrite.yaml", help="rewrite config of the live sample")
+    live_pools: list | None = option(None, help="meta pools of the live sample (default: the config's)")
+    eda_config: str = option("configs/rewrite_eda.yaml", help="rewrite config of the EDA baseline")
+    pack_max_side: int = option(64, help="packed images' short side")
+    pack_quality: int = option(90, help="packed JPEG quality")
+    samples_per_shard: int = option(100000, help="packed samples per shard")
+    loader: str = option("auto", help="train.py loader kind: auto (the fastest present) | ffcv | dali | torch",
+                         choices=("auto", "ffcv", "dali", "torch"))
+    loader_bench_batches: int = option(40, help="batches of the loader throughput check")
+    train_config: str = option("configs/demo_train.yaml", help="train.py config of every run")
+    train_overrides: dict = option(factory=dict, help="train.py keys set over train_config")
+    methods: list = option(factory=lambda: list(METHODS), help="methods trained", choices=tuple(METHODS))
+    seeds: int = option(1, help="seeds per method (>= 3 gives mean +- std)")
+    steps: int = option(300, help="optimizer steps per training run")
+    warmup_steps: int = option(30, help="warmup steps per training run")
+    checkpoint_every: int = option(50, help="steps between the checkpoints the curves evaluate")
+    ranks: int = option(2, help="deepspeed CPU ranks per training run")
+    fmnist_max_per_split: int = option(2000, help="Fashion-MNIST samples per split (few-shot, linear probe)")
+    fewshot_episodes: int = option(1000, help="few-shot episodes on Fashion-MNIST")
