@@ -114,7 +114,13 @@ def test_linear_probe_agrees_with_sklearn(name):
     args = (x(tr, n_tr), tr.labels[:n_tr], x(te, n_te), te.labels[:n_te])
     ours = linear_probe(*args, n_classes=10, tol=1e-6)    # both solvers converged tightly
     ref = linear_probe(*args, n_classes=10, backend="sklearn", tol=1e-6)
-    assert abs(ours["accuracy"] - ref["accuracy"]) <= 0.5, (ours["accuracy"], ref["accuracy"])
+    # At every strength up to 1 that both tried, the two solvers agree on the validation split to one
+    # image (at weak regularisation the optimum is flat: one image may flip, and with it the chosen
+    # strength; far stronger, the logits are near-ties and argmax is noise).
+    theirs = dict(ref["search"])
+    common = [(lam, acc, theirs[lam]) for lam, acc in ours["search"] if lam in theirs and lam <= 1]
+    assert len(common) >= 7 and all(abs(a - b) <= 0.5 for _, a, b in common), common
+    assert abs(ours["accuracy"] - ref["accuracy"]) <= 1.0, (ours["accuracy"], ref["accuracy"])
     assert ours["accuracy"] > 70
 
 

@@ -325,6 +325,30 @@ def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
     assert metrics(run_dir)[-1]["epoch"] >= 1  # crossed epochs (7 batches of 32 per epoch)
 
 
+def test_weighted_caption_draw_reaches_the_loader(tmp_path):
+    """caption_p_original / caption_style_weights go from the train config to the loader's draw: with the
+    original drawn with probability 1, LaCLIP's run is CLIP's step for step; with 0 it is not."""
+    from loaders import datasets
+    from loaders.pack import PackConfig, pack
+    folder = datasets.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=64, image_size=48)
+    rows = [json.loads(line) for line in open(Path(folder) / "captions.jsonl")]
+    rewrites = tmp_path / "rw.jsonl"
+    rewrites.write_text("".join(json.dumps({"key": r["key"], "rewrites": [f"an emoji: {r['caption']}",
+                                                                          f"a small {r['caption']} icon"]}) + "\n"
+                                for r in rows))
+    packed = tmp_path / "packed"
+    pack(PackConfig(input=folder, out=str(packed), rewrites=str(rewrites), max_side=32, workers=1))
+    common = ["data=torch", f"data_root={packed}", "num_workers=0", "micro_batch=16", "total_steps=3"]
+    run_train(tmp_path / "clip", *common, "text_mode=original")
+    run_train(tmp_path / "always", *common, "caption_p_original=1.0")
+    run_train(tmp_path / "never", *common, "caption_p_original=0.0", "caption_style_weights={chatbot_a: 1, chatbot_b: 3}")
+    assert losses(tmp_path / "always") == losses(tmp_path / "clip")
+    assert losses(tmp_path / "never") != losses(tmp_path / "clip")
+    bad = subprocess.run(_command(tmp_path / "bad", [*common, "caption_style_weights={poetry: 2}"], 1, None),
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "caption_style_weights" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_benchmark_smoke(tmp_path):
     """benchmarks/train.py runs both sides and writes the documented keys (speed is not asserted)."""
     from benchmarks.train import main

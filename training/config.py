@@ -20,6 +20,10 @@ class TrainConfig:
     text_mode: str = option("rewrite", help="original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)",
                             choices=("original", "rewrite", "all"))
     max_texts: int = option(5, help="text slots per sample in text_mode=all")
+    caption_p_original: float | None = option(None, help="text_mode=rewrite: chance of drawing the original "
+                                              "caption (null: it weighs like one rewrite style)")
+    caption_style_weights: dict = option(factory=dict, help="text_mode=rewrite: rewrite style -> weight in the "
+                                         "caption draw, e.g. {human: 2, coco: 0.5}; {} = uniform (the paper)")
     mt_text_to_image: str = option("all", help="LaCLIP-MT's text-to-image term: all texts | the original caption",
                                    choices=("all", "original"))
     image_loss: str = option("clip", help="clip | slip (adds SimCLR on two views)", choices=("clip", "slip"))
@@ -67,6 +71,12 @@ class TrainConfig:
             raise ConfigError("betas", f"{list(self.betas)}: expected two numbers")
         if self.eval_every and not self.eval_datasets:
             raise ConfigError("eval_datasets", f"eval_every={self.eval_every} needs eval_datasets")
+        from loaders.sampling import caption_weights  # the loader's own check, before any rank starts
+        try:
+            caption_weights(self.caption_p_original, self.caption_style_weights or None)
+        except ValueError as e:
+            key = "caption_style_weights" if "style_weights" in str(e) else "caption_p_original"
+            raise ConfigError(key, str(e)) from None
 
 
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:

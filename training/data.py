@@ -35,7 +35,8 @@ class MicroBatches:
                                   rank=self.rank, world_size=self.world, num_workers=cfg.num_workers,
                                   image_size=self.image_size, max_texts=cfg.max_texts,
                                   slip_views=cfg.image_loss == "slip", start_batch=self.batch,
-                                  drop_last=True, augment=cfg.augment)
+                                  drop_last=True, augment=cfg.augment, p_original=cfg.caption_p_original,
+                                  style_weights=cfg.caption_style_weights or None)
         if self.batch == 0 and len(loader) == 0:
             raise ValueError(f"{cfg.data_root or 'synthetic data'}: fewer samples than one global "
                              f"micro batch ({cfg.micro_batch} x {self.world} ranks)")
