@@ -261,16 +261,21 @@ def test_rewrites_jsonl_errors(tmp_path):
     assert load_rewrites(str(path)) == {"a": ["x"], "b": []}
 
 
+def write_laclip_csv(path, rows) -> None:
+    """LaCLIP's caption CSV: relative_image_path,caption."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["relative_image_path", "caption"])
+        for r in rows:
+            w.writerow([r["file"], r["caption"]])
+
+
 def test_laclip_csv_with_rewrite_store(source, tmp_path):
     """LaCLIP's release: CSV + line-aligned rewrite .txt files, imported by rewrite/, joined at pack time."""
     from rewrite import import_laclip
 
     rows = source["rows"][:10]
-    with open(tmp_path / "cc.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["relative_image_path", "caption"])
-        for r in rows:
-            w.writerow([r["file"], r["caption"]])
+    write_laclip_csv(tmp_path / "cc.csv", rows)
     for name in ("chatgpt", "bard"):
         (tmp_path / f"{name}.txt").write_text("".join(f"{name} says {r['caption']}\n" for r in rows))
     store_dir = import_laclip(tmp_path / "cc.csv", [tmp_path / "chatgpt.txt", tmp_path / "bard.txt"], tmp_path / "rw")
@@ -292,11 +297,7 @@ def test_rewrite_equal_to_its_original_is_dropped_and_counted(source, tmp_path):
     from rewrite import import_laclip
 
     rows = source["rows"][:10]
-    with open(tmp_path / "cc.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["relative_image_path", "caption"])
-        for r in rows:
-            w.writerow([r["file"], r["caption"]])
+    write_laclip_csv(tmp_path / "cc.csv", rows)
     (tmp_path / "eda.txt").write_text("".join(f"{r['caption'].upper()} .\n" for r in rows))
     (tmp_path / "llm.txt").write_text("".join(f"a drawing: {r['caption']}\n" for r in rows))
     store_dir = import_laclip(tmp_path / "cc.csv", [tmp_path / "eda.txt", tmp_path / "llm.txt"], tmp_path / "rw")
