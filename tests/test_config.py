@@ -24,6 +24,9 @@ CLIS = {
     "rewrite": (["-m", "rewrite"], "engine=gpt", ["engine = vllm  (str)", "shard_size = 1000  (int)"]),
     "demo": (["scripts/demo.py"], "seeds=many", ["seeds = 1  (int)", "steps = 300  (int)"]),
     "benchmarks": (["-m", "benchmarks", "store"], "level=high", ["level = 12  (int)", "seconds = 1.0  (float)"]),
+    "fidelity": (["-m", "rewrite.fidelity"], "batch_size=big", ["batch_size = 256  (int)", "progress = true  (bool)"]),
+    "make_rewrites": (["scripts/make_rewrites.py"], "ranks=two", ["ranks = 1  (int)"]),
+    "datasets": (["-m", "loaders.datasets"], "name=cifar", ["image_size = 256  (int)", "workers = 2  (int)"]),
 }
 
 
