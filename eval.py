@@ -23,7 +23,6 @@ checkpoint over the sets, one file per protocol, features.py the feature cache, 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
