@@ -105,7 +105,21 @@ def init_distributed():
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
     deepspeed.init_distributed()  # gloo on CPU, nccl on CUDA
+    if accel.device_name() == "cpu":
+        release_shm_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def release_shm_allreduce_buffer():
+    """DeepSpeed's CPU backend maps a 69 MB /dev/shm segment per rank (for inference_all_reduce, which
+    training never calls) and never unlinks it: every run on one machine would leave one per rank until
+    /dev/shm fills. Once every rank has mapped its peers' segments, each unlinks its own (the mappings stay
+    valid), so none outlives the run, even one killed with -9."""
+    env = os.environ
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def _comm_device():

@@ -153,6 +153,7 @@ def _worker(rank, init_file, out_dir):
         rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
         out = all_losses(img[rows], txt[rows], mask[rows], scale, raw[:, rows], head)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while its peer may still be in a collective
     finally:
         dist.destroy_process_group()
 

@@ -52,11 +52,18 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def deepspeed_shm_segments() -> set:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def run_train(run_dir, *sets, ranks=1, resume=None, expect_rc=0, timeout=240):
+    before = deepspeed_shm_segments()
     proc = subprocess.run(_command(run_dir, sets, ranks, resume), cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, f"rc {proc.returncode} != {expect_rc}:\n{out[-6000:]}"
+    # DeepSpeed's 69 MB per-rank /dev/shm buffers must not outlive a run (they filled /dev/shm)
+    assert deepspeed_shm_segments() <= before, deepspeed_shm_segments() - before
     return out
 
 
