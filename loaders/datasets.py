@@ -5,13 +5,16 @@
                the description where it adds something; titles shared by a whole icon collection
                ("Lemon SVG theme") get the file name in front so the caption says what the icon is.
                Category = top-level folder (22 classes, for zero-shot later).
+               Other human texts (alt_texts): the title alone, the description alone, the keywords.
   emoji:       every fully-qualified emoji of the `emoji` package rendered with Noto Color Emoji (a bitmap
                font: size 109 only) onto white. Caption = its name (":grinning_face:" -> "grinning face").
                Category = Unicode block of the first code point (the package has no group data).
                Sequences the font has no single glyph for (they render as several glyphs) are skipped.
+               Other human texts (alt_texts): the package's aliases (":thumbsup:" -> "thumbsup").
 
 `build_dataset` writes an image folder: images/<key>.jpg + captions.jsonl (key, file, caption, category,
-split) with a fixed held-out split by hash of the key. A held-out sample whose image (same bytes) or
+split, and alt_texts where the set has them: {field: text} of the sample's other human-written texts, each
+different from the caption: the demo's faithful "rewrites" and its queries in other wording) with a fixed held-out split by hash of the key. A held-out sample whose image (same bytes) or
 caption (same words, case-insensitive) also occurs in the training split or earlier in the held-out
 split is marked "duplicate" instead: retrieval on the held-out split has no ties with a training
 pair and no repeats inside itself. Re-running with the same arguments reuses the result; images already
@@ -43,7 +46,7 @@ from loaders.ingest import (IngestReport, Sample, find_captions_file, iter_image
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-BUILD_VERSION = 2  # 2: held-out duplicates of training or held-out samples marked "duplicate"
+BUILD_VERSION = 3  # 2: held-out duplicates of training or held-out samples marked "duplicate"; 3: alt_texts
 
 
 def default_cache() -> str:
@@ -83,6 +86,22 @@ def _file_digest(path: str) -> str:
 
 def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def alt_texts(caption: str, fields: dict[str, str]) -> dict[str, str]:
+    """The fields that say something in other words than the caption: empty ones and ones with the
+    caption's words (or an earlier field's) are left out."""
+    seen, out = {_words(caption)}, {}
+    for name, text in fields.items():
+        text = " ".join(text.split())
+        if text and _words(text) not in seen:
+            out[name] = text
+            seen.add(_words(text))
+    return out
 
 
 # ---------------------------------------------------------------- openclipart
@@ -137,7 +156,9 @@ def openclipart_records(root: str = OPENCLIPART_ROOT) -> tuple[list[dict], Inges
             continue
         seen.add(key)
         records.append({"key": key, "src": os.path.join(root, "png", rel + ".png"), "caption": caption,
-                        "category": rel.split(os.sep)[0], "keywords": keywords})
+                        "category": rel.split(os.sep)[0], "keywords": keywords,
+                        "alt_texts": alt_texts(caption, {"title": title, "description": desc,
+                                                         "keywords": ", ".join(keywords)})})
     return records, report
 
 
@@ -185,7 +206,9 @@ def emoji_records() -> tuple[list[dict], IngestReport]:
             report.skip("no_single_glyph", key, EMOJI_FONT)
             continue
         caption = data["en"].strip(":").replace("_", " ")
-        records.append({"key": key, "src": ch, "caption": caption, "category": _emoji_category(ch)})
+        aliases = {f"alias {i}": a.strip(":").replace("_", " ") for i, a in enumerate(data.get("alias", []))}
+        records.append({"key": key, "src": ch, "caption": caption, "category": _emoji_category(ch),
+                        "alt_texts": alt_texts(caption, aliases)})
     records.sort(key=lambda r: r["key"])
     return records, report
 
@@ -263,8 +286,9 @@ def build_dataset(name: str, out_dir: str, *, max_samples: int | None = None, im
             continue
         row = {"key": r["key"], "file": os.path.relpath(path, out_dir), "caption": r["caption"],
                "category": r["category"], "split": heldout_split(r["key"], heldout_fraction)}
-        if r.get("keywords"):
-            row["keywords"] = r["keywords"]
+        for field in ("keywords", "alt_texts"):
+            if r.get(field):
+                row[field] = r[field]
         rows.append(row)
     duplicates = mark_heldout_duplicates(rows, lambda row: _file_digest(os.path.join(out_dir, row["file"])))
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]

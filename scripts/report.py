@@ -28,8 +28,12 @@ def _jsonl(path: Path) -> list[dict]:
     return [row for _, row in read_jsonl(path)] if path.is_file() else []
 
 
-def columns(datasets: list[str]) -> list[tuple[str, str, str, str]]:
-    """(header, eval file kind, dataset name in eval.py's results, path of the number)."""
+OTHER = "other words"  # in the headers of retrieval whose texts are worded otherwise than the captions
+
+
+def columns(datasets: list[str], other: list[str] = ()) -> list[tuple[str, str, str, str]]:
+    """(header, eval file kind, dataset name in eval.py's results, path of the number). `other`: the sets
+    that also have retrieval with each image's other human text (scripts/demo.py, other_wording)."""
     cols = []
     for name in datasets:
         cols.append((f"ZS {SET_LABEL.get(name, name)} top-1", "heldout", f"captions:heldout-{name}", "zeroshot/top1"))
@@ -37,10 +41,20 @@ def columns(datasets: list[str]) -> list[tuple[str, str, str, str]]:
         lab = SET_LABEL.get(name, name)
         cols.append((f"{lab} I→T R@5", "heldout", f"captions:heldout-{name}", "retrieval/image_to_text_R@5"))
         cols.append((f"{lab} T→I R@5", "heldout", f"captions:heldout-{name}", "retrieval/text_to_image_R@5"))
+    for name in (n for n in datasets if n in other):
+        lab = SET_LABEL.get(name, name)
+        cols.append((f"{lab} {OTHER} I→T R@5", "heldout", f"captions:heldout-{name}-other",
+                     "retrieval/image_to_text_R@5"))
+        cols.append((f"{lab} {OTHER} T→I R@5", "heldout", f"captions:heldout-{name}-other",
+                     "retrieval/text_to_image_R@5"))
     cols += [("F-MNIST ZS", "fmnist", "fashion_mnist", "zeroshot/top1"),
              ("F-MNIST 5w5s", "fmnist", "fashion_mnist", "fewshot/accuracy"),
              ("F-MNIST linear", "fmnist", "fashion_mnist", "linear_probe/accuracy")]
     return cols
+
+
+def cfg_columns(cfg) -> list[tuple[str, str, str, str]]:
+    return columns(cfg.datasets, cfg.other_wording)
 
 
 def _get(results: dict, ds: str, path: str):
@@ -52,7 +66,7 @@ def _get(results: dict, ds: str, path: str):
 
 def collect(out: Path, cfg, methods: dict) -> dict:
     """method -> {"final": {header: [value per seed]}, "curves": [per seed: (steps, zs mean)], "loss": ...}"""
-    cols = columns(cfg.datasets)
+    cols = cfg_columns(cfg)
     data = {}
     for method in cfg.methods:
         m = {"final": {c[0]: [] for c in cols}, "curves": [], "loss": [], "train_sps": []}
@@ -95,17 +109,19 @@ def chance_levels(cfg, sets: dict) -> dict[str, float]:
     """What a model that knows nothing scores in each column, in percent: zero-shot 1 / classes,
     recall@5 5 / candidates, Fashion-MNIST's 10 classes, 5-way few-shot 1 / 5."""
     chance = {"F-MNIST ZS": 10.0, "F-MNIST 5w5s": 20.0, "F-MNIST linear": 10.0}
-    for head, _, name, path in columns(cfg.datasets):
-        info = sets.get(name.removeprefix("captions:heldout-"), {})
+    for head, _, name, path in cfg_columns(cfg):
+        set_name = name.removeprefix("captions:heldout-")
+        info = sets.get(set_name.removesuffix("-other"), {})
+        images = info.get("other_wording") if set_name.endswith("-other") else info.get("heldout")
         if path == "zeroshot/top1" and info.get("categories"):
             chance[head] = 100.0 / info["categories"]
-        elif "R@5" in path and info.get("heldout"):
-            chance[head] = 100.0 * min(5, info["heldout"]) / info["heldout"]
+        elif "R@5" in path and images:
+            chance[head] = 100.0 * min(5, images) / images
     return chance
 
 
 def table(data: dict, cfg, methods: dict, chance: dict | None = None) -> str:
-    cols = columns(cfg.datasets)
+    cols = cfg_columns(cfg)
     stats = {m: {h: mean_std(d["final"][h]) for h, *_ in cols} for m, d in data.items()}
     best = {h: max((s[h][0] for s in stats.values() if s[h][0] is not None), default=None) for h, *_ in cols}
     lines = ["| Method | " + " | ".join(h for h, *_ in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -154,15 +170,21 @@ def plot(data: dict, cfg, methods: dict, path: Path) -> None:
 
 def _headline(data: dict, method: str, cfg) -> list:
     """Per seed: mean zero-shot top-1 over the held-out sets (the paper's headline protocol)."""
-    heads = [h for h, *_ in columns(cfg.datasets) if h.startswith("ZS ")]
+    heads = [h for h, *_ in cfg_columns(cfg) if h.startswith("ZS ")]
     per = [data[method]["final"][h] for h in heads]
     return [float(np.mean(v)) if None not in v else None for v in zip(*per)]
 
 
-def _retrieval(data: dict, method: str, cfg) -> list:
-    heads = [h for h, *_ in columns(cfg.datasets) if "R@5" in h]
+def _retrieval(data: dict, method: str, cfg, other: bool = False) -> list:
+    """Per seed: mean R@5 over both directions and the sets, with the captions as texts (or, `other`, the
+    images' other human texts)."""
+    heads = [h for h, *_ in cfg_columns(cfg) if "R@5" in h and (OTHER in h) == other]
     per = [data[method]["final"][h] for h in heads]
-    return [float(np.mean(v)) if None not in v else None for v in zip(*per)]
+    return [float(np.mean(v)) if None not in v else None for v in zip(*per)] if per else []
+
+
+def _retrieval_other(data: dict, method: str, cfg) -> list:
+    return _retrieval(data, method, cfg, other=True)
 
 
 def _paired(data: dict, cfg, method: str, fn) -> tuple[float, float, int] | None:
@@ -188,14 +210,42 @@ def paired_test(d: float, se: float, seeds: int) -> tuple[float, float]:
     return float(2 * stats.t.sf(abs(d / se), df)), smallest
 
 
+METRICS = (("zero-shot top-1 (mean of the held-out sets)", _headline),
+           ("retrieval R@5 (mean of both directions and sets)", _retrieval),
+           (f"retrieval R@5 with the images' other human texts ({OTHER}: not the training captions)",
+            _retrieval_other))
+
+
+def differences(data: dict, cfg, labels: dict) -> str:
+    """Every method minus CLIP, paired by seed, on each headline metric: mean ± std of the difference,
+    the paired t-test's p and the smallest difference these seeds could detect."""
+    if "clip" not in data:
+        return ""
+    lines = ["| method − CLIP | zero-shot top-1 | retrieval R@5 | retrieval R@5, " + OTHER + " |", "|---|---|---|---|"]
+    for m in (m for m in data if m != "clip"):
+        cells = []
+        for _, fn in METRICS:
+            paired = _paired(data, cfg, m, fn)
+            if paired is None:
+                cells.append("-")
+            elif paired[2] < 2:
+                cells.append(f"{paired[0]:+.1f} (1 seed)")
+            else:
+                d, se, n = paired
+                p, smallest = paired_test(d, se, n)
+                mark = "**" if p < 0.05 else ""
+                cells.append(f"{mark}{d:+.1f}{mark} ± {se * math.sqrt(n):.1f} (p = {p:.3f}; detectable ±{smallest:.1f})")
+        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict(data: dict, cfg, info: dict) -> list[str]:
     """Does LaCLIP beat CLIP here? Paired by seed, a two-sided paired t-test at 5% with n - 1 degrees of
     freedom, and the smallest difference these seeds could have detected."""
     if "clip" not in data or "laclip" not in data:
         return ["(CLIP or LaCLIP was not run: no comparison.)"]
     out = []
-    for name, fn in (("zero-shot top-1 (mean of the held-out sets)", _headline),
-                     ("retrieval R@5 (mean of both directions and sets)", _retrieval)):
+    for name, fn in METRICS:
         a, b = fn(data, "clip", cfg), fn(data, "laclip", cfg)
         paired = _paired(data, cfg, "laclip", fn)
         if paired is None:
@@ -277,6 +327,19 @@ def diagnosis(data: dict, cfg, info: dict) -> list[str]:
                  + (" LaCLIP draws the original caption for every other image, so on this data it is mostly CLIP."
                     if cover < 0.5 else ""))
     rw = info["rewrite"]
+    filtered = info["packs"].get("llm_filtered", {}).get("text_counts")
+    if filtered:
+        dropped = filtered.get("low_fidelity_dropped") or {}
+        kept = filtered.get("with_rewrites", 0)
+        lines.append(f"- **Fidelity filter** (LaCLIP, faithful rewrites: fidelity >= {cfg.min_fidelity}, fixed in "
+                     f"advance): {sum(dropped.values())} LLM rewrites dropped ({', '.join(f'{k} {v}' for k, v in dropped.items())}); "
+                     f"{kept} of {filtered.get('samples')} training images keep at least one rewrite (mean "
+                     f"fidelity of the LLM rewrites {rw.get('llm_fidelity', {}).get('mean')}).")
+    human = info["packs"].get("human", {}).get("text_counts")
+    if human:
+        lines.append(f"- **Human alt texts** (the oracle): {human.get('with_rewrites', 0)} of {human.get('samples')} "
+                     f"training images have another human text (clip art: title, description, keywords; emoji: "
+                     f"aliases); {human.get('texts', 0) - human.get('samples', 0)} texts besides the captions.")
     for s in rw.get("shipped", []):
         lines.append(f"- Shipped store {s['path']}: {s['engine']} / {s['model']} seed {s['seed']}, pools "
                      f"{', '.join(s['pools'])}, {s['shard_files']} shard files, {s['matched_train']} training captions.")
@@ -374,12 +437,19 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
           tab,
           "",
           "Columns: ZS = zero-shot top-1 with the category names as classes on the held-out split; I→T / T→I = "
-          "retrieval recall@5 on the held-out split; F-MNIST = Fashion-MNIST "
+          "retrieval recall@5 on the held-out split with the captions as the texts, and (" + OTHER + ") with each "
+          "image's other human text (clip art: its keywords; emoji: an alias), worded unlike the captions every "
+          "method trains on; F-MNIST = Fashion-MNIST "
           f"({cfg.fmnist_max_per_split} train / test images): zero-shot, 5-way 5-shot prototypes, linear probe.",
           "",
           "## Does LaCLIP beat CLIP here?",
           "",
           *verdict(data, cfg, info),
+          "",
+          "Every method against CLIP (difference in points, paired by seed; bold: p < 0.05 in a two-sided paired "
+          "t-test with n - 1 degrees of freedom; detectable: the smallest difference these seeds could detect):",
+          "",
+          differences(data, cfg, info["labels"]),
           "",
           "What this run says about why (measured, not assumed):",
           "",

@@ -42,7 +42,7 @@ def test_store_scores_min_fidelity_pack_and_report(tmp_path, scorer, capsys):
     import json
 
     from loaders.datasets import build_dataset
-    from loaders.pack import PackConfig, pack, verify_pack
+    from loaders.pack import PackConfig, PackError, pack, verify_pack
     from loaders.store import CaptionStore
     from rewrite.config import RewriteConfig
     from rewrite.fidelity import main as fidelity_main
@@ -83,6 +83,25 @@ def test_store_scores_min_fidelity_pack_and_report(tmp_path, scorer, capsys):
     kept = sum(x >= threshold for x in all_scores)
     assert counts["texts"] == 12 + kept - counts["same_as_original_dropped"]
     assert len(CaptionStore(f"{out}/captions")) == 12
+
+    # the same rewrites as a JSONL with per-text scores and styles: the same texts kept, counted per style
+    jsonl = tmp_path / "scored.jsonl"
+    with open(jsonl, "w") as f:
+        for s in range(3):
+            for r in read_shard(shard_path(scored.out, "eda", s))[1]:
+                f.write(json.dumps({"key": r["key"], "rewrites": r["rewrites"], "scores": r["scores"],
+                                    "styles": ["eda"] * len(r["rewrites"])}) + "\n")
+    out2 = str(tmp_path / "packed-jsonl")
+    pack(PackConfig(input=folder, out=out2, rewrites=str(jsonl), min_fidelity=threshold, max_side=64, workers=1))
+    assert verify_pack(out2)["text_counts"] == counts
+    store, store2 = CaptionStore(f"{out}/captions"), CaptionStore(f"{out2}/captions")
+    assert [store.record(i) for i in range(12)] == [store2.record(i) for i in range(12)]
+    # without scores a minimum cannot be applied: one error naming the file and the line
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"key": rows[0]["key"], "rewrites": ["a drawing"]}) + "\n")
+    with pytest.raises(PackError, match=r"bare\.jsonl: line at byte 0: a minimum fidelity needs 'scores'"):
+        pack(PackConfig(input=folder, out=str(tmp_path / "packed-bare"), rewrites=str(bare), min_fidelity=0.5,
+                        max_side=64, workers=1))
 
 
 def test_fidelity_command_errors_are_one_line(tmp_path, capsys):

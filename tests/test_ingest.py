@@ -56,6 +56,24 @@ def test_emoji_builder(tmp_path):
     assert {s.key for s in samples} == {r["key"] for r in rows if r["split"] == "train"}
 
 
+def test_alt_texts_are_other_human_texts_never_the_caption(clipart):
+    """Each sample's other human texts (the demo's oracle rewrites and other-wording queries): fields that
+    repeat the caption's words, or an earlier field's, are left out."""
+    rows = _rows(clipart)
+    with_alt = [r for r in rows if r.get("alt_texts")]
+    assert len(with_alt) >= len(rows) // 2
+    for r in with_alt:
+        assert set(r["alt_texts"]) <= {"title", "description", "keywords"}
+        words = [datasets._words(t) for t in [r["caption"], *r["alt_texts"].values()]]
+        assert len(set(words)) == len(words), r
+        if "keywords" in r["alt_texts"]:
+            assert r["alt_texts"]["keywords"] == ", ".join(r["keywords"])
+    assert datasets.alt_texts("Thumbs up", {"alias 0": "thumbs_up", "alias 1": "+1", "alias 2": "thumbs UP!"}) == \
+        {"alias 1": "+1"}
+    assert datasets.alt_texts("A frog. Green", {"title": "A frog", "description": "", "keywords": "frog"}) == \
+        {"title": "A frog", "keywords": "frog"}
+
+
 def test_heldout_duplicates_of_training_or_earlier_heldout_rows_are_set_aside():
     rows = [{"key": "a", "caption": "A red car", "split": "train", "image": "x"},
             {"key": "b", "caption": "a  red CAR", "split": "test", "image": "y"},   # caption of a train row

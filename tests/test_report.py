@@ -8,7 +8,7 @@ import pytest
 from scripts import report
 
 DATASETS = ["emoji", "openclipart"]
-CFG = SimpleNamespace(datasets=DATASETS, checkpoint_every=50, steps=300)
+CFG = SimpleNamespace(datasets=DATASETS, checkpoint_every=50, steps=300, other_wording=[])
 INFO = {"data": {"sets": {d: {"train": 900, "heldout": 100, "categories": 10} for d in DATASETS}},
         "labels": {"clip": "CLIP", "laclip": "LaCLIP", "laclip_mt": "LaCLIP-MT", "eda": "EDA"},
         "packs": {"llm": {"text_counts": {"samples": 1000, "with_rewrites": 300, "max_texts": 5,
@@ -134,3 +134,31 @@ def test_overfitting_check(curve, says):
     assert "300 of 1000" in coverage and "mostly CLIP" in coverage
     length = next(line for line in lines if "Training length" in line)
     assert "19.2 epochs" in length and "Captions repeat many times" in length
+
+
+def test_other_wording_columns_chance_and_differences():
+    """Retrieval with other human texts is its own metric: its columns, chance from its own image count,
+    and a column in the every-method table; a method never run against it shows '-'."""
+    cfg = SimpleNamespace(**{**vars(CFG), "other_wording": ["openclipart"]})
+    heads = [h for h, *_ in report.cfg_columns(cfg)]
+    other = [h for h in heads if report.OTHER in h]
+    assert other == [f"OpenClipart {report.OTHER} I→T R@5", f"OpenClipart {report.OTHER} T→I R@5"]
+    sets = {d: {"train": 900, "heldout": 100, "categories": 10} for d in DATASETS}
+    sets["openclipart"]["other_wording"] = 40
+    assert report.chance_levels(cfg, sets)[other[0]] == 12.5
+
+    def with_other(zs, r5, r5_other):
+        m = method(zs, r5)
+        m["final"].update({h: list(r5_other) for h in other})
+        return m
+    data = {"clip": with_other([30.0, 32.0, 31.0], [50.0, 52.0, 51.0], [20.0, 22.0, 21.0]),
+            "laclip_human": with_other([30.0, 32.0, 31.0], [50.0, 52.0, 51.0], [30.0, 32.1, 30.9]),
+            "eda": method([30.0, 32.0, 31.0], [50.0, 52.0, 51.0])}
+    for m in ("clip", "eda"):
+        data[m]["final"].setdefault(other[0], [None] * 3)
+        data[m]["final"].setdefault(other[1], [None] * 3)
+    text = report.differences(data, cfg, {"laclip_human": "LaCLIP, human alt texts", "eda": "EDA"})
+    human = next(line for line in text.splitlines() if line.startswith("| LaCLIP, human"))
+    assert human.endswith("| **+10.0** ± 0.1 (p = 0.000; detectable ±0.2) |"), human
+    eda = next(line for line in text.splitlines() if line.startswith("| EDA"))
+    assert eda.endswith("| - |") and "+0.0 ± 0.0" in eda
