@@ -348,7 +348,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
     counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
-    if cfg.min_fidelity is not None:  # per source (pool of the rewrite store)
+    if cfg.min_fidelity is not None:  # per source (pool of a rewrite store, style of a JSONL)
         low = {}
         for m in scatters:
             for pool, n in m.get("low_fidelity_dropped", {}).items():
