@@ -116,11 +116,10 @@ def score_store(out_dir, scorer: FidelityScorer | None = None, progress: bool = 
     return done
 
 
-def summarize(out_dir, bins: int = 20, examples: int = 3) -> dict:
-    """Per pool (source): how many rewrites are scored, quantiles, a histogram over [0, 1] and examples
-    at the low end (5th percentile), the median and the high end (95th)."""
+def summarize(out_dir, bins: int = 20, examples: int = 3, threshold: float | None = None) -> dict:
+    """Per pool (source) of a rewrite store: see summarize_sources."""
     from .store import read_run, read_shard, shard_path
-    run, pools = read_run(out_dir), {}
+    run, sources = read_run(out_dir), {}
     for pool in run["pools"]:
         rows = []
         for s in range(run["num_shards"]):
@@ -128,9 +127,21 @@ def summarize(out_dir, bins: int = 20, examples: int = 3) -> dict:
             if path.is_file():
                 rows += [(score, r["caption"], t) for r in read_shard(path)[1]
                          for t, score in zip(r["rewrites"], r.get("scores", []))]
+        sources[pool] = rows
+    return {"store": str(out_dir), "model": MODEL_NAME, "engine": run.get("engine"),
+            "pools": summarize_sources(sources, bins, examples, threshold)}
+
+
+def summarize_sources(sources: dict[str, list[tuple[float, str, str]]], bins: int = 20, examples: int = 3,
+                      threshold: float | None = None) -> dict:
+    """source -> (score, caption, text) rows  =>  per source: how many texts are scored, quantiles, a
+    histogram over [0, 1], examples at the low end (5th percentile), the median and the high end (95th),
+    and with `threshold` how many score below it."""
+    pools = {}
+    for pool, rows in sources.items():
         if not rows:
             continue
-        rows.sort(key=lambda x: x[0])
+        rows = sorted(rows, key=lambda x: x[0])
         scores = np.array([x[0] for x in rows], dtype=np.float64)
         counts, edges = np.histogram(np.clip(scores, 0, 1), bins=bins, range=(0.0, 1.0))
 
@@ -142,11 +153,13 @@ def summarize(out_dir, bins: int = 20, examples: int = 3) -> dict:
                        "quantiles": {str(q): round(float(np.quantile(scores, q)), 4) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
                        "histogram": {"edges": [round(e, 3) for e in edges.tolist()], "counts": counts.tolist()},
                        "examples": {"low": around(0.05), "median": around(0.5), "high": around(0.95)}}
-    return {"store": str(out_dir), "model": MODEL_NAME, "engine": run.get("engine"), "pools": pools}
+        if threshold is not None:
+            pools[pool]["below_threshold"] = int((scores < threshold).sum())
+    return pools
 
 
-def plot(summary: dict, path) -> None:
-    """One histogram per source, on one set of axes."""
+def plot(summary: dict, path, threshold: float | None = None) -> None:
+    """One histogram per source, on one set of axes (and a line at `threshold`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,12 +167,14 @@ def plot(summary: dict, path) -> None:
     for pool, info in summary["pools"].items():
         edges, counts = np.array(info["histogram"]["edges"]), np.array(info["histogram"]["counts"])
         ax.stairs(counts / max(1, counts.sum()), edges, label=f"{pool} (n={info['n']}, mean {info['mean']:.2f})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold}")
     ax.set_xlabel(f"fidelity to the original caption ({MODEL_NAME} cosine)")
     ax.set_ylabel("fraction of rewrites")
     ax.set_title(f"{summary['store']} ({summary['engine']})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -178,6 +193,8 @@ def main(argv=None) -> int:
     import sys
 
     from common.config import build_parser, parse
+
+    from common.io import write_with
 
     from .store import write_atomic
     parser = build_parser(FidelityConfig, "python -m rewrite.fidelity", main.__doc__, flags="all")
@@ -200,7 +217,7 @@ def main(argv=None) -> int:
             return 2
         summary = summarize(store)
         write_atomic(Path(store, "fidelity.json"), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        plot(summary, Path(store, "fidelity.png"))
+        write_with(Path(store, "fidelity.png"), lambda tmp: plot(summary, tmp))
         means = ", ".join(f"{p} {v['mean']:.3f}" for p, v in summary["pools"].items())
         print(f"rewrite.fidelity: {store}: scored {done['scored']} shard files ({done['already']} already); "
               f"mean fidelity {means}; {store}/fidelity.json, fidelity.png")

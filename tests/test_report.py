@@ -162,3 +162,26 @@ def test_other_wording_columns_chance_and_differences():
     assert human.endswith("| **+10.0** ± 0.1 (p = 0.000; detectable ±0.2) |"), human
     eda = next(line for line in text.splitlines() if line.startswith("| EDA"))
     assert eda.endswith("| - |") and "+0.0 ± 0.0" in eda
+
+
+def test_fidelity_section_histograms_and_threshold_counts(tmp_path):
+    """The report's fidelity section: per source, counts below the method's threshold from the scores
+    themselves, examples, and the histogram figure."""
+    import json
+    train = tmp_path / "rewrites" / "train"
+    train.mkdir(parents=True)
+    (train / "captions.jsonl").write_text("".join(json.dumps({"key": k, "caption": f"a {k}"}) + "\n"
+                                                  for k in ("cat", "dog")))
+    rows = [{"key": "cat", "rewrites": ["a kitten", "a car", "a tabby cat"], "scores": [0.71, 0.2, 0.5],
+             "styles": ["coco", "coco", "human"]},
+            {"key": "dog", "rewrites": ["a puppy"], "scores": [0.49], "styles": ["coco"]},
+            {"key": "elsewhere", "rewrites": ["x"], "scores": [0.1], "styles": ["coco"]}]  # not a training image
+    (tmp_path / "rewrites" / "llm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = report.fidelity_section(tmp_path, SimpleNamespace(min_fidelity=0.5))
+    table = {line.split("|")[1].strip(): line for line in lines if line.startswith("| LLM")}
+    assert set(table) == {"LLM coco", "LLM human"}
+    assert table["LLM coco"].startswith("| LLM coco | 3 | 0.47 |") and table["LLM coco"].endswith("| 67% |")
+    assert table["LLM human"].endswith("| 0% |")  # 0.5 is kept: the threshold is inclusive
+    assert any("LLM coco, low: 0.20: 'a cat' -> 'a car'" in line for line in lines)
+    assert (tmp_path / "fidelity.png").stat().st_size > 5000
+    assert report.fidelity_section(tmp_path / "nothing", SimpleNamespace(min_fidelity=0.5)) == []
