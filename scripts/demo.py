@@ -1,6 +1,6 @@
 """The demo (`make demo`): the whole system on the embedded real data, CLIP vs LaCLIP at small scale.
 
-    .venv/bin/python scripts/demo.py                      # configs/demo.yaml, about 15-20 min on 2 cores
+    .venv/bin/python scripts/demo.py                      # configs/demo.yaml, about 11 min on 2 cores
     .venv/bin/python scripts/demo.py --seeds 3            # mean +- std over 3 seeds per method
     .venv/bin/python scripts/demo.py --quick --out /tmp/q # a few dozen samples, a few minutes
     .venv/bin/python scripts/demo.py --set steps=600 --set live_rewrites=0
