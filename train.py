@@ -114,7 +114,7 @@ def release_shm_allreduce_buffer():
     """DeepSpeed's CPU backend maps a 69 MB /dev/shm segment per rank (for inference_all_reduce, which
     training never calls) and never unlinks it: every run on one machine would leave one per rank until
     /dev/shm fills. Once every rank has mapped its peers' segments, each unlinks its own (the mappings stay
-    valid), so none outlives the run, even one killed with -9."""
+    valid), so none outlives the run, even one killed with -9 after start-up."""
     env = os.environ
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
             f"{env.get('MASTER_PORT', '')}_{dist.get_rank()}")
