@@ -14,10 +14,11 @@
 
 `build_dataset` writes an image folder: images/<key>.jpg + captions.jsonl (key, file, caption, category,
 split, and alt_texts where the set has them: {field: text} of the sample's other human-written texts, each
-different from the caption: the demo's faithful "rewrites" and its queries in other wording) with a fixed held-out split by hash of the key. A held-out sample whose image (same bytes) or
-caption (same words, case-insensitive) also occurs in the training split or earlier in the held-out
-split is marked "duplicate" instead: retrieval on the held-out split has no ties with a training
-pair and no repeats inside itself. Re-running with the same arguments reuses the result; images already
+different from the caption: the demo's faithful "rewrites" and its queries in other wording) with a
+fixed held-out split by hash of the key. A held-out sample whose image (same bytes) or caption (same
+words, case-insensitive) also occurs in the training split or earlier in the held-out split is marked
+"duplicate" instead: retrieval on the held-out split has no ties with a training pair and no repeats
+inside itself. Re-running with the same arguments reuses the result; images already
 written are kept.
 
 `open_source(spec, report)` is the one entry point for any input: a builder name above, or what
