@@ -2,7 +2,8 @@
 
 On a packed real image set (openclipart clip art rendered at 256 px, a few thousand, built and packed
 once under .cache/), each loader runs full epochs (after a warm-up epoch that pays numba compilation and
-worker start) at 1 and 2 workers with the caption draw on and off. References measured in the same run:
+worker start) at 1 and 2 workers with the caption draw on and off, each measurement passing its epoch
+again until --min-seconds of loading are timed. References measured in the same run:
   decode_bound_per_core  one core, a tight loop that only decodes (fastest decoder here) and crops the same
                          JPEGs from memory: what a loader worker could do with zero overhead;
   torch_pil_baseline     the original LaCLIP loading: torch DataLoader over image files, Pillow decode,
@@ -14,13 +15,15 @@ caption_draw_overhead = 1 - (with draw / without) for the fastest loader at 1 wo
 rounds; on this shared machine epochs swing +-10%, so also: caption_draw_overhead_cpu_time from the
 process's CPU time, and caption_draw_us_per_sample / caption_draw_overhead_isolated from the compiled
 caption op timed alone).
-Issue figures, from alternating rounds of FFCV and DALI at every worker count with the draw on and off
-(best round per configuration; --rounds): dali_vs_ffcv_1_worker, scaling_2_workers (rate at 2 workers /
-(2 x rate at 1) of the loader fastest at 2 workers; scaling_by_loader for both),
-caption_draw_overhead_by_workers (1 - on/off per worker count, same loader), and rounds.profile: CPU
-microseconds per sample of all threads and of the consumer thread, and core_share = process CPU /
-(wall x workers), which tells a loader that spends more CPU per sample at 2 workers from a machine whose
-second core is busy elsewhere.
+Issue figures, from alternating rounds of FFCV and DALI at every worker count with the draw on, off (no
+text) and on the original caption only (--rounds): dali_vs_ffcv_1_worker, scaling_2_workers (rate at 2
+workers / (2 x rate at 1) of the loader fastest at 2 workers; scaling_by_loader for both; best round per
+configuration), caption_draw_overhead_by_workers (1 - on/off per worker count, same loader; median over
+rounds of the back-to-back pairs), caption_draw_vs_original_by_workers (1 - on/original the same way:
+what the draw adds over a CLIP loader reading the original caption from the same files), and
+rounds.profile: CPU microseconds per sample of all threads and of the consumer thread, and core_share =
+process CPU / (wall x workers), which tells a loader that spends more CPU per sample at 2 workers from a
+machine whose second core is busy elsewhere.
 Loaders hand out uint8 crops here (normalize=False: the accelerator normalises); the CPU-normalised float
 rates are in cpu_normalized_samples_per_s. "1 worker" = 1 decode thread/process (plus the consumer).
 
@@ -30,7 +33,6 @@ loader cores per GPU for CC3M, CC12M and LAION-400M at --target-rate samples/s p
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import random
@@ -77,17 +79,25 @@ def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
 
 
 def epoch_rate(kind: str, root: str, workers: int, draw: bool, batch_size: int, epoch: int,
-               normalize: bool = False, check_records: bool = False) -> float:
+               normalize: bool = False, check_records: bool = False, text_mode: str = "rewrite") -> float:
+    """Samples/s of `epoch`, passed again until MIN_SECONDS[0] of loading are measured: one epoch of the
+    test set takes a few tenths of a second at 2 workers, where start-up and the last batches' drain
+    would weigh more than the differences measured (the caption draw costs well under 1%)."""
     from loaders import build_loader
 
-    loader = build_loader(kind, root, batch_size=batch_size, text_mode="rewrite", seed=0, epoch=epoch,
-                          num_workers=workers, draw_text=draw, normalize=normalize, check_records=check_records)
-    it, n = iter(loader), 0
-    next(it)  # worker / pipeline start is not throughput
-    start, cpu, main = time.perf_counter(), time.process_time(), _thread_cpu()
-    for batch in it:
-        n += len(batch[0])
-    wall, cpu, main = time.perf_counter() - start, time.process_time() - cpu, _thread_cpu() - main
+    n = wall = cpu = main = 0.0
+    while wall < MIN_SECONDS[0]:
+        loader = build_loader(kind, root, batch_size=batch_size, text_mode=text_mode, seed=0, epoch=epoch,
+                              num_workers=workers, draw_text=draw, normalize=normalize, check_records=check_records)
+        it = iter(loader)
+        next(it)  # worker / pipeline start is not throughput
+        start, cpu0, main0 = time.perf_counter(), time.process_time(), _thread_cpu()
+        for batch in it:
+            n += len(batch[0])
+        wall += time.perf_counter() - start
+        cpu += time.process_time() - cpu0
+        main += _thread_cpu() - main0
+        del it, loader
     LAST_CPU_RATE[0] = n / max(cpu, 1e-9)  # this process's threads only
     # Where the time goes (in-process loaders): CPU per sample of all threads and of the consumer thread,
     # and the share of the requested cores the process got (below 1: the cores were busy elsewhere).
@@ -105,25 +115,40 @@ def _thread_cpu() -> float:
 
 
 LAST_CPU_RATE = [0.0]
+MIN_SECONDS = [2.0]  # set from --min-seconds
 LAST_PROFILE: dict = {}
 
 
 def scaling_rounds(root: str, workers: list[int], batch_size: int, rounds: int, epoch: int) -> dict:
-    """FFCV and DALI at every worker count, draw on and off, in alternating rounds (the machine is shared:
-    one epoch can be twice as slow as the next); each configuration keeps its best round and that round's
-    profile. Keys: rates[kind][draw][workers], profile[kind][draw][workers]."""
-    rates = {k: {"on": {}, "off": {}} for k in ("ffcv", "dali")}
-    profile = {k: {"on": {}, "off": {}} for k in ("ffcv", "dali")}
+    """FFCV and DALI at every worker count in alternating rounds (the machine is shared: one epoch can be
+    twice as slow as the next), each round with the caption draw on, off (no text at all) and the original
+    caption only (text_mode "original": what a CLIP loader reads from the same files). Keys:
+    rates[kind][mode][workers] (best round) and its profile, all[kind][mode][workers] (every round, for
+    paired comparisons)."""
+    modes = {"on": (True, "rewrite"), "off": (False, "rewrite"), "original": (True, "original")}
+    rates = {k: {m: {} for m in modes} for k in ("ffcv", "dali")}
+    profile = {k: {m: {} for m in modes} for k in ("ffcv", "dali")}
+    every = {k: {m: {str(w): [] for w in workers} for m in modes} for k in ("ffcv", "dali")}
+    for kind in ("ffcv", "dali"):  # warm-up: the original-caption pipelines compile on first use
+        for w in workers:
+            epoch_rate(kind, root, w, True, batch_size, epoch := epoch + 1, text_mode="original")
     for _ in range(rounds):
         for kind in ("ffcv", "dali"):
             for w in workers:
-                for draw in ("on", "off"):
-                    r = epoch_rate(kind, root, w, draw == "on", batch_size, epoch := epoch + 1)
-                    if r > rates[kind][draw].get(str(w), 0):
-                        rates[kind][draw][str(w)] = round(r, 1)
-                        profile[kind][draw][str(w)] = dict(LAST_PROFILE)
-                    print(f"round: {kind} workers={w} draw={draw}: {r:.1f} samples/s", flush=True)
-    return {"rates": rates, "profile": profile, "epoch": epoch}
+                for mode, (draw, text_mode) in modes.items():
+                    r = epoch_rate(kind, root, w, draw, batch_size, epoch := epoch + 1, text_mode=text_mode)
+                    every[kind][mode][str(w)].append(round(r, 1))
+                    if r > rates[kind][mode].get(str(w), 0):
+                        rates[kind][mode][str(w)] = round(r, 1)
+                        profile[kind][mode][str(w)] = dict(LAST_PROFILE)
+                    print(f"round: {kind} workers={w} draw={mode}: {r:.1f} samples/s", flush=True)
+    return {"rates": rates, "profile": profile, "all": every, "epoch": epoch}
+
+
+def paired_overhead(with_: list[float], without: list[float]) -> float:
+    """Median over rounds of 1 - rate with / rate without, each pair measured back to back: the machine's
+    drift between rounds cancels, where best-of-rounds per side compares two extremes."""
+    return round(float(np.median([1 - a / b for a, b in zip(with_, without)])), 4)
 
 
 def scaling_summary(rounds: dict, workers: list[int]) -> dict:
@@ -132,7 +157,10 @@ def scaling_summary(rounds: dict, workers: list[int]) -> dict:
     rates, top = rounds["rates"], str(max(workers))
     best = max(rates, key=lambda k: rates[k]["on"][top])
     scaling = {k: round(rates[k]["on"][top] / (int(top) * rates[k]["on"]["1"]), 3) for k in rates}
-    overhead = {k: {w: round(1 - rates[k]["on"][w] / rates[k]["off"][w], 4) for w in rates[k]["on"]} for k in rates}
+    every = rounds["all"]
+    overhead = {k: {w: paired_overhead(every[k]["on"][w], every[k]["off"][w]) for w in every[k]["on"]} for k in every}
+    versus_original = {k: {w: paired_overhead(every[k]["on"][w], every[k]["original"][w]) for w in every[k]["on"]}
+                       for k in every}
     prof = rounds["profile"]  # CPU per sample is steadier than wall rates on a busy machine
     overhead_cpu = {k: {w: round(1 - prof[k]["off"][w]["cpu_us_per_sample"] / prof[k]["on"][w]["cpu_us_per_sample"], 4)
                         for w in prof[k]["on"]} for k in prof}
@@ -148,9 +176,12 @@ def scaling_summary(rounds: dict, workers: list[int]) -> dict:
                                                  / prof[best]["on"][top]["cpu_us_per_sample"], 3),
         "caption_draw_overhead_by_workers": overhead[best],
         "caption_draw_overhead_by_loader": overhead,
+        # what the draw adds over reading the original caption from the same records (LaCLIP over CLIP)
+        "caption_draw_vs_original_by_workers": versus_original[best],
+        "caption_draw_vs_original_by_loader": versus_original,
         "caption_draw_overhead_cpu_time_by_workers": overhead_cpu[best],
         "caption_draw_overhead_cpu_time_by_loader": overhead_cpu,
-        "rounds": {"rates": rates, "profile": rounds["profile"],
+        "rounds": {"rates": rates, "profile": rounds["profile"], "all": every,
                    "note": "best of alternating rounds per configuration; profile = that round's CPU per "
                            "sample (all threads / consumer thread) and core_share = process CPU / (wall x "
                            "workers): a share well below 1 means the cores were taken by other processes, "
@@ -425,6 +456,7 @@ class LoaderBenchOptions:
     workers: str = option("1,2", help="comma-separated worker counts to measure")
     repeats: int = option(4, help="alternating rounds: decode bound, draw on, off")
     rounds: int = option(4, help="alternating rounds of FFCV and DALI at every worker count")
+    min_seconds: float = option(2.0, help="each measurement passes its epoch again until this much loading is timed")
     decode_samples: int = option(1000, help="images of the decode-only measurement")
     project: bool = option(False, help="add the CC3M/CC12M/LAION-400M projection table")
     from_json: str | None = option(None, flag="--from", help="project from this earlier result instead of measuring")
@@ -434,6 +466,7 @@ class LoaderBenchOptions:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_config(LoaderBenchOptions, "loader", argv, __doc__)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    MIN_SECONDS[0] = args.min_seconds
     if args.from_json:
         with open(args.from_json) as f:
             result = {k: v for k, v in json.load(f).items() if k != "machine"}
