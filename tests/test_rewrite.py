@@ -259,3 +259,28 @@ def test_store_keeps_texts_with_unicode_line_separators(tmp_path):
     path = write_shard(tmp_path, "coco", 0, {"num_captions": 1}, records)
     assert read_shard(path)[1] == records
     assert clean_output(" A flag (\u2028\u2028Murcia)\u2029 ") == "A flag ( Murcia)"
+
+
+def test_vllm_dtype_is_part_of_the_run(tmp_path, monkeypatch):
+    """A store made by the CPU server in float32 (the default) refuses a resume in bfloat16 and back:
+    the dtype changes the rewrites. Checked before any engine starts, so no server is needed."""
+    if vllm_importable():
+        pytest.skip("the offline API reads the dtype from --llm-kwargs only")
+    from rewrite.pipeline import vllm_dtype
+    write_lines(tmp_path / "caps.txt", CAPTIONS[:2])
+    cfg = RewriteConfig(input=str(tmp_path / "caps.txt"), out=str(tmp_path / "store"), engine="vllm",
+                        progress=False, fidelity=False)
+    assert vllm_dtype(cfg) is None
+    (tmp_path / "store").mkdir()
+    for pool in cfg.pool_names():  # every shard file present: the run checks run.json and skips them
+        (tmp_path / "store" / pool).mkdir()
+        shard_path(tmp_path / "store", pool, 0).write_text("")
+    run(cfg)
+    monkeypatch.setenv("LACLIP_VLLM_DTYPE", "bfloat16")
+    assert vllm_dtype(cfg) == "bfloat16"
+    with pytest.raises(ValueError, match="vllm_dtype: None != 'bfloat16'"):
+        run(cfg)
+    monkeypatch.delenv("LACLIP_VLLM_DTYPE")
+    cfg.llm_kwargs = {"dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="vllm_dtype"):
+        run(cfg)
