@@ -1,13 +1,13 @@
 """The demo's report: <out>/report.md (methods x metrics table, curves, stage throughput, verdict),
 <out>/curves.png and <out>/summary.json, all from the files the stages wrote. Nothing is hard-coded:
-the verdict and the diagnosis are computed from this run's numbers.
+the verdict and the diagnosis are computed from this run's numbers (the numbers: scripts/demo_results.py;
+the comparisons with CLIP: scripts/demo_stats.py).
 
     .venv/bin/python scripts/report.py results/demo     # rewrite the report of a finished demo
 """
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -15,109 +15,16 @@ import numpy as np
 
 if __name__ == "__main__":  # run as a script: the repository's packages come from its root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.io import read_jsonl, write_atomic, write_with  # noqa: E402
-
-SET_LABEL = {"openclipart": "OpenClipart", "emoji": "Emoji", "fashion_mnist": "F-MNIST"}
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl(path)] if path.is_file() else []
-
-
-OTHER = "other words"  # in the headers of retrieval whose texts are worded otherwise than the captions
-
-
-def columns(datasets: list[str], other: list[str] = ()) -> list[tuple[str, str, str, str]]:
-    """(header, eval file kind, dataset name in eval.py's results, path of the number). `other`: the sets
-    that also have retrieval with each image's other human text (scripts/demo.py, other_wording)."""
-    cols = []
-    for name in datasets:
-        cols.append((f"ZS {SET_LABEL.get(name, name)} top-1", "heldout", f"captions:heldout-{name}", "zeroshot/top1"))
-    for name in datasets:
-        lab = SET_LABEL.get(name, name)
-        cols.append((f"{lab} I→T R@5", "heldout", f"captions:heldout-{name}", "retrieval/image_to_text_R@5"))
-        cols.append((f"{lab} T→I R@5", "heldout", f"captions:heldout-{name}", "retrieval/text_to_image_R@5"))
-    for name in (n for n in datasets if n in other):
-        lab = SET_LABEL.get(name, name)
-        cols.append((f"{lab} {OTHER} I→T R@5", "heldout", f"captions:heldout-{name}-other",
-                     "retrieval/image_to_text_R@5"))
-        cols.append((f"{lab} {OTHER} T→I R@5", "heldout", f"captions:heldout-{name}-other",
-                     "retrieval/text_to_image_R@5"))
-    cols += [("F-MNIST ZS", "fmnist", "fashion_mnist", "zeroshot/top1"),
-             ("F-MNIST 5w5s", "fmnist", "fashion_mnist", "fewshot/accuracy"),
-             ("F-MNIST linear", "fmnist", "fashion_mnist", "linear_probe/accuracy")]
-    return cols
-
-
-def cfg_columns(cfg) -> list[tuple[str, str, str, str]]:
-    return columns(cfg.datasets, cfg.other_wording)
-
-
-def _get(results: dict, ds: str, path: str):
-    x = results.get(ds, {})
-    for part in path.split("/"):
-        x = x.get(part) if isinstance(x, dict) else None
-    return x
-
-
-def collect(out: Path, cfg, methods: dict) -> dict:
-    """method -> {"final": {header: [value per seed]}, "curves": [per seed: (steps, zs mean)], "loss": ...}"""
-    cols = cfg_columns(cfg)
-    data = {}
-    for method in cfg.methods:
-        m = {"final": {c[0]: [] for c in cols}, "curves": [], "loss": [], "train_sps": []}
-        for seed in range(cfg.seeds):
-            ev = out / "eval" / f"{method}-seed{seed}"
-            steps_files = sorted(ev.glob("heldout-step-*.json"))
-            if not steps_files:
-                continue
-            final = {"heldout": _load(steps_files[-1])["results"],
-                     "fmnist": _load(ev / "fashion_mnist.json")["results"] if (ev / "fashion_mnist.json").is_file() else {}}
-            for head, kind, ds, path in cols:
-                m["final"][head].append(_get(final[kind], ds, path))
-            curve = []
-            for f in steps_files:
-                res = _load(f)["results"]
-                zs = [_get(res, f"captions:heldout-{d}", "zeroshot/top1") for d in cfg.datasets]
-                curve.append((int(f.stem.split("-")[-1]), float(np.mean(zs))))
-            m["curves"].append(curve)
-            rows = _jsonl(out / "runs" / f"{method}-seed{seed}" / "metrics.jsonl")
-            m["loss"].append([(r["step"], r["loss"]) for r in rows])
-            m["train_sps"] += [r["samples_per_s"] for r in rows[5:]]
-        data[method] = m
-    return data
-
-
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    v = [x for x in values if x is not None]
-    if not v:
-        return None, None
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+from common.io import write_atomic, write_with  # noqa: E402
+from scripts.demo_results import (OTHER, cfg_columns, chance_levels, collect, jsonl_rows, load_json,  # noqa: E402
+                                  mean_std)
+from scripts.demo_stats import augmentation_control, differences, verdict  # noqa: E402
 
 
 def fmt(mean, std) -> str:
     if mean is None:
         return "-"
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
-
-
-def chance_levels(cfg, sets: dict) -> dict[str, float]:
-    """What a model that knows nothing scores in each column, in percent: zero-shot 1 / classes,
-    recall@5 5 / candidates, Fashion-MNIST's 10 classes, 5-way few-shot 1 / 5."""
-    chance = {"F-MNIST ZS": 10.0, "F-MNIST 5w5s": 20.0, "F-MNIST linear": 10.0}
-    for head, _, name, path in cfg_columns(cfg):
-        set_name = name.removeprefix("captions:heldout-")
-        info = sets.get(set_name.removesuffix("-other"), {})
-        images = info.get("other_wording") if set_name.endswith("-other") else info.get("heldout")
-        if path == "zeroshot/top1" and info.get("categories"):
-            chance[head] = 100.0 / info["categories"]
-        elif "R@5" in path and images:
-            chance[head] = 100.0 * min(5, images) / images
-    return chance
 
 
 def table(data: dict, cfg, methods: dict, chance: dict | None = None) -> str:
@@ -166,153 +73,6 @@ def plot(data: dict, cfg, methods: dict, path: Path) -> None:
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-
-
-def _headline(data: dict, method: str, cfg) -> list:
-    """Per seed: mean zero-shot top-1 over the held-out sets (the paper's headline protocol)."""
-    heads = [h for h, *_ in cfg_columns(cfg) if h.startswith("ZS ")]
-    per = [data[method]["final"][h] for h in heads]
-    return [float(np.mean(v)) if None not in v else None for v in zip(*per)]
-
-
-def _retrieval(data: dict, method: str, cfg, other: bool = False) -> list:
-    """Per seed: mean R@5 over both directions and the sets, with the captions as texts (or, `other`, the
-    images' other human texts)."""
-    heads = [h for h, *_ in cfg_columns(cfg) if "R@5" in h and (OTHER in h) == other]
-    per = [data[method]["final"][h] for h in heads]
-    return [float(np.mean(v)) if None not in v else None for v in zip(*per)] if per else []
-
-
-def _retrieval_other(data: dict, method: str, cfg) -> list:
-    return _retrieval(data, method, cfg, other=True)
-
-
-def _paired(data: dict, cfg, method: str, fn) -> tuple[float, float, int] | None:
-    """method - CLIP per seed: (mean, standard error, seeds)."""
-    if method not in data or "clip" not in data:
-        return None
-    diffs = [y - x for x, y in zip(fn(data, "clip", cfg), fn(data, method, cfg)) if x is not None and y is not None]
-    if not diffs:
-        return None
-    se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs)) if len(diffs) >= 2 else float("nan")
-    return float(np.mean(diffs)), se, len(diffs)
-
-
-def paired_test(d: float, se: float, seeds: int) -> tuple[float, float]:
-    """Two-sided paired t-test of a mean per-seed difference d with standard error se over `seeds` seeds
-    (n - 1 degrees of freedom): (p value, smallest detectable difference), the latter being the
-    difference that would just reach p = 0.05 with this spread (t(0.975, n - 1) x se)."""
-    from scipy import stats
-    df = seeds - 1
-    smallest = float(stats.t.ppf(0.975, df) * se)
-    if se == 0:
-        return (0.0 if d != 0 else 1.0), smallest
-    return float(2 * stats.t.sf(abs(d / se), df)), smallest
-
-
-METRICS = (("zero-shot top-1 (mean of the held-out sets)", _headline),
-           ("retrieval R@5 (mean of both directions and sets)", _retrieval),
-           (f"retrieval R@5 with the images' other human texts ({OTHER}: not the training captions)",
-            _retrieval_other))
-
-
-def differences(data: dict, cfg, labels: dict) -> str:
-    """Every method minus CLIP, paired by seed, on each headline metric: mean ± std of the difference,
-    the paired t-test's p and the smallest difference these seeds could detect."""
-    if "clip" not in data:
-        return ""
-    lines = ["| method − CLIP | zero-shot top-1 | retrieval R@5 | retrieval R@5, " + OTHER + " |", "|---|---|---|---|"]
-    for m in (m for m in data if m != "clip"):
-        cells = []
-        for _, fn in METRICS:
-            paired = _paired(data, cfg, m, fn)
-            if paired is None:
-                cells.append("-")
-            elif paired[2] < 2:
-                cells.append(f"{paired[0]:+.1f} (1 seed)")
-            else:
-                d, se, n = paired
-                p, smallest = paired_test(d, se, n)
-                mark = "**" if p < 0.05 else ""
-                cells.append(f"{mark}{d:+.1f}{mark} ± {se * math.sqrt(n):.1f} (p = {p:.3f}; detectable ±{smallest:.1f})")
-        lines.append(f"| {labels.get(m, m)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdict(data: dict, cfg, info: dict) -> list[str]:
-    """Does LaCLIP beat CLIP here? Paired by seed, a two-sided paired t-test at 5% with n - 1 degrees of
-    freedom, and the smallest difference these seeds could have detected."""
-    if "clip" not in data or "laclip" not in data:
-        return ["(CLIP or LaCLIP was not run: no comparison.)"]
-    out = []
-    for name, fn in METRICS:
-        a, b = fn(data, "clip", cfg), fn(data, "laclip", cfg)
-        paired = _paired(data, cfg, "laclip", fn)
-        if paired is None:
-            continue
-        d, se, seeds = paired
-        if seeds >= 2:
-            p, smallest = paired_test(d, se, seeds)
-            spread = (f"{d:+.1f} ± {se * math.sqrt(seeds):.1f} (std of the paired difference over {seeds} seeds; "
-                      f"paired t-test, {seeds - 1} df, p = {p:.3f}; smallest detectable difference ±{smallest:.1f})")
-            if p < 0.05:
-                call = "LaCLIP **beats** CLIP" if d > 0 else "LaCLIP is **worse** than CLIP"
-            else:
-                call = (f"**no difference detectable** with {seeds} seeds (a true difference under "
-                        f"±{smallest:.1f} points could hide in this spread)")
-        else:
-            spread = f"{d:+.1f} on a single seed"
-            call = "**not established** (one seed measures no spread; run `--seeds 3`)"
-        out.append(f"- {name}: CLIP {np.mean([x for x in a if x is not None]):.1f}, LaCLIP "
-                   f"{np.mean([y for y in b if y is not None]):.1f}; LaCLIP - CLIP = {spread}: {call}.")
-    out += noise_floor(data, cfg, info)
-    return out
-
-
-def noise_floor(data: dict, cfg, info: dict) -> list[str]:
-    """Scales of noise measurable from one seed: test-set sampling error and the checkpoint-to-checkpoint
-    wobble of CLIP's own held-out zero-shot curve (the same run, 1 checkpoint apart)."""
-    lines = []
-    n = sum(v["heldout"] for v in info["data"]["sets"].values())
-    clip = data.get("clip", {})
-    zs = _headline(data, "clip", cfg) if clip.get("final") else []
-    if zs and zs[0] is not None and n:
-        p = zs[0] / 100
-        lines.append(f"- Noise scales measured here: the held-out split has {n} images, so a zero-shot accuracy "
-                     f"near {100 * p:.0f}% carries a sampling error of about ±{100 * math.sqrt(p * (1 - p) / n):.1f} "
-                     "points")
-    curves = clip.get("curves") or []
-    if curves and len(curves[0]) >= 3:
-        steps_diff = [abs(b[1] - a[1]) for a, b in zip(curves[0][len(curves[0]) // 2:], curves[0][len(curves[0]) // 2 + 1:])]
-        if steps_diff and lines:
-            lines[-1] += (f"; CLIP's own zero-shot moves by {np.mean(steps_diff):.1f} points on average between "
-                          f"consecutive checkpoints ({cfg.checkpoint_every} steps apart) in the second half of "
-                          "training. Differences between methods smaller than these are not evidence either way.")
-    elif lines:
-        lines[-1] += "."
-    return lines
-
-
-def augmentation_control(data: dict, cfg, info: dict) -> list[str]:
-    """Is it varying the text that hurts, or what the LLM rewrites say? EDA varies the text with
-    meaning-preserving word edits; LaCLIP with the LLM's rewrites; LaCLIP-MT always keeps the original."""
-    rows = {m: _paired(data, cfg, m, _retrieval) for m in ("laclip", "laclip_mt", "eda")}
-    if any(v is None for v in rows.values()) or rows["laclip"][2] < 3:
-        return []
-    said = ", ".join(f"{info['labels'][m]} {d:+.1f} (p = {paired_test(d, se, n)[0]:.3f})"
-                     for m, (d, se, n) in rows.items())
-    line = (f"- **Text-augmentation control** (retrieval R@5 minus CLIP's, paired by seed, paired t-test): "
-            f"{said}.")
-    worse = lambda m: rows[m][0] < 0 and paired_test(*rows[m])[0] < 0.05   # noqa: E731
-    if worse("laclip") and not worse("eda"):
-        line += (" EDA varies every caption too and stays level with CLIP, so varying the text is not what hurts "
-                 "here; what the LLM rewrites say is (rewrite quality: read the live before/after pairs below for "
-                 "how far they drift from the original). LaCLIP-MT, which always trains on the original "
-                 "caption beside the rewrites, loses " + ("less." if rows["laclip_mt"][0] > rows["laclip"][0]
-                                                          else "as much."))
-    elif worse("laclip") and worse("eda"):
-        line += " Both kinds of text augmentation cost accuracy here: this data and budget do not reward varying the text."
-    return [line]
 
 
 def diagnosis(data: dict, cfg, info: dict) -> list[str]:
@@ -389,9 +149,9 @@ def fidelity_section(out: Path, cfg) -> list[str]:
     and the EDA rewrites, as <out>/fidelity.png and a table with examples at the low end, median and
     high end. Nothing when no text is scored."""
     from rewrite.fidelity import MODEL_NAME, plot, summarize, summarize_sources
-    captions = {r["key"]: r["caption"] for r in _jsonl(out / "rewrites" / "train" / "captions.jsonl")}
+    captions = {r["key"]: r["caption"] for r in jsonl_rows(out / "rewrites" / "train" / "captions.jsonl")}
     sources: dict[str, list] = {}
-    for row in _jsonl(out / "rewrites" / "llm.jsonl"):
+    for row in jsonl_rows(out / "rewrites" / "llm.jsonl"):
         if row["key"] in captions and row.get("scores"):
             for text, score, style in zip(row["rewrites"], row["scores"], row["styles"]):
                 sources.setdefault(f"LLM {style}", []).append((score, captions[row["key"]], text))
@@ -524,8 +284,8 @@ if __name__ == "__main__":
     from scripts.demo_config import METHODS, DemoConfig
 
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/demo")
-    cfg = DemoConfig(**_load(root / "config.json"))
-    stages = {p.stem: _load(p)["result"] for p in (root / "stages").glob("*.json")}
+    cfg = DemoConfig(**load_json(root / "config.json"))
+    stages = {p.stem: load_json(p)["result"] for p in sorted((root / "stages").glob("*.json"))}
     info = {"data": stages["data"], "rewrite": stages["rewrite"], "loader": stages.get("loader"),
             "packs": {k[5:]: v for k, v in stages.items() if k.startswith("pack-")},
             "runs": {k[6:]: v for k, v in stages.items() if k.startswith("train-")}}

@@ -1,11 +1,12 @@
-"""Every verdict branch of the demo report (scripts/report.py) on constructed per-seed results: the call
-on LaCLIP vs CLIP, the noise floor, the text-augmentation control and the over-fitting check."""
+"""Every verdict branch of the demo report (scripts/report.py, demo_stats.py, demo_results.py) on
+constructed per-seed results: the call on LaCLIP vs CLIP, the noise floor, the text-augmentation control
+and the over-fitting check."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from scripts import report
+from scripts import demo_results as results, demo_stats as stats, report
 
 DATASETS = ["emoji", "openclipart"]
 CFG = SimpleNamespace(datasets=DATASETS, checkpoint_every=50, steps=300, other_wording=[])
@@ -19,7 +20,7 @@ INFO = {"data": {"sets": {d: {"train": 900, "heldout": 100, "categories": 10} fo
 def method(zs: list, r5: list, curve=None) -> dict:
     """One method's results per seed: zero-shot top-1 and retrieval R@5 (the same on every set)."""
     final = {}
-    for head, _, _, path in report.columns(DATASETS):
+    for head, _, _, path in results.columns(DATASETS):
         final[head] = list(zs) if path == "zeroshot/top1" else list(r5) if "R@5" in path else [None] * len(zs)
     curves = [curve] * len(zs) if curve else []
     return {"final": final, "curves": curves, "loss": [[(1, 4.0), (2, 3.5)]] * len(zs), "train_sps": [10.0]}
@@ -29,7 +30,7 @@ CLIP3 = method([30.0, 32.0, 31.0], [50.0, 52.0, 51.0])
 
 
 def verdict_lines(data) -> list[str]:
-    return report.verdict(data, CFG, INFO)
+    return stats.verdict(data, CFG, INFO)
 
 
 def test_verdict_without_both_methods():
@@ -78,9 +79,9 @@ def test_verdict_two_seeds_is_not_a_null_result():
 
 
 def test_chance_row():
-    chance = report.chance_levels(CFG, INFO["data"]["sets"])
+    chance = results.chance_levels(CFG, INFO["data"]["sets"])
     assert chance["ZS Emoji top-1"] == 10.0 and chance["F-MNIST 5w5s"] == 20.0
-    assert chance[[h for h, *_ in report.columns(DATASETS) if "R@5" in h][0]] == 5.0
+    assert chance[[h for h, *_ in results.columns(DATASETS) if "R@5" in h][0]] == 5.0
     text = report.table({"clip": CLIP3}, CFG, INFO["labels"] and {"clip": ("CLIP",)}, chance)
     assert text.splitlines()[-1].startswith("| *chance* | *10.0* |")
 
@@ -94,18 +95,18 @@ def test_verdict_skips_a_metric_with_no_paired_values():
 
 def test_noise_floor_branches():
     wobbly = [(50, 20.0), (100, 25.0), (150, 24.0), (200, 27.0)]
-    with_curve = report.noise_floor({"clip": method([30.0], [50.0], curve=wobbly)}, CFG, INFO)
+    with_curve = stats.noise_floor({"clip": method([30.0], [50.0], curve=wobbly)}, CFG, INFO)
     assert len(with_curve) == 1 and "200 images" in with_curve[0] and "±3.2 points" in with_curve[0]
     assert "moves by 3.0 points on average" in with_curve[0]  # second half: |27 - 24|
-    short = report.noise_floor({"clip": method([30.0], [50.0], curve=wobbly[:2])}, CFG, INFO)
+    short = stats.noise_floor({"clip": method([30.0], [50.0], curve=wobbly[:2])}, CFG, INFO)
     assert short[0].endswith("points.")
-    assert report.noise_floor({}, CFG, INFO) == []
+    assert stats.noise_floor({}, CFG, INFO) == []
 
 
 def _control(laclip_r5, mt_r5, eda_r5) -> list[str]:
     data = {"clip": CLIP3, "laclip": method([31.0] * 3, laclip_r5),
             "laclip_mt": method([31.0] * 3, mt_r5), "eda": method([31.0] * 3, eda_r5)}
-    return report.augmentation_control(data, CFG, INFO)
+    return stats.augmentation_control(data, CFG, INFO)
 
 
 def test_augmentation_control_branches():
@@ -119,7 +120,7 @@ def test_augmentation_control_branches():
     (line,) = _control(level, level, level)
     assert line.startswith("- **Text-augmentation control**") and "hurt" not in line
     two_seeds = {m: method([31.0] * 2, [40.0] * 2) for m in ("clip", "laclip", "laclip_mt", "eda")}
-    assert report.augmentation_control(two_seeds, CFG, INFO) == []
+    assert stats.augmentation_control(two_seeds, CFG, INFO) == []
 
 
 @pytest.mark.parametrize("curve, says", [
@@ -140,12 +141,12 @@ def test_other_wording_columns_chance_and_differences():
     """Retrieval with other human texts is its own metric: its columns, chance from its own image count,
     and a column in the every-method table; a method never run against it shows '-'."""
     cfg = SimpleNamespace(**{**vars(CFG), "other_wording": ["openclipart"]})
-    heads = [h for h, *_ in report.cfg_columns(cfg)]
-    other = [h for h in heads if report.OTHER in h]
-    assert other == [f"OpenClipart {report.OTHER} I→T R@5", f"OpenClipart {report.OTHER} T→I R@5"]
+    heads = [h for h, *_ in results.cfg_columns(cfg)]
+    other = [h for h in heads if results.OTHER in h]
+    assert other == [f"OpenClipart {results.OTHER} I→T R@5", f"OpenClipart {results.OTHER} T→I R@5"]
     sets = {d: {"train": 900, "heldout": 100, "categories": 10} for d in DATASETS}
     sets["openclipart"]["other_wording"] = 40
-    assert report.chance_levels(cfg, sets)[other[0]] == 12.5
+    assert results.chance_levels(cfg, sets)[other[0]] == 12.5
 
     def with_other(zs, r5, r5_other):
         m = method(zs, r5)
@@ -157,7 +158,7 @@ def test_other_wording_columns_chance_and_differences():
     for m in ("clip", "eda"):
         data[m]["final"].setdefault(other[0], [None] * 3)
         data[m]["final"].setdefault(other[1], [None] * 3)
-    text = report.differences(data, cfg, {"laclip_human": "LaCLIP, human alt texts", "eda": "EDA"})
+    text = stats.differences(data, cfg, {"laclip_human": "LaCLIP, human alt texts", "eda": "EDA"})
     human = next(line for line in text.splitlines() if line.startswith("| LaCLIP, human"))
     assert human.endswith("| **+10.0** ± 0.1 (p = 0.000; detectable ±0.2) |"), human
     eda = next(line for line in text.splitlines() if line.startswith("| EDA"))
