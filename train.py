@@ -49,6 +49,7 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
 from common.config import ConfigError  # noqa: E402
+from common.io import write_atomic  # noqa: E402
 from common.processes import is_launcher, launcher_chain, watch_launcher  # noqa: E402, F401
 from loaders.synthetic import SyntheticLoader  # noqa: E402, F401
 from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refuse_existing_run,  # noqa: E402, F401
@@ -334,9 +335,7 @@ def main(argv=None) -> int:
     dist.barrier()  # every rank has looked before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
     eval_sets = []
     if cfg.eval_every:  # open the sets now: a missing one fails before the build

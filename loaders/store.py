@@ -339,7 +339,10 @@ def _finished_shard(path: str, dictionary_sha256: str) -> dict | None:
 
 def store_bytes(path: str) -> int:
     """Bytes on disk of a store (all shards, dictionary and manifest)."""
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if ".tmp-" not in f)
+    # left out: temporary files of a write in progress or killed (".tmp-<pid>" here, ".<name>.*.tmp" by
+    # common/io.py)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if ".tmp-" not in f and not (f.startswith(".") and f.endswith(".tmp")))
 
 
 # ---------------------------------------------------------------------------------------------------

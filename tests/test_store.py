@@ -186,3 +186,16 @@ def test_record_codec_carries_records_between_formats(store_dir):
 def test_bad_record_type_is_an_error(tmp_path):
     with pytest.raises(TypeError, match="list of texts"):
         write_store(str(tmp_path / "bad"), ["not a list"], progress=False)
+
+
+def test_store_bytes_leaves_out_temporary_files(store_dir, tmp_path):
+    """Neither temp-name style (the store writer's ".tmp-<pid>", common/io.py's ".<name>.*.tmp") counts."""
+    from loaders.store import store_bytes
+    path = str(tmp_path / "store")
+    shutil.copytree(store_dir[0], path)
+    before = store_bytes(path)
+    assert before == sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    for name in ("shard-00003.lcs.tmp-4242", ".manifest.json.abc123.tmp"):
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b"x" * 1000)
+    assert store_bytes(path) == before

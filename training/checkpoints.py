@@ -3,7 +3,6 @@ and the random number generators' state each rank stores."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.io import write_atomic
 from training.config import config_dict
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ def save_checkpoint(engine, cfg, model_config: dict, step: int, data, rank: int)
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     sd = full_fp32_state_dict(engine)
     if rank == 0:
-        atomic_write_text(root / tag / "config.json", json.dumps(model_config, indent=1))  # self-describing
+        write_atomic(root / tag / "config.json", json.dumps(model_config, indent=1))  # self-describing
         model = build_model(model_config)
         model.load_state_dict(sd)
         save_export(model, model_config, root / tag / "export")
@@ -76,19 +76,9 @@ def save_checkpoint(engine, cfg, model_config: dict, step: int, data, rank: int)
     return root / tag
 
 
-def atomic_write_text(path: Path, text: str):
-    """A kill leaves the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_latest(root: Path, tag: str):
     """Point <root>/latest at tag atomically: a kill leaves the old pointer or the new, never half."""
-    atomic_write_text(root / "latest", tag)
+    write_atomic(root / "latest", tag)
 
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:

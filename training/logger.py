@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from common.io import write_atomic
 
 
 class Logger:
@@ -19,9 +20,7 @@ class Logger:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
             kept = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= start_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.text = open(run_dir / "train.log", "a")
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
