@@ -25,11 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-vllm"
 
 
-def _bf16_cpu() -> bool:
-    with open("/proc/cpuinfo") as f:
-        return " avx512_bf16" in f.read()
-
-
 # Measured on 2 cores (README): float32 (bfloat16 changes a rewrite with its batch); eager mode (torch.compile
 # costs a minute at every start for no measurable gain here); prompts of at most max_model_len tokens.
 # Per-request seeds need each prompt's prefill in one scheduler step (vLLM's CPU sampler cannot offset a
