@@ -134,10 +134,15 @@ def all_mean(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-def any_rank(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+STOP_REASONS = (None, "SIGTERM", "the launcher's exit")  # reduced by index, so every rank learns why
+
+
+def stop_reason_of_any_rank(reason: str | None) -> str | None:
+    """Why some rank has to stop (the highest-index reason any rank holds), or None: the rank that
+    prints the status may not be the one whose watcher noticed."""
+    t = torch.tensor([STOP_REASONS.index(reason)], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return STOP_REASONS[int(t.item())]
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -395,11 +400,11 @@ def main(argv=None) -> int:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == end_step):
                 row.update(zeroshot_eval(engine, cfg, model_config, eval_sets, rank, device))
             logger.log(row)
-            stopping = any_rank(stop_requested["reason"] is not None)
-            if stopping or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            stop_reason = stop_reason_of_any_rank(stop_requested["reason"])
+            if stop_reason or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_checkpoint = save_checkpoint(engine, cfg, model_config, step, data, rank)
-            if stopping:
-                status = f"stopped by {stop_requested['reason'] or 'another rank'} after step {step}"
+            if stop_reason:
+                status = f"stopped by {stop_reason} after step {step}"
                 break
     finally:
         logger.note(f"end: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}")

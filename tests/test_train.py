@@ -302,6 +302,31 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     assert grad_norms(run_dir) == grad_norms(reference)
 
 
+def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
+    """SIGTERM to rank 1 only (a scheduler signalling one task): both ranks checkpoint at the same step
+    boundary and stop, and rank 0, which prints the status, names the reason it did not see itself."""
+    import psutil
+    run_dir = runs / "sigterm_rank1"
+    cmd = _command(run_dir, [*Z1_ACC, "stop_after=200"], 2, None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 1):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
+            time.sleep(0.05)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        rank1 = [p for p in tree if "--local_rank=1" in p.cmdline()]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped by SIGTERM after step" in out, out[-4000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert int(tag.split("-")[1]) == len(metrics(run_dir))
+
+
 def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
     """lr=1e30: step 1 is fine, its update blows the weights up, step 2's loss is not finite."""
     run_dir = runs / "nan"
