@@ -101,8 +101,9 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
                 "max_retries": cfg.max_retries}
     if cfg.engine in BATCH_DEPENDENT_ENGINES:
         run_info["batch_size"] = cfg.batch_size
-    if vllm_dtype(cfg) is not None:
-        run_info["vllm_dtype"] = vllm_dtype(cfg)
+    dtype = vllm_dtype(cfg)
+    if dtype is not None:
+        run_info["vllm_dtype"] = dtype
     _check_run(out, run_info)
 
     mine = [s for s in range(num_shards) if s % world == rank]
