@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 
 from common.config import ConfigError, build_parser, fail, flag_values, load  # noqa: E402
-from common.io import write_atomic  # noqa: E402
+from common.io import write_json_atomic  # noqa: E402
 from scripts.demo_config import METHODS, DemoConfig  # noqa: E402  (report.py reads them too)
 from scripts.demo_data import stage_data  # noqa: E402
 from scripts.demo_rewrite import fingerprint, stage_rewrite  # noqa: E402
@@ -62,9 +62,7 @@ def load_config(argv=None) -> DemoConfig:
 
 # ----------------------------------------------------------------------------- stage bookkeeping
 
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+JSON_STYLE = dict(newline=True, indent=1, ensure_ascii=False)  # readable, with the texts as written
 
 
 class Stages:
@@ -87,7 +85,7 @@ class Stages:
         t = time.time()
         result = fn()
         seconds = time.time() - t
-        write_json(marker, {"params": params, "result": result, "seconds": seconds})
+        write_json_atomic(marker, {"params": params, "result": result, "seconds": seconds}, **JSON_STYLE)
         self.timing[name] = seconds
         print(f"  [{name}] done in {seconds:.0f} s")
         return result
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
     out = (REPO / cfg.out).resolve() if not os.path.isabs(cfg.out) else Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json_atomic(out / "config.json", dataclasses.asdict(cfg), **JSON_STYLE)
     stages = Stages(out)
     n = 6
     from loaders.datasets import BUILD_VERSION

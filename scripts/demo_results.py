@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.io import read_jsonl
-
+from scripts.demo_data import read_rows
 
 SET_LABEL = {"openclipart": "OpenClipart", "emoji": "Emoji", "fashion_mnist": "F-MNIST"}
 
@@ -19,7 +18,8 @@ def load_json(path: Path) -> dict:
 
 
 def jsonl_rows(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl(path)] if path.is_file() else []
+    """The rows of a JSONL file a stage may not have written (then none)."""
+    return read_rows(path) if path.is_file() else []
 
 
 OTHER = "other words"  # in the headers of retrieval whose texts are worded otherwise than the captions
