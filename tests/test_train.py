@@ -255,34 +255,49 @@ def test_two_ranks_zero3_accumulation_and_export(runs, ref_rewrite):
     assert json.loads((ckpt / "step-0000006" / "export" / "config.json").read_text())["embed_dim"] == 64
 
 
+def _start_two_ranks_past_step_1(run_dir):
+    """A 2-rank run (bounded at 200 steps if no stop comes), once its first step is logged: (the
+    deepspeed runner's process, every process under it, the two ranks among them)."""
+    import psutil
+    cmd = _command(run_dir, [*Z1_ACC, "stop_after=200"], 2, None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 1):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
+            time.sleep(0.05)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except BaseException:
+        proc.kill()
+        raise
+    ranks = [p for p in tree if any(a.startswith("--local_rank") for a in p.cmdline())]
+    assert len(ranks) == 2
+    return proc, tree, ranks
+
+
+def _kill_all(proc, tree) -> None:
+    """Orphans are no longer our children: kill what was recorded."""
+    if proc.poll() is None:
+        proc.kill()
+    for p in tree:
+        if p.is_running():
+            p.kill()
+
+
 def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     """SIGTERM to the deepspeed runner (which installs no handler and dies at once) mid-run: the ranks
     notice their launcher is gone, checkpoint at the next step boundary and exit; the resumed run's
     losses equal the uninterrupted run's bit for bit (model, optimizer, schedule, data position)."""
     import psutil
     run_dir = runs / "sigterm"
-    cmd = _command(run_dir, [*Z1_ACC, "stop_after=200"], 2, None)  # bounded if the stop never came
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    tree = []
+    proc, tree, ranks = _start_two_ranks_past_step_1(run_dir)
     try:
-        deadline = time.time() + 180
-        while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 1):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-            time.sleep(0.05)
-        tree = psutil.Process(proc.pid).children(recursive=True)  # launch.py and the ranks
-        ranks = [p for p in tree if any(a.startswith("--local_rank") for a in p.cmdline())]
-        assert len(ranks) == 2
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)  # EOF once the ranks (the pipe's last writers) exit
         gone, alive = psutil.wait_procs(ranks, timeout=30)
         assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher"
-    finally:  # orphans are no longer our children: kill what we recorded
-        if proc.poll() is None:
-            proc.kill()
-        for p in tree:
-            if p.is_running():
-                p.kill()
+    finally:
+        _kill_all(proc, tree)
     assert "launcher process" in out and "stopped by the launcher's exit after step" in out, out[-4000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     k = int(tag.split("-")[1])
@@ -305,23 +320,15 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
 def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
     """SIGTERM to rank 1 only (a scheduler signalling one task): both ranks checkpoint at the same step
     boundary and stop, and rank 0, which prints the status, names the reason it did not see itself."""
-    import psutil
     run_dir = runs / "sigterm_rank1"
-    cmd = _command(run_dir, [*Z1_ACC, "stop_after=200"], 2, None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, tree, ranks = _start_two_ranks_past_step_1(run_dir)
     try:
-        deadline = time.time() + 180
-        while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 1):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-            time.sleep(0.05)
-        tree = psutil.Process(proc.pid).children(recursive=True)
-        rank1 = [p for p in tree if "--local_rank=1" in p.cmdline()]
+        rank1 = [p for p in ranks if "--local_rank=1" in p.cmdline()]
         assert len(rank1) == 1
         rank1[0].send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_all(proc, tree)
     assert proc.returncode == 0 and "stopped by SIGTERM after step" in out, out[-4000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert int(tag.split("-")[1]) == len(metrics(run_dir))
