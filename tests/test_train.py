@@ -1,7 +1,7 @@
 """train.py end to end on CPU: the real deepspeed launcher with 2 gloo ranks against 1-process runs of the
 same global batch (ZeRO 1/2/3, gradient-cache accumulation, CLIP / LaCLIP-MT / SLIP losses): losses, and
-gradient norms to 1e-5 relative (a uniform gradient scale error, which AdamW's update hides from the
-losses, shows in the norm); the launcher's death -> checkpoint + exact resume, the non-finite-loss stop,
+gradient norms (step 1 to 1e-5 relative: a uniform gradient scale error, which AdamW's update hides from
+the losses, shows in the norm); the launcher's death -> checkpoint + exact resume, the non-finite-loss stop,
 and a short run on real packed data.
 
 Launching is the cost (about 10 s per deepspeed launch), so each launch checks several things.
@@ -23,7 +23,13 @@ import train
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-4  # fp32 losses of 1 vs 2 ranks differ by reduction order only (observed ~1e-6)
-GRAD_REL = 1e-5  # gradient norms, relative
+# Gradient norms, relative. Step 1 is taken at identical weights, so only the fp32 reduction order
+# differs (observed ~1e-6): a uniform gradient-scale error (a wrong 1/ranks or accumulation factor) fails
+# it. From step 2 the weights themselves differ: AdamW's first updates are about lr * sign(grad), so an
+# element whose gradient is near zero can move the other way on one side, and the norms drift apart as
+# steps go on (measured up to 1.8e-4 at step 4 under ZeRO 3 + SLIP); later steps get 10x that drift.
+GRAD_REL_FIRST = 1e-5
+GRAD_REL_LATER = 2e-3
 # Every run: the tiny model on synthetic data; a long cosine so the 6-8 steps run at nearly peak lr.
 COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=1024", "lr=1e-3", "warmup_steps=2",
           "total_steps=10000", "checkpoint_every=0", "progress=false", "precision=fp32", "seed=0",
@@ -79,12 +85,14 @@ def grad_norms(run_dir) -> list[float]:
     return [row["grad_norm"] for row in metrics(run_dir)]
 
 
-def assert_grad_norms_close(run_dir, ref_dir, rel=GRAD_REL):
-    """Gradient norms (before clipping) step by step; step 1 is taken at identical weights."""
+def assert_grad_norms_close(run_dir, ref_dir):
+    """Gradient norms (before clipping) step by step: step 1 tightly, later steps within the drift."""
     got, want = grad_norms(run_dir), grad_norms(ref_dir)[:len(grad_norms(run_dir))]
     assert len(got) == len(want) and all(g is not None for g in got), (got, want)
-    worst = max(abs(a - b) / b for a, b in zip(got, want))
-    assert worst <= rel, f"gradient norms differ by {worst:.2e} relative:\n got  {got}\n want {want}"
+    rel = [abs(a - b) / b for a, b in zip(got, want)]
+    assert rel[0] <= GRAD_REL_FIRST, f"step-1 norms differ by {rel[0]:.2e}:\n got  {got}\n want {want}"
+    worst = max(rel[1:], default=0.0)
+    assert worst <= GRAD_REL_LATER, f"gradient norms differ by {worst:.2e} relative:\n got  {got}\n want {want}"
 
 
 def assert_close(got, want, tol=TOL):
