@@ -21,12 +21,15 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
                  image_size: int = 224, max_texts: int = 5, slip_views: bool = False, start_batch: int = 0,
                  drop_last: bool = True, augment: bool = True, draw_text: bool = True,
                  return_dict: bool = False, normalize: bool = True, check_records: bool = False,
-                 p_original: float | None = None, style_weights: dict | list | None = None):
+                 pin_memory: bool = False, p_original: float | None = None,
+                 style_weights: dict | list | None = None):
     """An iterable of one epoch's batches for this rank, starting at batch `start_batch`.
 
     len(loader) = batches left. draw_text=False skips the captions (benchmarks only). normalize=False
     hands out uint8 [B,3,H,W] images (a channels-last view) for normalising on the accelerator with
-    loaders.augment.normalize(images.to(device)): the CPU then only decodes and crops.
+    loaders.augment.normalize(images.to(device, non_blocking=True)): the CPU then only decodes and crops.
+    pin_memory=True (where CUDA is available) hands out the CPU tensors page-locked, owned by the batch,
+    so that copy is asynchronous; DALI's "mixed" decoding hands out images already on the GPU.
     check_records=True compares every JPEG and caption record with the CRC-32 stored at pack time (a
     corrupted sample raises PackError naming file, index and key; `python -m benchmarks loader` reports
     the cost as record_checksum_overhead).
@@ -43,7 +46,8 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
                           world_size=world_size, num_workers=num_workers, image_size=image_size,
                           max_texts=max_texts, slip_views=slip_views, start_batch=start_batch, drop_last=drop_last,
                           augment=augment, draw_text=draw_text, return_dict=return_dict, normalize=normalize,
-                          check_records=check_records, p_original=p_original, style_weights=style_weights)
+                          check_records=check_records, pin_memory=pin_memory, p_original=p_original,
+                          style_weights=style_weights)
     if kind == "ffcv":
         from loaders.ffcv_loader import FfcvLoader
         return FfcvLoader(root, config)

@@ -3,7 +3,8 @@
 - RandomResizedCrop(224, scale=(0.5, 1), ratio=(3/4, 4/3)) (LaCLIP's CLIP recipe): the box is
   loaders.sampling.crop_box(seed, epoch, sample index, ...), so every loader crops a sample the same way;
   the crop itself runs on the decoded uint8 HWC image (torch loader) or inside FFCV/DALI;
-- CLIP mean/std normalisation, done once per batch on the uint8 tensor (vectorised, all loaders);
+- CLIP mean/std normalisation, done once per batch on the uint8 tensor (vectorised, all loaders), on the
+  CPU in the loader or on the GPU after a uint8 copy (the trainer on a GPU);
 - SLIP's two SimCLR views: RandomResizedCrop(scale 0.08-1) in the loader, then flip, colour jitter
   (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2 and Gaussian blur (sigma 0.1-2) with p=0.5,
   applied batched in torch here, with each sample's parameters drawn from (seed, epoch, index, view).
@@ -52,10 +53,18 @@ def _normalize_hwc(src, out, scale, shift):
 
 _SCALE = (1 / (np.array(CLIP_STD) * 255)).astype(np.float32)
 _SHIFT = (-np.array(CLIP_MEAN) / np.array(CLIP_STD)).astype(np.float32)
+# Constants are made once on the CPU and moved to the images' device where they are used (a CPU tensor
+# meeting CUDA images raises); values computed on the CPU stay the same whatever the device.
+_MEAN_255 = torch.tensor(CLIP_MEAN, dtype=torch.float32) * 255
+_STD_255 = torch.tensor(CLIP_STD, dtype=torch.float32) * 255
+_MEAN, _STD = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB = torch.linalg.inv(_YIQ)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,H,W,3] (or [B,3,H,W]) -> float32 [B,3,H,W] with CLIP mean/std, on CPU or GPU."""
+    """uint8 [B,H,W,3] (or [B,3,H,W]) -> float32 [B,3,H,W] with CLIP mean/std, on the images' device: on
+    a GPU, copy the uint8 batch over (4x fewer bytes than float32) and normalise it there."""
     if images.device.type == "cpu" and images.dtype == torch.uint8 and images.shape[-1] == 3 \
             and images.is_contiguous():
         b, h, w, _ = images.shape
@@ -63,8 +72,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(_normalize_hwc(images.numpy(), out, _SCALE, _SHIFT))
     if images.shape[-1] == 3:
         images = images.permute(0, 3, 1, 2)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean = _MEAN_255.to(images.device).view(1, 3, 1, 1)
+    std = _STD_255.to(images.device).view(1, 3, 1, 1)
     return ((images.float() - mean) / std).contiguous()
 
 
@@ -78,11 +87,10 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
 
 def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # Rotate hue in YIQ space: cheap, batched and close to torchvision's HSV hue shift for |h| <= 0.1.
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    rgb = torch.linalg.inv(yiq)
+    yiq, rgb = _YIQ.to(x.device), _RGB.to(x.device)
     theta = shift.view(-1) * 2 * math.pi
     c, s = torch.cos(theta), torch.sin(theta)
-    rot = torch.zeros(len(theta), 3, 3)
+    rot = torch.zeros(len(theta), 3, 3, device=x.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
     m = rgb @ rot @ yiq  # [B,3,3]
@@ -91,7 +99,7 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int = 23) -> torch.Tensor:
     half = kernel // 2
-    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    t = torch.arange(-half, half + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-(t.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
     k = k / k.sum(1, keepdim=True)  # [B,K]
     b, ch, h, w = x.shape
@@ -125,10 +133,12 @@ def simclr_view_seeded(crops: torch.Tensor, seed: int, epoch: int, index, view: 
 
 def simclr_colour(crops: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """uint8 crops [B,H,W,3] -> normalised float [B,3,H,W]: flip, colour jitter (p=0.8), grayscale (p=0.2),
-    Gaussian blur (p=0.5), with sample b's random parameters taken from the uniforms draws[b] in [0, 1)."""
+    Gaussian blur (p=0.5), with sample b's random parameters taken from the uniforms draws[b] in [0, 1).
+    The draws may come from the CPU (drawn there, so they are the same numbers on any device): they
+    move to the crops' device, where every other tensor here is made too."""
     x = crops.permute(0, 3, 1, 2).float() / 255
     b = x.shape[0]
-    u = draws.float()
+    u = draws.to(x.device, torch.float32)
 
     def between(lo, hi, k):
         return (lo + (hi - lo) * u[:, k]).view(b, 1, 1, 1)
@@ -144,6 +154,5 @@ def simclr_colour(crops: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     x = torch.where(gate(0.8, 1), y, x)
     x = torch.where(gate(0.2, 6), _gray(x).expand_as(x), x)
     x = torch.where(gate(0.5, 7), _gaussian_blur(x, between(0.1, 2.0, 8).view(b)), x)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = _MEAN.to(x.device).view(1, 3, 1, 1), _STD.to(x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()

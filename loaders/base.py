@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from loaders import augment
 from loaders.packed import PackedMeta, read_meta
 from loaders.sampling import EpochSampler, caption_weights
@@ -35,6 +37,7 @@ class LoaderConfig:
     return_dict: bool = False
     normalize: bool = True
     check_records: bool = False
+    pin_memory: bool = False  # page-locked CPU tensors (with CUDA only) for non_blocking copies to a GPU
     p_original: float | None = None  # weighted caption draw (sampling.caption_weights); None and None:
     style_weights: dict | tuple | None = None  # uniform over a sample's texts, today's draw exactly
 
@@ -67,6 +70,8 @@ class PackedLoader:
         raw: "images" (uint8 [B,H,W,3], or float [B,3,H,W] from a normalising pipeline), "index" (int64
         [B]), optional "tokens", "mask" and "view1"/"view2" (uint8 crops for SLIP's colour part)."""
         c, s = self.config, self.sampler
+        if c.pin_memory and torch.cuda.is_available():
+            raw = {k: _pinned(v) if k != "index" and v.device.type == "cpu" else v for k, v in raw.items()}
         images = raw["images"]
         if not (self.pipeline_normalizes and c.normalize):
             images = augment.normalize(images) if c.normalize else images.permute(0, 3, 1, 2)
@@ -85,3 +90,10 @@ class PackedLoader:
         if self.text_mode == "all":
             return out["images"], out["tokens"], out["mask"]
         return out["images"], out["tokens"]
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy that the batch owns. Not Tensor.pin_memory(): that returns FFCV's own pinned
+    buffers unchanged, which FFCV overwrites a few batches later, possibly under an asynchronous copy.
+    torch's pinned allocator keeps this block until the copies that read it have finished."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)

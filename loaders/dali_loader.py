@@ -46,6 +46,8 @@ def _gpu_id() -> int | None:
 
 def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_workers, image_size, slip_views, seed, epoch,
                    device_id, normalize=True):
+    """device_id: the GPU that decodes ("mixed"; images and crops come out on it), or None (CPU only).
+    resize: a CPU resize operator (dali_ops.resize_op), or None for DALI's fn.resize (GPU images)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
@@ -57,13 +59,15 @@ def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_work
         shape = fn.peek_image_shape(jpeg, dtype=types.INT64)
         params = types.Constant(np.array([seed, epoch, crc_table], dtype=np.int64), dtype=types.INT64, device="cpu")
         index, boxes, tokens = op(idx, shape, record, jpeg, params)
+        # The one place the device matters: where JPEGs are decoded (and so where the crops live).
+        # Indices, crop boxes and tokens come from the CPU op above on either path.
         decoder = "mixed" if device_id is not None else "cpu"
 
         def view(v):
             crop = fn.decoders.image_slice(jpeg, boxes[v, 0:2], boxes[v, 2:4], axis_names="HW",
                                            normalized_anchor=False, normalized_shape=False,
                                            device=decoder, output_type=types.RGB)
-            if decoder == "cpu" and resize is not None:
+            if resize is not None:
                 return resize(crop)
             return fn.resize(crop, size=[image_size, image_size])
 
@@ -98,6 +102,9 @@ class DaliLoader(PackedLoader):
         self.crcs = self.packed.record_crcs() if c.check_records else None  # kept alive: the op reads it
         self.kw = dict(batch_size=c.batch_size, num_workers=c.num_workers, image_size=c.image_size,
                        slip_views=c.slip_views, normalize=c.normalize, seed=c.seed, epoch=c.epoch)
+        self.device_id = _gpu_id()
+        # OpenCV's resize (INTER_AREA, as the FFCV loader) reads CPU images; GPU-decoded ones use DALI's
+        self.cpu_resize = self.device_id is None
 
     def _op(self):
         from loaders.dali_ops import sample_op
@@ -118,8 +125,9 @@ class DaliLoader(PackedLoader):
             from loaders.dali_ops import resize_op
 
             crc_table = 0 if self.crcs is None else self.crcs.ctypes.data
-            pipe = build_pipeline(tars, indexes, op=self._op(), resize=resize_op(self.kw["image_size"]),
-                                  crc_table=crc_table, device_id=_gpu_id(), **self.kw)
+            resize = resize_op(self.kw["image_size"]) if self.cpu_resize else None
+            pipe = build_pipeline(tars, indexes, op=self._op(), resize=resize, crc_table=crc_table,
+                                  device_id=self.device_id, **self.kw)
             names = ["images", "tokens", "index"] + (["v1", "v2"] if self.kw["slip_views"] else [])
             it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=False,
                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)

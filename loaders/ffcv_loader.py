@@ -7,7 +7,10 @@ Per field:
 so no Python runs per sample. Normalisation happens once per batch in torch (augment.normalize).
 
 One ffcv Loader per shard file, built on first use and kept (numba compiles once per Loader; later
-epochs reuse the compiled code). Our EpochSampler decides the order: a rank's positions are cut into
+epochs reuse the compiled code). FFCV allocates an iterator's buffers at every iter(), page-locked on a
+CUDA host (cudaHostAlloc: slow, and held by torch's pinned allocator): each Loader here allocates them
+once and every shard visit after reuses them (a visit starts only when the Loader's previous iterator
+has finished; its batches are copied out by then). Our EpochSampler decides the order: a rank's positions are cut into
 runs that stay in one shard, each run is fed to that shard's Loader as its index list, and the outputs
 are re-cut into the sampler's batches. The epoch (which the compiled draw must see without a recompile)
 lives in a small numpy array whose address the compiled code reads with memcpy each batch.
@@ -146,6 +149,7 @@ class FfcvLoader(PackedLoader):
         loader = Loader(str(self._beton(name)), batch_size=c["batch_size"], num_workers=c["num_workers"],
                         order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines,
                         indices=np.arange(1), batches_ahead=3)
+        _allocate_once(loader)
         return loader, params, list(loader.pipeline_specs), bad  # output order: file fields, then views
 
     def _runs(self):
@@ -171,13 +175,20 @@ class FfcvLoader(PackedLoader):
             yield shard, local
             lo = hi
 
+    _iterators: dict = {}  # Loader key -> its latest FFCV epoch iterator (they share the Loader's buffers)
+
     def _start(self, run):
         """Start FFCV's reader thread on a run (it decodes ahead while the previous run is consumed)."""
         shard, local = run
         loader, keys = self._shard_loader(shard)
+        previous = self._iterators.pop(self._key(shard), None)
+        if previous is not None:  # done unless an epoch was abandoned: stop it before reusing its buffers
+            previous.close()
+            previous.join()
         loader.indices = loader.traversal_order.indices = local.astype(np.uint64)
         loader.first_traversal_order = loader.indices
-        return iter(loader), keys
+        it = self._iterators[self._key(shard)] = iter(loader)
+        return it, keys
 
     def __iter__(self):
         s, pending, have = self.sampler, [], 0
@@ -235,6 +246,17 @@ class FfcvLoader(PackedLoader):
         beton = self._beton(self.packed.meta["shards"][shard]["name"])
         return PackError(f"{beton}: sample {index} (key {sample_key(self.packed.root, index)}): {what} "
                          "(corrupted .beton?)")
+
+
+def _allocate_once(loader) -> None:
+    """Make the FFCV Loader's iterators share one set of buffers instead of allocating per iter()."""
+    allocate, buffers = loader.graph.allocate_memory, {}
+
+    def allocate_once(batch_size, batches_ahead):
+        if (batch_size, batches_ahead) not in buffers:
+            buffers[batch_size, batches_ahead] = allocate(batch_size, batches_ahead)
+        return buffers[batch_size, batches_ahead]
+    loader.graph.allocate_memory = allocate_once
 
 
 def _take(pending: list[dict], n: int, keys: list[str]) -> dict:

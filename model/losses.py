@@ -101,7 +101,7 @@ class LaClipMTLoss(nn.Module):
 
     def forward(self, image_features, text_features, mask, logit_scale):
         b, k, _ = text_features.shape
-        mask = mask.to(torch.bool)
+        mask = mask.to(image_features.device, torch.bool)  # a loader's CPU mask meets GPU features here
         all_image = gather_features(image_features)                     # [N, D]
         all_text = gather_features(text_features)                       # [N, K, D]
         all_mask = gather_features(mask.to(torch.uint8)).to(torch.bool)  # [N, K]
