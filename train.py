@@ -151,9 +151,14 @@ class UsageError(Exception):
     """A problem with the run's inputs, found before training: one line, exit EXIT_USAGE."""
 
 
-def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
+def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[str]:
     """This rank's problems that would otherwise surface mid-run (at the first save, the first batch)."""
     problems = []
+    if cfg.attention == "xformers":
+        from model.attention import xformers_problem  # noqa: PLC0415
+        problem = xformers_problem(device)
+        if problem:
+            problems.append(f"attention=xformers: {problem}; attention=auto or sdpa runs SDPA")
     run_dir = Path(cfg.run_dir)
     try:  # every rank writes its own optimizer shards under run_dir, so every rank checks
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,10 +177,10 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
     return problems
 
 
-def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int):
+def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int, device):
     """Every rank checks; every rank raises the same UsageError naming the problems and their ranks."""
     found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, preflight(cfg, resume, rank))
+    dist.all_gather_object(found, preflight(cfg, resume, rank, device))
     by_problem = {}
     for r, problems in enumerate(found):
         for problem in problems:
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise UsageError(err) from err
     rank, world, device = init_distributed()
-    preflight_all_ranks(cfg, args.resume, rank)
+    preflight_all_ranks(cfg, args.resume, rank, device)
     run_dir = Path(cfg.run_dir)
     from model import get_model_config  # noqa: PLC0415
     from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss  # noqa: PLC0415
@@ -374,6 +379,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0
+    attention_noted = False
     try:
         while step < end_step:
             t0 = time.perf_counter()
@@ -389,6 +395,10 @@ def main(argv=None) -> int:
                     print(f"ERROR: {msg}", file=sys.stderr, flush=True)
                 status, exit_code = msg, EXIT_NONFINITE
                 break
+            if not attention_noted:  # which kernel each tower ran, and why: once per run
+                from model.attention import describe  # noqa: PLC0415
+                logger.note(f"attention: {describe()}")
+                attention_noted = True
             grad_norm = engine.get_global_grad_norm()  # before clipping; None at ZeRO 0
             clamp_logit_scale(engine)
             step += 1

@@ -43,6 +43,8 @@ class TrainBenchOptions:
                                      "sides fit); default 8 on CPU, auto on GPU")
     precision: str | None = option(None, choices=("fp32", "bf16"), help="default fp32 on CPU, bf16 on GPU")
     zero_stage: int = option(0, help="our engine's ZeRO stage (one rank)")
+    attention: str = option("auto", choices=("auto", "xformers", "sdpa"),
+                            help="our model's attention kernel (train.py's key); the JSON records what ran")
     steps: int = option(8, help="timed steps per measurement")
     warmup: int = option(2, help="untimed steps first")
     repeats: int = option(2, help="the paired run times steps x repeats alternating steps per side")
@@ -112,7 +114,7 @@ def _ours_engine(args, model_name, batch, extra=()):
     import train  # noqa: PLC0415
     cfg = train.load_config(None, [f"model={model_name}", f"micro_batch={batch}",
                                    f"zero_stage={args.zero_stage}", f"precision={args.precision}",
-                                   "lr=1e-4", "warmup_steps=1", "total_steps=1000000", *extra])
+                                   f"attention={args.attention}", "lr=1e-4", "warmup_steps=1", "total_steps=1000000", *extra])
     rank, world, device = train.init_distributed()
     from model import get_model_config  # noqa: PLC0415
     model_config = get_model_config(model_name)
@@ -183,7 +185,11 @@ def worker_side(args, batch: int) -> dict:
     """One side alone in this process: its rate and its peak memory."""
     step, meter = (ours_step if args.worker == "ours" else open_clip_step)(args, batch)
     seconds = meter.time(step, args.warmup, args.steps)
-    return {"samples_per_s": batch / seconds, "step_s": seconds, **meter.peak()}
+    out = {"samples_per_s": batch / seconds, "step_s": seconds, **meter.peak()}
+    if args.worker == "ours":
+        from model.attention import kernels_used  # noqa: PLC0415
+        out["attention"] = kernels_used()  # what our model's towers ran, and why
+    return out
 
 
 def worker_paired(args, batch: int) -> dict:
@@ -197,8 +203,10 @@ def worker_paired(args, batch: int) -> dict:
             seconds = meter.time(step, 0, 1)
             if i >= args.warmup:
                 times[name].append(seconds)
+    from model.attention import kernels_used  # noqa: PLC0415
     return {f"{name}_step_s": t for name, t in times.items()} | {
-        f"{name}_median_step_s": statistics.median(t) for name, t in times.items()}
+        f"{name}_median_step_s": statistics.median(t) for name, t in times.items()} | {
+        "attention": kernels_used()}
 
 
 def worker_data(args, batch: int) -> dict:
@@ -230,6 +238,7 @@ def worker_data(args, batch: int) -> dict:
 def _spawn(args, worker: str, batch: int, extra=()) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.train", "--worker", worker, "--model", args.model,
            "--micro-batch", str(batch), "--precision", args.precision, "--zero-stage", str(args.zero_stage),
+           "--attention", args.attention,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--data-steps", str(args.data_steps),
            *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -313,7 +322,8 @@ def main(argv: list[str]) -> dict:
         "ours_peak_memory_mib": alone["ours"].get("peak_gpu_mib", alone["ours"]["peak_rss_mib"]),
         "open_clip_peak_memory_mib": alone["open_clip"].get("peak_gpu_mib",
                                                             alone["open_clip"]["peak_rss_mib"]),
-        "paired_step_s": {k: v for k, v in paired.items() if not k.endswith("median_step_s")},
+        "attention": args.attention, "ours_attention_kernels": paired["attention"],
+        "paired_step_s": {k: v for k, v in paired.items() if k.endswith("_step_s") and "median" not in k},
         "alone": alone,
     }
     if not args.no_data:

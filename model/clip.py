@@ -51,6 +51,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         assert width % heads == 0, f"width {width} not divisible by heads {heads}"
         self.heads, self.causal = heads, causal
+        self.attention_mode, self.tower = "auto", ""  # CLIP.set_attention; the tower names kernel reports
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         # qk-norm: LayerNorm over each head's q and k before the dot product (stabilises large ViTs)
@@ -62,7 +63,8 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(self.ln_q(q), self.ln_k(k), v, causal=self.causal)  # [b, heads, n, hd]
+        out = attention(self.ln_q(q), self.ln_k(k), v, causal=self.causal, mode=self.attention_mode,
+                        tower=self.tower)  # [b, heads, n, hd]
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -223,6 +225,10 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=tc["width"] ** -0.5)
         self.transformer.init_weights()
         self.set_grad_checkpointing(cfg["grad_checkpointing"])
+        for tower, module in (("image", self.visual), ("text", self.transformer)):
+            for attn in module.modules():
+                if isinstance(attn, SelfAttention):
+                    attn.tower = tower
 
     @property
     def image_size(self) -> int:
@@ -232,6 +238,16 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
         self.config["grad_checkpointing"] = bool(enable)
+
+    def set_attention(self, mode: str = "auto"):
+        """The attention kernel of every block: auto | xformers | sdpa (model/attention.py). A run-time
+        choice like the device, so not part of the config that exports save."""
+        from model.attention import MODES  # noqa: PLC0415
+        if mode not in MODES:
+            raise ValueError(f"attention mode {mode!r}, expected one of {MODES}")
+        for attn in self.modules():
+            if isinstance(attn, SelfAttention):
+                attn.attention_mode = mode
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         x = self.visual(images)

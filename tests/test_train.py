@@ -405,3 +405,5 @@ def test_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text())["ratio"] == result["ratio"] > 0
     assert {"ours_samples_per_s", "open_clip_samples_per_s", "ours_peak_memory_mib",
             "open_clip_peak_memory_mib"} <= set(result)
+    why = "no xformers kernel for cpu tensors (it runs on CUDA only)"  # attention=auto on the CPU
+    assert result["ours_attention_kernels"] == {t: {"kernel": "sdpa", "why": why} for t in ("image", "text")}

@@ -39,6 +39,9 @@ class TrainConfig:
     precision: str = option("fp32", help="fp32 | bf16", choices=("fp32", "bf16"))
     grad_checkpointing: bool = option(False, help="activation checkpointing in the towers")
     compile: bool = option(False, help="torch.compile through DeepSpeed's engine.compile()")
+    attention: str = option("auto", help="attention kernel: xformers where it runs, else SDPA (auto; train.log "
+                            "says which ran and why) | xformers (refuse to start without it) | sdpa",
+                            choices=("auto", "xformers", "sdpa"))
     # optimizer and schedule
     lr: float = option(5e-4, help="peak learning rate (AdamW)")
     min_lr_ratio: float = option(0.0, help="the cosine ends at lr * min_lr_ratio")

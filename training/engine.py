@@ -59,6 +59,7 @@ def build_engine(cfg: TrainConfig, model_config: dict):
     from torch.optim.lr_scheduler import LambdaLR  # noqa: PLC0415
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(model_config)
+    model.set_attention(cfg.attention)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay),
         config=deepspeed_config(cfg), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
