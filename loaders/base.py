@@ -70,8 +70,6 @@ class PackedLoader:
         raw: "images" (uint8 [B,H,W,3], or float [B,3,H,W] from a normalising pipeline), "index" (int64
         [B]), optional "tokens", "mask" and "view1"/"view2" (uint8 crops for SLIP's colour part)."""
         c, s = self.config, self.sampler
-        if c.pin_memory and torch.cuda.is_available():
-            raw = {k: _pinned(v) if k != "index" and v.device.type == "cpu" else v for k, v in raw.items()}
         images = raw["images"]
         if not (self.pipeline_normalizes and c.normalize):
             images = augment.normalize(images) if c.normalize else images.permute(0, 3, 1, 2)
@@ -83,6 +81,9 @@ class PackedLoader:
             index = raw["index"].numpy()
             out["view1"] = augment.simclr_view_seeded(raw["view1"], s.seed, s.epoch, index, 1)
             out["view2"] = augment.simclr_view_seeded(raw["view2"], s.seed, s.epoch, index, 2)
+        if c.pin_memory and torch.cuda.is_available():  # what a GPU run copies: the uint8 images, the texts
+            out.update({k: _pinned(out[k]) for k in ("images", "tokens", "mask")
+                        if k in out and out[k].device.type == "cpu"})
         if self.return_dict:
             return out
         if "tokens" not in out:
@@ -96,4 +97,4 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     """A page-locked copy that the batch owns. Not Tensor.pin_memory(): that returns FFCV's own pinned
     buffers unchanged, which FFCV overwrites a few batches later, possibly under an asynchronous copy.
     torch's pinned allocator keeps this block until the copies that read it have finished."""
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return torch.empty_like(t, pin_memory=True).copy_(t)  # same strides: a channels-last view stays one

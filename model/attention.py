@@ -103,7 +103,10 @@ def _sdpa(q, k, v, causal, tower, why):
 
 
 def _note(tower: str, kernel: str, why: str):
-    _USED[tower] = (kernel, why)  # under torch.compile too: dynamo replays the store after each graph call
+    # Not inside torch.compile: dynamo cannot replay a store inside activation checkpointing. A compiled
+    # model's auto mode is decided above anyway: SDPA, traced into the graph.
+    if not torch.compiler.is_compiling():
+        _USED[tower] = (kernel, why)
 
 
 def kernels_used() -> dict[str, dict]:
@@ -115,5 +118,5 @@ def describe(used: dict | None = None) -> str:
     """One line, e.g. "image tower sdpa (no xformers kernel for cpu tensors ...), text tower sdpa (...)"."""
     used = kernels_used() if used is None else used
     if not used:
-        return "no attention call yet"
+        return "no call recorded (compiled models record none: under torch.compile, auto traces SDPA)"
     return ", ".join(f"{tower or 'unnamed'} tower {u['kernel']} ({u['why']})" for tower, u in used.items())
