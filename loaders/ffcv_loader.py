@@ -9,10 +9,11 @@ so no Python runs per sample. Normalisation happens once per batch in torch (aug
 One ffcv Loader per shard file, built on first use and kept (numba compiles once per Loader; later
 epochs reuse the compiled code). FFCV allocates an iterator's buffers at every iter(), page-locked on a
 CUDA host (cudaHostAlloc: slow, and held by torch's pinned allocator): each Loader here allocates them
-once and every shard visit after reuses them (a visit starts only when the Loader's previous iterator
-has finished; its batches are copied out by then). Our EpochSampler decides the order: a rank's positions are cut into
-runs that stay in one shard, each run is fed to that shard's Loader as its index list, and the outputs
-are re-cut into the sampler's batches. The epoch (which the compiled draw must see without a recompile)
+once and every later shard visit reuses them (a visit starts when the Loader's previous iterator has
+finished; the batches it handed out live until the consumer asks for the next, as within one FFCV
+epoch). Our EpochSampler decides the order: a rank's positions are cut into runs that stay in one shard,
+each run is fed to that shard's Loader as its index list, and the outputs are re-cut into the sampler's
+batches. The epoch (which the compiled draw must see without a recompile)
 lives in a small numpy array whose address the compiled code reads with memcpy each batch.
 """
 from __future__ import annotations
@@ -177,25 +178,37 @@ class FfcvLoader(PackedLoader):
 
     _iterators: dict = {}  # Loader key -> its latest FFCV epoch iterator (they share the Loader's buffers)
 
-    def _start(self, run):
+    def _start(self, run, started: list):
         """Start FFCV's reader thread on a run (it decodes ahead while the previous run is consumed)."""
         shard, local = run
         loader, keys = self._shard_loader(shard)
-        previous = self._iterators.pop(self._key(shard), None)
-        if previous is not None:  # done unless an epoch was abandoned: stop it before reusing its buffers
-            previous.close()
-            previous.join()
+        previous = self._iterators.get(self._key(shard))
+        if previous is not None:
+            if not previous.terminate_event.is_set():  # neither exhausted nor closed: in use elsewhere
+                raise RuntimeError(f"{self._beton(self.packed.meta['shards'][shard]['name'])}: two epochs with "
+                                   "the same options read this shard at once (they share its buffers); "
+                                   "finish or close one first")
+            previous.join()  # its thread is leaving; then its buffers are free
         loader.indices = loader.traversal_order.indices = local.astype(np.uint64)
         loader.first_traversal_order = loader.indices
         it = self._iterators[self._key(shard)] = iter(loader)
+        started.append(it)
         return it, keys
 
     def __iter__(self):
+        started = []  # this epoch's FFCV iterators
+        try:
+            yield from self._batches(started)
+        finally:  # an epoch left early (break, an error) stops FFCV's threads: later visits reuse the buffers
+            for it in started:
+                it.close()
+
+    def _batches(self, started: list):
         s, pending, have = self.sampler, [], 0
         sizes = [s.batch_bounds(b)[1] - s.batch_bounds(b)[0] for b in range(s.start_batch, s.num_batches)]
         runs = self._runs()
         run = next(runs, None)
-        current = self._start(run) if run is not None else None
+        current = self._start(run, started) if run is not None else None
         while current is not None:
             nxt = next(runs, None)
             # Prefetch the next run unless it reuses this run's Loader (one epoch iterator per Loader) or
@@ -203,7 +216,7 @@ class FfcvLoader(PackedLoader):
             # shared jitted helpers at once can fail inside numba.
             ahead = None
             if nxt is not None and nxt[0] != run[0] and self._is_warm(nxt[0]):
-                ahead = self._start(nxt)
+                ahead = self._start(nxt, started)
             it, keys = current
             for out in it:
                 self._warm.add(self._key(run[0]))
@@ -221,7 +234,7 @@ class FfcvLoader(PackedLoader):
             if pending:  # the run ended mid-batch: its buffers go back to FFCV
                 pending = [{k: v.clone() for k, v in p.items()} for p in pending]
             run = nxt
-            current = ahead if ahead is not None else (self._start(nxt) if nxt is not None else None)
+            current = ahead if ahead is not None else (self._start(nxt, started) if nxt is not None else None)
 
     def _finish(self, batch):
         raw = {"images": batch["image"], "index": batch["index"].view(-1).long()}

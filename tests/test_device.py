@@ -178,7 +178,14 @@ def test_ffcv_allocates_buffers_once_per_shard_not_per_visit(packed, monkeypatch
         first = first or batches
     shards = len(loader.packed.meta["shards"])
     assert visits > shards and len(calls) == shards, (visits, calls)
+    left = iter(build_loader("ffcv", packed, epoch=0, **kw))
+    next(left)
+    with pytest.raises(RuntimeError, match="two epochs with the same options read this shard at once"):
+        next(iter(build_loader("ffcv", packed, epoch=0, **kw)))  # would share the running epoch's buffers
+    left.close()  # an epoch left early stops its FFCV threads; the next one may reuse the buffers
     again = [{k: v.clone() for k, v in b.items()} for b in build_loader("ffcv", packed, epoch=0, **kw)]
+    assert len(again) == len(first)
     for x, y in zip(first, again):  # epoch 0 again on the reused buffers: the same batches
         for key in ("images", "tokens", "index"):
             assert torch.equal(x[key], y[key]), key
+    assert len(calls) == shards
