@@ -28,8 +28,11 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
     len(loader) = batches left. draw_text=False skips the captions (benchmarks only). normalize=False
     hands out uint8 [B,3,H,W] images (a channels-last view) for normalising on the accelerator with
     loaders.augment.normalize(images.to(device, non_blocking=True)): the CPU then only decodes and crops.
+    With slip_views, normalize=False also leaves SLIP's colour part to the consumer: view1/view2 are the
+    uint8 crops [B,H,W,3], made views on the device by loaders.augment.simclr_view_seeded(view.to(device),
+    seed, epoch, batch["index"], 1 or 2) (training.data.to_device does both).
     pin_memory=True (where CUDA is available) hands out the CPU tensors page-locked, owned by the batch,
-    so that copy is asynchronous; DALI's "mixed" decoding hands out images already on the GPU.
+    so that copy is asynchronous; DALI's "mixed" decoding hands out images and crops already on the GPU.
     check_records=True compares every JPEG and caption record with the CRC-32 stored at pack time (a
     corrupted sample raises PackError naming file, index and key; `python -m benchmarks loader` reports
     the cost as record_checksum_overhead).

@@ -68,7 +68,8 @@ class PackedLoader:
         """Normalise images (unless the pipeline did) and SLIP views in the consumer; shape the batch.
 
         raw: "images" (uint8 [B,H,W,3], or float [B,3,H,W] from a normalising pipeline), "index" (int64
-        [B]), optional "tokens", "mask" and "view1"/"view2" (uint8 crops for SLIP's colour part)."""
+        [B]), optional "tokens", "mask" and "view1"/"view2" (uint8 crops for SLIP's colour part, which
+        normalize=False leaves to the consumer: training.data.to_device runs it on the device)."""
         c, s = self.config, self.sampler
         images = raw["images"]
         if not (self.pipeline_normalizes and c.normalize):
@@ -77,12 +78,14 @@ class PackedLoader:
         for key in ("tokens", "mask"):
             if key in raw:
                 out[key] = raw[key]
-        if "view1" in raw:  # colour part per sample from (seed, epoch, index, view), like the crops
+        if "view1" in raw and c.normalize:  # colour part per sample from (seed, epoch, index, view)
             index = raw["index"].numpy()
             out["view1"] = augment.simclr_view_seeded(raw["view1"], s.seed, s.epoch, index, 1)
             out["view2"] = augment.simclr_view_seeded(raw["view2"], s.seed, s.epoch, index, 2)
-        if c.pin_memory and torch.cuda.is_available():  # what a GPU run copies: the uint8 images, the texts
-            out.update({k: _pinned(out[k]) for k in ("images", "tokens", "mask")
+        elif "view1" in raw:  # uint8 crops: the colour part runs where the images are normalised
+            out["view1"], out["view2"] = raw["view1"], raw["view2"]
+        if c.pin_memory and torch.cuda.is_available():  # what a GPU run copies: uint8 images and crops, texts
+            out.update({k: _pinned(out[k]) for k in ("images", "view1", "view2", "tokens", "mask")
                         if k in out and out[k].device.type == "cpu"})
         if self.return_dict:
             return out

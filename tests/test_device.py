@@ -120,22 +120,27 @@ def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):  # noqa:
 @pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
 def test_gpu_path_uint8_then_normalise_on_the_device_equals_the_cpu_path(kind, packed):  # noqa: F811
     """What the trainer does on a GPU (loader normalize=False and pin_memory=True, then to_device) gives
-    the batches of the CPU path (the loader normalises): same indices, tokens and masks, images within one
-    float32 rounding (the device path runs torch ops, the CPU path a compiled kernel)."""
+    the batches of the CPU path (the loader normalises): same indices, tokens and masks, SLIP views
+    bit for bit, images within one float32 rounding (torch ops here, a compiled kernel in the loader)."""
     from tests.test_loaders import run
     from training.data import to_device
-    kw = dict(text_mode="all", seed=5, epoch=1, batch_size=8)
+    kw = dict(text_mode="all", seed=5, epoch=1, batch_size=8, slip_views=True)
     if kind != "torch":
         pytest.importorskip({"ffcv": "ffcv", "dali": "nvidia.dali"}[kind])
     cpu_path = run(kind, packed, **kw)
     gpu_path = run(kind, packed, normalize=False, pin_memory=True, **kw)
     assert len(cpu_path) == len(gpu_path) > 0
     for a, b in zip(cpu_path, gpu_path):
-        assert b["images"].dtype == torch.uint8
+        assert b["images"].dtype == b["view1"].dtype == torch.uint8
         for key in ("index", "tokens", "mask"):
             assert torch.equal(a[key], b[key]), key
-        moved = to_device(b, torch.device("cpu"), torch.float32)
+        moved = to_device(b, torch.device("cpu"), torch.float32, seed=5, epoch=1)
         torch.testing.assert_close(moved["images"], a["images"], rtol=0, atol=2e-6)
+        for key in ("view1", "view2"):  # SLIP's colour part: the same ops on the same crops
+            assert torch.equal(moved[key], a[key]), key
+        on_meta = to_device({k: v.to(META) if k in ("images", "view1", "view2") else v for k, v in b.items()},
+                            META, torch.bfloat16, seed=5, epoch=1)  # as DALI's mixed branch hands them out
+        assert all(on_meta[k].device == META for k in ("images", "view1", "view2", "tokens", "mask"))
 
 
 def test_dali_mixed_branch_settings_give_the_cpu_indices_and_tokens(packed):  # noqa: F811

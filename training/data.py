@@ -58,20 +58,22 @@ class MicroBatches:
             except StopIteration:
                 self.epoch, self.batch, self.it = self.epoch + 1, 0, None
         self.batch += 1
-        return to_device(batch, device, dtype)
+        return to_device(batch, device, dtype, seed=self.cfg.seed, epoch=self.epoch)
 
 
-def to_device(batch: dict, device, dtype) -> dict:
-    """A loader batch on the device: images and SLIP views in `dtype` (uint8 images are copied as uint8,
-    then normalised there), tokens int64, mask bool; every copy non_blocking (asynchronous from pinned
-    memory, an ordinary copy otherwise). Other keys (the sample indices) stay behind."""
+def to_device(batch: dict, device, dtype, seed: int = 0, epoch: int = 0) -> dict:
+    """A loader batch on the device: images and SLIP views in `dtype`, tokens int64, mask bool; every
+    copy non_blocking (asynchronous from pinned memory, an ordinary copy otherwise). uint8 images are
+    copied as uint8 and normalised there; uint8 SLIP crops get their colour part there, from (seed, epoch,
+    the batch's "index", view) as in the loaders. Other keys (the sample indices) stay behind."""
     out = {}
     for key, value in batch.items():
         if key in ("images", "view1", "view2"):
             value = value.to(device, non_blocking=True)
             if value.dtype == torch.uint8:
-                from loaders.augment import normalize  # noqa: PLC0415 (cv2, numba: only with a loader)
-                value = normalize(value)
+                from loaders import augment  # noqa: PLC0415 (cv2, numba: only with a loader)
+                value = augment.normalize(value) if key == "images" else augment.simclr_view_seeded(
+                    value, seed, epoch, batch["index"].numpy(), int(key[-1]))
             out[key] = value.to(dtype)
         elif key in ("tokens", "mask"):
             out[key] = value.to(device, torch.bool if key == "mask" else torch.long, non_blocking=True)
