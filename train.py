@@ -56,7 +56,8 @@ from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refus
                                   resolve_resume, save_checkpoint, set_rng_state)
 from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
 from training.data import MicroBatches  # noqa: E402
-from training.engine import build_engine, clamp_logit_scale, lr_lambda, param_groups  # noqa: E402, F401
+from training.engine import (build_engine, clamp_logit_scale, lr_lambda, param_groups,  # noqa: E402, F401
+                             precision_summary)
 from training.logger import Logger  # noqa: E402
 
 EXIT_NONFINITE = 3
@@ -75,9 +76,9 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- distributed
 
-def init_distributed():
+def init_distributed(timeout_s: float | None = None):
     """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
-    one rank."""
+    one rank. timeout_s: every collective's timeout (None: DeepSpeed's default)."""
     from common.ranks import RankError, export_torch_env, resolve_ranks  # noqa: PLC0415
     try:
         ranks = resolve_ranks()
@@ -105,7 +106,9 @@ def init_distributed():
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
-    deepspeed.init_distributed()  # gloo on CPU, nccl on CUDA
+    from datetime import timedelta  # noqa: PLC0415
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(**timeout)  # gloo on CPU, nccl on CUDA
     if accel.device_name() == "cpu":
         release_shm_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size(), device
@@ -295,12 +298,23 @@ def train_step(engine, micro: list[dict], cfg: TrainConfig, losses: dict, step: 
 
 # ----------------------------------------------------------------------------- evaluation during training
 
-def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank: int, device) -> dict:
+def eval_wait_group(cfg: TrainConfig):
+    """A gloo group for the other ranks to wait in while rank 0 evaluates, with its own timeout
+    (eval_timeout_s): a long evaluation must not hit the collective timeout of the main group (every
+    rank calls this, once)."""
+    from datetime import timedelta  # noqa: PLC0415
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.eval_timeout_s))
+
+
+def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank: int, device,
+                  wait_group=None) -> dict:
     """Zero-shot top-1 / top-5 / mean per-class of the current weights on `sets`, through eval.py's
-    evaluation code (collective: every rank gathers the weights; rank 0 evaluates)."""
+    evaluation code (collective: every rank gathers the weights; rank 0 evaluates while the others wait
+    in `wait_group`, outside the collective timeout)."""
     from model import build_model  # noqa: PLC0415
     sd = full_fp32_state_dict(engine)
     out = {}
+    start = time.perf_counter()
     if rank == 0:
         from evaluation import runner as E  # noqa: PLC0415
         model = build_model(model_config)
@@ -311,7 +325,8 @@ def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank
         for ds in sets:
             zs = E.evaluate_set(model, ds, ecfg, "", str(device))["zeroshot"]
             out.update({f"zeroshot/{ds.name}/{k}": v for k, v in zs.items() if k != "accuracy"})
-    dist.barrier()
+        out["zeroshot/seconds"] = time.perf_counter() - start
+    dist.barrier(group=wait_group)
     return out
 
 
@@ -331,7 +346,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
     except ConfigError as err:
         raise UsageError(err) from err
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.collective_timeout_s)
     preflight_all_ranks(cfg, args.resume, rank, device)
     run_dir = Path(cfg.run_dir)
     from model import get_model_config  # noqa: PLC0415
@@ -347,11 +362,13 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
 
-    eval_sets = []
-    if cfg.eval_every:  # open the sets now: a missing one fails before the build
+    eval_sets, wait_group = [], None
+    if cfg.eval_every:
+        wait_group = eval_wait_group(cfg)  # open the sets now: a missing one fails before the build
         from evaluation.datasets import open_eval_set  # noqa: PLC0415
         eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
     engine = build_engine(cfg, model_config)
+    precision = precision_summary(engine)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
 
@@ -376,6 +393,7 @@ def main(argv=None) -> int:
                 + (f"resumed from {last_checkpoint} at step {step}" if resume_from else
                    ("--resume latest: nothing to resume, starting fresh" if args.resume else "fresh run"))
                 + f"; config {run_dir / 'config.yaml'}")
+    logger.note(precision)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0
@@ -408,7 +426,7 @@ def main(argv=None) -> int:
                    "samples_per_s": global_batch / dt, "data_wait": t_data / dt, "epoch": data.epoch,
                    "time": time.time()}
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == end_step):
-                row.update(zeroshot_eval(engine, cfg, model_config, eval_sets, rank, device))
+                row.update(zeroshot_eval(engine, cfg, model_config, eval_sets, rank, device, wait_group))
             logger.log(row)
             stop_reason = stop_reason_of_any_rank(stop_requested["reason"])
             if stop_reason or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):

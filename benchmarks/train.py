@@ -42,9 +42,10 @@ class TrainBenchOptions:
     micro_batch: str | None = option(None, help="samples per step, or 'auto' (GPU: largest power of two both "
                                      "sides fit); default 8 on CPU, auto on GPU")
     precision: str | None = option(None, choices=("fp32", "bf16"), help="default fp32 on CPU, bf16 on GPU")
-    zero_stage: int = option(0, help="our engine's ZeRO stage (one rank)")
     attention: str = option("auto", choices=("auto", "xformers", "sdpa"),
                             help="our model's attention kernel (train.py's key); the JSON records what ran")
+    zero_stage: int | None = option(None, help="our engine's ZeRO stage (one rank); default 0 in fp32, 1 in "
+                                    "bf16 (DeepSpeed keeps fp32 masters only from stage 1)")
     steps: int = option(8, help="timed steps per measurement")
     warmup: int = option(2, help="untimed steps first")
     repeats: int = option(2, help="the paired run times steps x repeats alternating steps per side")
@@ -295,6 +296,8 @@ def main(argv: list[str]) -> dict:
     on_gpu = torch.cuda.is_available()
     args.model = args.model or ("ViT-B-16" if on_gpu else "ViT-S-16")
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
+    if args.zero_stage is None:
+        args.zero_stage = 1 if args.precision == "bf16" else 0
     args.threads = args.threads or os.cpu_count() or 1
     if args.worker:  # inside a spawned worker process
         batch = int(args.micro_batch)

