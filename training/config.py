@@ -14,8 +14,8 @@ class TrainConfig:
     model: str = option("tiny", help="a model/configs/<name>.json")
     model_overrides: dict = option(factory=dict, help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
     # data
-    data: str = option("synthetic", help="loader kind (loaders.build_loader); synthetic: seeded random data",
-                       choices=DATA_KINDS)
+    data: str = option("", help="required: torch | ffcv | dali read data_root (loaders.build_loader); synthetic: "
+                       "seeded random data, only when asked for", choices=DATA_KINDS)
     data_root: str = option("", help="packed dataset directory (loaders.pack); needed unless data=synthetic")
     text_mode: str = option("rewrite", help="original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)",
                             choices=("original", "rewrite", "all"))
@@ -62,6 +62,9 @@ class TrainConfig:
     progress: bool = option(True, help="tqdm bar on rank 0")
 
     def validate(self):
+        if not self.data:  # no default: a command missing its data must not start a run on random data
+            raise ConfigError("data", "required: data=torch|ffcv|dali with data_root=<packed dataset>, or "
+                              "data=synthetic for seeded random data")
         if self.data != "synthetic" and not self.data_root:
             raise ConfigError("data_root", f"data={self.data!r} needs data_root (a packed dataset directory)")
         for key in ("micro_batch", "accumulation", "total_steps"):
