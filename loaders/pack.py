@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.datasets import open_source
+from loaders.datasets import check_source, open_source
 from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
@@ -551,6 +551,7 @@ def pack(cfg: PackConfig) -> dict:
     cfg = dataclasses.replace(cfg, rank=ranks.rank, world_size=ranks.world_size)
     if cfg.rewrites and not os.path.exists(cfg.rewrites):
         raise PackError(f"{cfg.rewrites}: rewrites file not found")
+    check_source(cfg.input)  # a URL, a missing file, a misspelt builder: before --out is made
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     settings = caption_settings(cfg)
@@ -674,16 +675,22 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> None:
-    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 1."""
+    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 2; an
+    --out folder this run created and left empty is removed."""
     from loaders.ingest import IngestError
     from loaders.store import StoreError
 
+    from common.config import fail
     from common.ranks import RankError
 
+    cfg = parse_args(argv)
+    created = bool(cfg.out) and not os.path.exists(cfg.out)
     try:
-        main(argv)
+        pack(cfg)
     except (PackError, IngestError, StoreError, RankError) as e:  # a user's input or launch: one line
-        sys.exit(f"pack: error: {e}")
+        if created and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+            os.rmdir(cfg.out)
+        fail("pack", e)
 
 
 if __name__ == "__main__":
