@@ -114,8 +114,8 @@ def refuse_remote(spec: str, error: type[Exception] = ValueError) -> None:
     """A URL or `pipe:` command is an error saying what is read instead (not "shards do not exist")."""
     if REMOTE.match(spec):
         raise error(f"{spec}: remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported; "
-                    "give local files: tar shards (a file, a folder of .tar, a glob or a {a..b} brace list), "
-                    "or copy them here first")
+                    "copy the data here and give its local path (a file, a folder, a glob or a {a..b} brace "
+                    "list)")
 
 
 def expand_shards(spec: str | os.PathLike | Iterable, error: type[Exception] = ValueError) -> list[str]:
