@@ -19,8 +19,9 @@ in open_clip's hub layout). `latest`
 names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
-directory, a missing data_root or --resume checkpoint, a bad config) print one line and exit 2.
-A run_dir that already holds a run is refused unless resuming; `--resume latest` starts fresh when
+directory, a data_root that is not a pack, a missing or empty --resume checkpoint, a missing eval set, a
+bad config, a launch without a rank) print one line and exit 2, as does a run_dir that already holds a
+run, unless resuming; `--resume latest` starts fresh when
 there is nothing to resume. keep_checkpoints=N keeps the newest N; eval_every=N runs zero-shot evaluation
 (eval.py's code) on eval_datasets every N steps, logged beside the loss; the `deepspeed:` mapping of the
 config is merged into the generated DeepSpeed config (any DeepSpeed option, its monitors included).
@@ -84,7 +85,7 @@ def init_distributed():
         if ranks.source != "single":
             export_torch_env(ranks)
     except RankError as e:
-        raise SystemExit(f"train.py: {e}") from None
+        raise UsageError(e) from None
     if ranks.source == "single":
         import socket  # noqa: PLC0415
         with socket.socket() as s:
@@ -164,11 +165,18 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int) -> list[str]:
         problems.append(f"run_dir {run_dir}: cannot write checkpoints there ({err.strerror or err})")
     if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
         problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
-    if resume:
-        try:
+    elif cfg.data != "synthetic":
+        from loaders.packed import PackError, read_meta  # noqa: PLC0415
+        try:  # meta.json and file sizes only: cheap
+            read_meta(cfg.data_root)
+        except PackError as err:
+            problems.append(f"data_root {cfg.data_root}: not a packed dataset ({err})")
+    try:
+        if resume:
             resolve_resume(resume, Path(cfg.run_dir))
-        except FileNotFoundError as err:
-            problems.append(str(err))
+        refuse_existing_run(run_dir, resuming=resume is not None)
+    except (FileNotFoundError, FileExistsError) as err:
+        problems.append(str(err))
     return problems
 
 
@@ -336,16 +344,17 @@ def main(argv=None) -> int:
     if cfg.image_loss == "slip":
         model_config["slip"] = True
     resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
-    refuse_existing_run(run_dir, resuming=args.resume is not None)
-    dist.barrier()  # every rank has looked before rank 0 writes
+    eval_sets = []
+    if cfg.eval_every:  # open the sets now: a missing one fails before the build and before config.yaml
+        from evaluation.datasets import DatasetError, open_eval_set  # noqa: PLC0415
+        try:
+            eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
+        except DatasetError as err:
+            raise UsageError(f"eval_datasets: {err}") from None
+    dist.barrier()  # every rank has looked (preflight: refuse_existing_run) before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-
-    eval_sets = []
-    if cfg.eval_every:  # open the sets now: a missing one fails before the build
-        from evaluation.datasets import open_eval_set  # noqa: PLC0415
-        eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
     engine = build_engine(cfg, model_config)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}

@@ -74,6 +74,11 @@ class TrainConfig:
             raise ConfigError("betas", f"{list(self.betas)}: expected two numbers")
         if self.eval_every and not self.eval_datasets:
             raise ConfigError("eval_datasets", f"eval_every={self.eval_every} needs eval_datasets")
+        from evaluation.datasets import DatasetError, canonical_name  # names only: the sets open later
+        try:
+            [canonical_name(n.strip()) for n in self.eval_datasets.split(",") if n.strip()]
+        except DatasetError as e:
+            raise ConfigError("eval_datasets", str(e)) from None
         from loaders.sampling import caption_weights  # the loader's own check, before any rank starts
         try:
             caption_weights(self.caption_p_original, self.caption_style_weights or None)
