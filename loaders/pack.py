@@ -18,6 +18,7 @@ Global indices are only known once every shard has dropped its broken images, he
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import itertools
@@ -688,9 +689,23 @@ def cli(argv=None) -> None:
     try:
         pack(cfg)
     except (PackError, IngestError, StoreError, RankError) as e:  # a user's input or launch: one line
-        if created and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
-            os.rmdir(cfg.out)
+        if created and _alone(cfg) and not _holds_samples(cfg.out):  # nothing a re-run could reuse
+            shutil.rmtree(cfg.out, ignore_errors=True)
         fail("pack", e)
+
+
+def _alone(cfg: PackConfig) -> bool:
+    from common.ranks import RankError, resolve_ranks
+    try:
+        return resolve_ranks(cfg.rank, cfg.world_size).world_size == 1
+    except RankError:
+        return False
+
+
+def _holds_samples(out: str) -> bool:
+    """Some staged or final shard of `out` holds a sample (work a re-run resumes from)."""
+    records = [_json_or_none(p) or {} for d in ("staging", "shards") for p in glob.glob(os.path.join(out, d, "*.json"))]
+    return any(r.get("keys") or r.get("num_samples") for r in records)
 
 
 if __name__ == "__main__":
