@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from common.config import EXIT_USAGE
 from evaluation.config import OUTPUT_FORMATS, PROTOCOLS, EvalConfig
 from evaluation.runner import CheckpointError, run
 from evaluation.table import compare
@@ -70,19 +71,30 @@ def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
     return EvalConfig(**as_dict(cfg)), args.compare
 
 
+def usage_error(err) -> int:
+    print(f"eval.py: error: {err}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
 def main(argv=None) -> int:
+    """A user's mistake (a missing file, an unknown or incomplete set, a launch without a rank) is one
+    line on stderr and exit status 2, as common.config.fail, returned rather than raised."""
+    from common.ranks import RankError
+    from evaluation.datasets import DatasetError
     cfg, cmp = _parse(sys.argv[1:] if argv is None else argv)
     if cmp:
-        print(compare(*cmp))
+        try:
+            print(compare(*cmp))
+        except ValueError as err:
+            return usage_error(err)
         return 0
     if not cfg.checkpoint:
-        raise SystemExit("eval.py: --checkpoint is required (or --compare A.json B.json)")
+        return usage_error("--checkpoint is required (or --compare A.json B.json)")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     try:
         report = run(cfg)
-    except CheckpointError as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 2
+    except (CheckpointError, DatasetError, RankError) as err:
+        return usage_error(err)
     print(report["table"])
     print(f"eval: {len(report['results'])} datasets, {sum(report['seconds'].values()):.1f}s -> "
           f"{', '.join(report.get('files', [cfg.out]))}")

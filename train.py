@@ -19,8 +19,10 @@ in open_clip's hub layout). `latest`
 names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
-directory, a missing data_root or --resume checkpoint, a bad config) print one line and exit 2.
-A run_dir that already holds a run is refused unless resuming; `--resume latest` starts fresh when
+directory, a data_root that is not a pack, a missing or empty --resume checkpoint, a missing eval set, a
+bad config, a launch without a rank) print one line and exit 2, as does a run_dir that already holds a
+run, unless resuming, and a data error met during training (a corrupt record: every rank stops with the
+PackError's line naming tar, sample and key); `--resume latest` starts fresh when
 there is nothing to resume. keep_checkpoints=N keeps the newest N; eval_every=N runs zero-shot evaluation
 (eval.py's code) on eval_datasets every N steps, logged beside the loss; the `deepspeed:` mapping of the
 config is merged into the generated DeepSpeed config (any DeepSpeed option, its monitors included).
@@ -55,7 +57,7 @@ from loaders.synthetic import SyntheticLoader  # noqa: E402, F401
 from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refuse_existing_run,  # noqa: E402, F401
                                   resolve_resume, save_checkpoint, set_rng_state)
 from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
-from training.data import MicroBatches  # noqa: E402
+from training.data import DataError, MicroBatches  # noqa: E402
 from training.engine import (build_engine, clamp_logit_scale, lr_lambda, param_groups,  # noqa: E402, F401
                              precision_summary)
 from training.logger import Logger  # noqa: E402
@@ -85,7 +87,7 @@ def init_distributed(timeout_s: float | None = None):
         if ranks.source != "single":
             export_torch_env(ranks)
     except RankError as e:
-        raise SystemExit(f"train.py: {e}") from None
+        raise UsageError(e) from None
     if ranks.source == "single":
         import socket  # noqa: PLC0415
         with socket.socket() as s:
@@ -172,11 +174,18 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[s
         problems.append(f"run_dir {run_dir}: cannot write checkpoints there ({err.strerror or err})")
     if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
         problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
-    if resume:
-        try:
+    elif cfg.data != "synthetic":
+        from loaders.packed import PackError, read_meta  # noqa: PLC0415
+        try:  # meta.json and file sizes only: cheap
+            read_meta(cfg.data_root)
+        except PackError as err:
+            problems.append(f"data_root {cfg.data_root}: not a packed dataset ({err})")
+    try:
+        if resume:
             resolve_resume(resume, Path(cfg.run_dir))
-        except FileNotFoundError as err:
-            problems.append(str(err))
+        refuse_existing_run(run_dir, resuming=resume is not None)
+    except (FileNotFoundError, FileExistsError) as err:
+        problems.append(str(err))
     return problems
 
 
@@ -191,6 +200,31 @@ def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int, device)
     if by_problem:
         raise UsageError("; ".join(f"{p} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})"
                                    for p, rs in by_problem.items()))
+
+
+# ----------------------------------------------------------------------------- the step's data
+
+def step_batches(data: MicroBatches, cfg: TrainConfig, device, dtype) -> tuple[list | None, str | None]:
+    """(this step's micro batches, None), or (None, the one line of the data error this rank met: a
+    corrupt record's PackError names tar, sample and key)."""
+    from loaders.packed import PackError  # noqa: PLC0415
+    from loaders.store import StoreError  # noqa: PLC0415
+    try:
+        return [data.next(device, dtype) for _ in range(cfg.accumulation)], None
+    except (PackError, StoreError, DataError) as err:
+        return None, str(err)
+
+
+def data_error_of_any_rank(error: str | None) -> str | None:
+    """The data error of the lowest rank that met one, on every rank, or None (collective): a rank that
+    raised alone would leave the others waiting in the step's all-reduce until the launcher kills them."""
+    t = torch.tensor([error is not None], dtype=torch.int32, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if not t.item():
+        return None
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -356,17 +390,18 @@ def main(argv=None) -> int:
     if cfg.image_loss == "slip":
         model_config["slip"] = True
     resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
-    refuse_existing_run(run_dir, resuming=args.resume is not None)
-    dist.barrier()  # every rank has looked before rank 0 writes
+    eval_sets = []
+    if cfg.eval_every:  # open the sets now: a missing one fails before the build and before config.yaml
+        from evaluation.datasets import DatasetError, open_eval_set  # noqa: PLC0415
+        try:
+            eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
+        except DatasetError as err:
+            raise UsageError(f"eval_datasets: {err}") from None
+    dist.barrier()  # every rank has looked (preflight: refuse_existing_run) before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-
-    eval_sets, wait_group = [], None
-    if cfg.eval_every:
-        wait_group = eval_wait_group(cfg)  # open the sets now: a missing one fails before the build
-        from evaluation.datasets import open_eval_set  # noqa: PLC0415
-        eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
+    wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
     engine = build_engine(cfg, model_config)
     precision = precision_summary(engine)
     image_size = engine.module.image_size
@@ -401,8 +436,14 @@ def main(argv=None) -> int:
     try:
         while step < end_step:
             t0 = time.perf_counter()
-            micro = [data.next(device, dtype) for _ in range(cfg.accumulation)]
+            micro, data_error = step_batches(data, cfg, device, dtype)
             t_data = time.perf_counter() - t0
+            data_error = data_error_of_any_rank(data_error)
+            if data_error:  # every rank stops with the one line, not with torch's distributed traceback
+                status, exit_code = f"stopped by a data error ({data_error})", EXIT_USAGE
+                if rank == 0:
+                    print(f"train: error: {data_error}", file=sys.stderr, flush=True)
+                break
             lr = engine.get_lr()[0]
             try:
                 loss, scale = train_step(engine, micro, cfg, losses, step + 1)

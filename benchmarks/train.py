@@ -113,7 +113,7 @@ class _Meter:
 
 def _ours_engine(args, model_name, batch, extra=()):
     import train  # noqa: PLC0415
-    cfg = train.load_config(None, [f"model={model_name}", f"micro_batch={batch}",
+    cfg = train.load_config(None, ["data=synthetic", f"model={model_name}", f"micro_batch={batch}",
                                    f"zero_stage={args.zero_stage}", f"precision={args.precision}",
                                    f"attention={args.attention}", "lr=1e-4", "warmup_steps=1", "total_steps=1000000", *extra])
     rank, world, device = train.init_distributed()

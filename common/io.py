@@ -15,6 +15,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import tempfile
 from typing import Callable, Iterable, Iterator
 
@@ -106,6 +107,17 @@ def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int,
     return parse_jsonl(utf8_lines(path, error), path, error)
 
 
+REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+
+
+def refuse_remote(spec: str, error: type[Exception] = ValueError) -> None:
+    """A URL or `pipe:` command is an error saying what is read instead (not "shards do not exist")."""
+    if REMOTE.match(spec):
+        raise error(f"{spec}: remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported; "
+                    "copy the data here and give its local path (a file, a folder, a glob or a {a..b} brace "
+                    "list)")
+
+
 def expand_shards(spec: str | os.PathLike | Iterable, error: type[Exception] = ValueError) -> list[str]:
     """A tar file, a directory of tars, a glob, a webdataset brace list (`shards/{00000..00099}.tar`,
     braceexpand's syntax), or a list of those -> tar paths (each glob sorted, brace lists in their order).
@@ -113,6 +125,7 @@ def expand_shards(spec: str | os.PathLike | Iterable, error: type[Exception] = V
     if not isinstance(spec, (str, os.PathLike)):
         return list(dict.fromkeys(p for s in spec for p in expand_shards(s, error)))
     spec = os.fspath(spec)
+    refuse_remote(spec, error)
     if os.path.isdir(spec):
         tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not tars:

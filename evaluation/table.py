@@ -64,6 +64,19 @@ def markdown_table(results: dict, runs: list[tuple[str, dict]] | None = None) ->
     return "\n".join(lines)
 
 
+def read_result(path: str) -> dict:
+    """An eval.py result JSON; a missing, unreadable or foreign file is a ValueError naming it."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
+        raise ValueError(f"{path}: not an eval.py result (no 'results' mapping)")
+    return report
+
+
 def compare(a_path: str, b_path: str) -> str:
-    a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
+    a, b = (read_result(p) for p in (a_path, b_path))
     return markdown_table({}, [("A", a["results"]), ("B", b["results"])]) + f"\n\nA = {a_path}\nB = {b_path}"

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
+import glob
 import hashlib
 import html
 import json
@@ -42,8 +44,8 @@ from tqdm import tqdm
 from common.config import ConfigError, option
 
 from loaders.images import atomic_write_bytes, encode_jpeg_pil
-from loaders.ingest import (IngestReport, Sample, find_captions_file, iter_image_folder, iter_laclip_csv,
-                            iter_webdataset)
+from loaders.ingest import (IngestError, IngestReport, Sample, find_captions_file, iter_image_folder,
+                            iter_laclip_csv, iter_webdataset)
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -330,6 +332,31 @@ def open_source(spec: str, report: IngestReport, *, image_root: str | None = Non
     else:
         it = iter_webdataset(spec, report)
     return _limit(it, max_samples)
+
+
+def check_source(spec: str) -> None:
+    """What open_source cannot read, as one IngestError saying what it does read, before any work starts:
+    a URL, a missing or empty captions file, missing tar shards, a name that is neither a path nor a builder."""
+    from common.io import expand_shards, refuse_remote
+    refuse_remote(spec, IngestError)
+    if spec in BUILDERS:
+        return
+    captions = spec if spec.endswith((".csv", ".jsonl")) else (
+        find_captions_file(spec) if os.path.isdir(spec) else None)
+    if captions:
+        if not os.path.isfile(captions):
+            raise IngestError(f"{captions}: no such file")
+        if os.path.getsize(captions) == 0:
+            raise IngestError(f"{captions}: empty file (no captions)")
+    elif os.path.exists(spec) or glob.has_magic(spec) or "{" in spec:
+        expand_shards(spec, IngestError)  # names what is missing
+    elif os.sep in spec:
+        raise IngestError(f"{spec}: no such file or folder")
+    else:
+        close = difflib.get_close_matches(spec, list(BUILDERS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise IngestError(f"{spec}: no such file or folder, and not a builder name ({hint}builders: "
+                          f"{', '.join(sorted(BUILDERS))})")
 
 
 def _limit(it: Iterator[Sample], n: int | None) -> Iterator[Sample]:

@@ -18,6 +18,7 @@ Global indices are only known once every shard has dropped its broken images, he
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import itertools
@@ -35,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.datasets import open_source
+from loaders.datasets import check_source, open_source
 from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
@@ -551,6 +552,7 @@ def pack(cfg: PackConfig) -> dict:
     cfg = dataclasses.replace(cfg, rank=ranks.rank, world_size=ranks.world_size)
     if cfg.rewrites and not os.path.exists(cfg.rewrites):
         raise PackError(f"{cfg.rewrites}: rewrites file not found")
+    check_source(cfg.input)  # a URL, a missing file, a misspelt builder: before --out is made
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     settings = caption_settings(cfg)
@@ -674,16 +676,36 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> None:
-    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 1."""
+    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 2; an
+    --out folder this run created and left empty is removed."""
     from loaders.ingest import IngestError
     from loaders.store import StoreError
 
+    from common.config import fail
     from common.ranks import RankError
 
+    cfg = parse_args(argv)
+    created = bool(cfg.out) and not os.path.exists(cfg.out)
     try:
-        main(argv)
+        pack(cfg)
     except (PackError, IngestError, StoreError, RankError) as e:  # a user's input or launch: one line
-        sys.exit(f"pack: error: {e}")
+        if created and _alone(cfg) and not _holds_samples(cfg.out):  # nothing a re-run could reuse
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        fail("pack", e)
+
+
+def _alone(cfg: PackConfig) -> bool:
+    from common.ranks import RankError, resolve_ranks
+    try:
+        return resolve_ranks(cfg.rank, cfg.world_size).world_size == 1
+    except RankError:
+        return False
+
+
+def _holds_samples(out: str) -> bool:
+    """Some staged or final shard of `out` holds a sample (work a re-run resumes from)."""
+    records = [_json_or_none(p) or {} for d in ("staging", "shards") for p in glob.glob(os.path.join(out, d, "*.json"))]
+    return any(r.get("keys") or r.get("num_samples") for r in records)
 
 
 if __name__ == "__main__":

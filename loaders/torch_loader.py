@@ -20,7 +20,7 @@ import zstandard
 
 from loaders import augment
 from loaders.base import PackedLoader
-from loaders.packed import TarShards
+from loaders.packed import PackError, TarShards
 from loaders.sampling import UNIFORM, EpochSampler, crop_box, draw_text_index
 from loaders.store import RecordCodec, pad_tokens
 
@@ -122,7 +122,19 @@ class TorchLoader(PackedLoader):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, sampler=order, num_workers=workers,
             prefetch_factor=4 if workers else None, persistent_workers=False)
-        for raw in loader:
-            if "views" in raw:
-                raw["view1"], raw["view2"] = raw.pop("views")
-            yield self.finish(raw)
+        try:
+            for raw in loader:
+                if "views" in raw:
+                    raw["view1"], raw["view2"] = raw.pop("views")
+                yield self.finish(raw)
+        except PackError as err:  # from a worker, torch's message adds the worker's traceback: keep one line
+            raise PackError(worker_error_line(err)) from None
+
+
+def worker_error_line(err: Exception) -> str:
+    """The error's own line from a DataLoader worker's re-raised exception ("Caught X in DataLoader worker
+    process 0. Original Traceback ... module.X: the message"); the message itself otherwise."""
+    lines = str(err).strip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return str(err)
+    return lines[-1].removeprefix(f"{type(err).__module__}.{type(err).__qualname__}: ")

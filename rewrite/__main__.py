@@ -27,13 +27,19 @@ def cli_parser():
     return p
 
 
+def usage_error(err) -> int:
+    from common.config import EXIT_USAGE
+    print(f"rewrite: error: {err}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
 def main(argv=None) -> int:
     from common.config import parse
     cfg, args = parse(RewriteConfig, cli_parser(), argv)  # a bad key or value: one line, exit 2
     if args.import_laclip:
         from .store import import_laclip
         if not args.laclip_txt or not cfg.out:
-            sys.exit("--import-laclip needs --laclip-txt and --out")
+            return usage_error("--import-laclip needs --laclip-txt and --out")
         out = import_laclip(args.import_laclip, args.laclip_txt, cfg.out)
         print(f"rewrite: imported {args.import_laclip} with {len(args.laclip_txt)} rewrite files into {out}")
         return 0
@@ -43,11 +49,13 @@ def main(argv=None) -> int:
         run_in_vllm_env(sys.argv[1:] if argv is None else list(argv))
     from .openai_engine import ServerError
     from .pipeline import run
+    if not cfg.input or not cfg.out:
+        return usage_error("--input and --out are required (see --help)")
     try:
-        if not cfg.input or not cfg.out:
-            sys.exit("--input and --out are required (see --help)")
         summary = run(cfg)
-    except (ValueError, FileNotFoundError, ServerError) as e:  # user mistakes and dead servers: one line
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line, exit 2
+        return usage_error(e)
+    except ServerError as e:  # a server that died: one line, exit 1 (a re-run resumes)
         print(f"rewrite: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))

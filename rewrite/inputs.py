@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from common.io import expand_shards, read_jsonl
+from common.io import expand_shards, read_jsonl, refuse_remote
 
 KEY_COLUMNS = ("key", "relative_image_path")
 
@@ -107,6 +107,16 @@ def check_utf8(path: Path) -> None:
 
 
 def read_captions(path: str | Path) -> list[tuple[str, str]]:
+    """(key, caption) of every row of a caption file; a file without any is a ValueError (an empty store
+    written with exit status 0 would hide the mistake)."""
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no captions (an empty file)")
+    return rows
+
+
+def _read_rows(path: str | Path) -> list[tuple[str, str]]:
+    refuse_remote(str(path))
     seen: dict[str, int] = {}
     if _is_tar_spec(str(path)):
         return _read_tars(str(path), seen)

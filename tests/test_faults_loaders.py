@@ -255,7 +255,7 @@ def test_rewrites_matching_no_sample_fail_with_one_line(source, tmp_path):
     bad.write_text("".join(json.dumps({"key": f"other-{i}", "rewrites": ["x"]}) + "\n" for i in range(3)))
     done = run_pack_cli("--input", source["folder"], "--out", tmp_path / "out", "--rewrites", bad,
                         "--samples-per-shard", 8, "--max-side", 24)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"pack: error: {bad}: none of its 3 keys matches")
 
 
@@ -266,7 +266,7 @@ def test_non_utf8_caption_file_is_one_line_naming_file_and_line(source, tmp_path
     lines[4] = lines[4].replace(b'"caption": "', b'"caption": "caf\xe9 ')  # Latin-1, not UTF-8
     (folder / "captions.jsonl").write_bytes(b"\n".join(lines))
     done = run_pack_cli("--input", folder, "--out", tmp_path / "out", "--max-side", 24)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{folder}/captions.jsonl:5: not UTF-8 text" in done.stderr
 
 

@@ -227,7 +227,7 @@ def test_malformed_input_rows_name_file_and_line(tmp_path):
 
 
 def test_cli_one_line_errors(tmp_path):
-    """User mistakes end the CLI with one line naming the file and line, exit 1, no traceback."""
+    """User mistakes end the CLI with one line naming the file and line, exit 2, no traceback."""
     first_lines = {"latin1.txt": "caf\u00e9 au lait\n", "latin1.csv": "key,caption\n",
                    "latin1.jsonl": '{"key": "a", "caption": "ok"}\n'}
     for name, first in first_lines.items():
@@ -235,13 +235,13 @@ def test_cli_one_line_errors(tmp_path):
         path.write_bytes(first.encode("utf-8") + "b,cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
         res = subprocess.run([sys.executable, "-m", "rewrite", "--engine", "eda", "--input", str(path), "--out",
                               str(tmp_path / "out"), "--no-progress"], cwd=REPO, capture_output=True, text=True)
-        assert res.returncode == 1, res.stderr
+        assert res.returncode == 2, res.stderr
         assert res.stderr.strip().splitlines() == [f"rewrite: error: {path}:2: not UTF-8 text (byte 0xe8 at "
                                                    "column 5); re-encode the file as UTF-8"]
     missing = tmp_path / "none.txt"
     res = subprocess.run([sys.executable, "-m", "rewrite", "--engine", "eda", "--input", str(missing), "--out",
                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"rewrite: error: caption file {missing} does not exist"]
 
 

@@ -99,8 +99,8 @@ def refuse_existing_run(run_dir: Path, resuming: bool) -> None:
     """A new run must not overwrite another's outputs (metrics.jsonl would be truncated)."""
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if found and not resuming:
-        raise SystemExit(f"train.py: {run_dir} already holds a run ({', '.join(found)}); continue it with "
-                         "--resume latest or choose another run_dir")
+        raise FileExistsError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                              "--resume latest or choose another run_dir")
 
 
 def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str] | None:
@@ -110,8 +110,14 @@ def resolve_resume(spec: str, run_dir: Path) -> tuple[Path, str] | None:
     if spec == "latest" and not (path / "latest").is_file():
         return None
     if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if (path / "mp_rank_00_model_states.pt").is_file() or path.name.startswith("step-"):
-        return path.parent, path.name
-    raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path} (no 'latest' file and not a "
-                            "step-XXXXXXX directory)")
+        load_dir, tag = path, (path / "latest").read_text().strip()
+    elif (path / "mp_rank_00_model_states.pt").is_file() or path.name.startswith("step-"):
+        load_dir, tag = path.parent, path.name
+    else:
+        raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path} (no 'latest' file and not a "
+                                "step-XXXXXXX directory)")
+    # DeepSpeed would fail on an empty or half-copied tag folder with a bare assertion, after the build
+    if not any((load_dir / tag).glob("*model_states.pt")):
+        raise FileNotFoundError(f"--resume {spec}: {load_dir / tag} holds no DeepSpeed checkpoint "
+                                "(no *model_states.pt file: empty, missing or not fully copied)")
+    return load_dir, tag

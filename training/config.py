@@ -14,8 +14,8 @@ class TrainConfig:
     model: str = option("tiny", help="a model/configs/<name>.json")
     model_overrides: dict = option(factory=dict, help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
     # data
-    data: str = option("synthetic", help="loader kind (loaders.build_loader); synthetic: seeded random data",
-                       choices=DATA_KINDS)
+    data: str = option("", help="required: torch | ffcv | dali read data_root (loaders.build_loader); synthetic: "
+                       "seeded random data, only when asked for", choices=DATA_KINDS)
     data_root: str = option("", help="packed dataset directory (loaders.pack); needed unless data=synthetic")
     text_mode: str = option("rewrite", help="original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)",
                             choices=("original", "rewrite", "all"))
@@ -69,6 +69,9 @@ class TrainConfig:
     progress: bool = option(True, help="tqdm bar on rank 0")
 
     def validate(self):
+        if not self.data:  # no default: a command missing its data must not start a run on random data
+            raise ConfigError("data", "required: data=torch|ffcv|dali with data_root=<packed dataset>, or "
+                              "data=synthetic for seeded random data")
         if self.data != "synthetic" and not self.data_root:
             raise ConfigError("data_root", f"data={self.data!r} needs data_root (a packed dataset directory)")
         for key in ("eval_timeout_s", "collective_timeout_s"):
@@ -87,6 +90,11 @@ class TrainConfig:
             raise ConfigError("betas", f"{list(self.betas)}: expected two numbers")
         if self.eval_every and not self.eval_datasets:
             raise ConfigError("eval_datasets", f"eval_every={self.eval_every} needs eval_datasets")
+        from evaluation.datasets import DatasetError, canonical_name  # names only: the sets open later
+        try:
+            [canonical_name(n.strip()) for n in self.eval_datasets.split(",") if n.strip()]
+        except DatasetError as e:
+            raise ConfigError("eval_datasets", str(e)) from None
         from loaders.sampling import caption_weights  # the loader's own check, before any rank starts
         try:
             caption_weights(self.caption_p_original, self.caption_style_weights or None)

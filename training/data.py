@@ -20,6 +20,10 @@ def as_dict(batch) -> dict:
     return dict(zip(keys, batch))
 
 
+class DataError(ValueError):
+    """The data cannot feed the run (too few samples for one global batch): one line, exit 2."""
+
+
 class MicroBatches:
     """This rank's endless stream of micro batches across epochs; (epoch, batch) is the position of
     the next unseen batch, which a checkpoint stores and a resumed run starts from."""
@@ -44,7 +48,7 @@ class MicroBatches:
                                   style_weights=cfg.caption_style_weights or None,
                                   normalize=not on_gpu, pin_memory=on_gpu)
         if self.batch == 0 and len(loader) == 0:
-            raise ValueError(f"{cfg.data_root or 'synthetic data'}: fewer samples than one global "
+            raise DataError(f"{cfg.data_root or 'synthetic data'}: fewer samples than one global "
                              f"micro batch ({cfg.micro_batch} x {self.world} ranks)")
         return iter(loader)
 
