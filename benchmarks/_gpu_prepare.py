@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpu import REPO, eval_top1, run_eval, train_resume
+from benchmarks.gpu_runs import eval_top1, run_eval, train_resume
 
 # on a GPU node already (the premise: Python 3.12, torch with CUDA, numba)
 NODE_HAS = {"torch", "numpy", "numba", "llvmlite", "triton", "filelock", "fsspec", "jinja2", "markupsafe",
