@@ -118,7 +118,7 @@ ROWS = [
      "remote or streamed inputs", "{out}", {}),
     # python -m benchmarks
     ("benchmarks-corpus-is-no-benchmark", ["-m", "benchmarks", "corpus"],
-     "unknown benchmark 'corpus'; available: all, eval, loader, pack, rewrite, store, train", None, {}),
+     "unknown benchmark 'corpus'; available: all, eval, gpu, loader, pack, rewrite, store, train", None, {}),
 ]
 
 
