@@ -78,7 +78,7 @@ def parse_args(argv):
 def init_distributed():
     """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
     one rank."""
-    from common.ranks import RankError, export_torch_env, resolve_ranks  # noqa: PLC0415
+    from common.ranks import RankError, export_torch_env, free_port, resolve_ranks  # noqa: PLC0415
     try:
         ranks = resolve_ranks()
         if ranks.source != "single":
@@ -86,12 +86,8 @@ def init_distributed():
     except RankError as e:
         raise SystemExit(f"train.py: {e}") from None
     if ranks.source == "single":
-        import socket  # noqa: PLC0415
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     import deepspeed  # noqa: PLC0415
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

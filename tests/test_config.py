@@ -7,13 +7,12 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from common.config import ConfigError, build_parser, load, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 # cli -> (command, a bad value as key=value, help lines that must appear)
 CLIS = {

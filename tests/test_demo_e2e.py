@@ -11,7 +11,8 @@ from pathlib import Path
 
 from scripts.demo_config import METHODS
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 METHOD_ROWS = tuple(label for label, *_ in METHODS.values())
 
 

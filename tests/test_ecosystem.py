@@ -23,7 +23,6 @@ from model.checkpoint import save_export
 from model.clip import build_model
 from model.tokenizer import get_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 WORKAROUND = ("import sys, types; "
               "sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('m')); ")
 # clip-benchmark 1.6.2's accuracy() calls float() on a 1-element array, which numpy 2.4 refuses. Stand-in

@@ -20,12 +20,12 @@ import simplejpeg
 import torch
 
 from benchmarks.corpus import varied_captions
-from loaders import build_loader, datasets
+from loaders import build_loader
 from loaders.pack import PackConfig, PackError, pack, verify_pack
 from loaders.store import CaptionStore, StoreError, write_store
 from model.tokenizer import ClipTokenizer, get_tokenizer
 
-REPO = str(Path(__file__).resolve().parent.parent)
+from tests.conftest import REPO
 
 
 def test_tokenizer_word_cache_filling_mid_batch_keeps_every_word():
@@ -41,31 +41,30 @@ def test_tokenizer_word_cache_filling_mid_batch_keeps_every_word():
 
 # ------------------------------------------------------------------------------------ a small real pack
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def every_other_rewritten(i: int, row: dict) -> list[str] | None:
+    """Rows 0, 2, 4, ... get 1 or 2 rewrites (alternately); odd rows are not in the rewrites file."""
+    return None if i % 2 else [f"an emoji of {row['caption']}"] * (1 + i // 2 % 2)
+
+
+@pytest.fixture(scope="session")
+def source(emoji_source):
     """24 real emoji images with their names as captions, and a rewrites JSONL for half of them."""
-    root = tmp_path_factory.mktemp("faults")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=24, workers=1)
-    with open(os.path.join(folder, "captions.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    with open(root / "rewrites.jsonl", "w") as f:
-        for i, row in enumerate(rows[::2]):
-            f.write(json.dumps({"key": row["key"], "rewrites": [f"an emoji of {row['caption']}"] * (1 + i % 2)}) + "\n")
-    return {"root": root, "folder": folder, "rows": rows, "rewrites": str(root / "rewrites.jsonl")}
+    return emoji_source(24, every_other_rewritten)
+
+
+def pack_options(source, **kw) -> dict:
+    args = dict(input=source["folder"], rewrites=source["rewrites"], samples_per_shard=8, max_side=48, workers=1)
+    args.update(kw)
+    return args
 
 
 def pack_config(source, out, **kw):
-    args = dict(input=source["folder"], out=str(out), rewrites=source["rewrites"], samples_per_shard=8,
-                max_side=48, workers=1)
-    args.update(kw)
-    return PackConfig(**args)
+    return PackConfig(out=str(out), **pack_options(source, **kw))
 
 
-@pytest.fixture(scope="module")
-def packed(source):
-    out = source["root"] / "packed"
-    pack(pack_config(source, out))
-    return out
+@pytest.fixture(scope="session")
+def packed(source, make_pack):
+    return make_pack(**pack_options(source))["out"]
 
 
 def damaged_copy(packed, tmp_path, rel, at, xor=0xFF) -> str:

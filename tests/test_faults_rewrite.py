@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server,  # noqa: F401
-                                   stop_shared_servers, store_contents, tiny_model, write_captions)
+from tests.conftest import CAPTIONS
+from tests.rewrite_helpers import (needs_vllm, rewrite_cli, shared_server, stop_shared_servers,
+                                   store_contents, write_captions)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,41 +6,35 @@ before any training step.
 
 The kill point is random: FAULT_SEED=<n> replays one (it is printed with every failure).
 """
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from tests.test_train import REPO, _command, _env, grad_norms, losses, metrics, run_train
+from tests.conftest import REPO
+from tests.test_train import _command, _env, grad_norms, losses, metrics, run_train
 
 FAULT_SEED = int(os.environ.get("FAULT_SEED", time.time_ns() % 100000))
 STEPS = 10  # about 60 samples / (4 x 2 ranks) = 7 steps per epoch: the runs cross an epoch
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def two_rewrites(i: int, row: dict) -> list[str]:
+    """0-2 rewrites per caption (row i gets i % 3)."""
+    return [f"an emoji of {row['caption'].lower()}", f"{row['caption']} icon"][:i % 3]
+
+
+@pytest.fixture(scope="session")
+def packed(emoji_source, make_pack):
     """About 60 real emoji images (names as captions, 0-2 rewrites each), packed into 2 shards."""
-    from loaders import datasets
-    from loaders.pack import PackConfig, pack
-    root = tmp_path_factory.mktemp("faults")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=64, image_size=48, workers=1)
-    rows = [json.loads(line) for line in Path(folder, "captions.jsonl").read_text().splitlines()]
-    with open(root / "rewrites.jsonl", "w") as f:
-        for i, row in enumerate(rows):
-            rewrites = [f"an emoji of {row['caption'].lower()}", f"{row['caption']} icon"][:i % 3]
-            f.write(json.dumps({"key": row["key"], "rewrites": rewrites}) + "\n")
-    out = root / "packed"
-    pack(PackConfig(input=folder, out=str(out), rewrites=str(root / "rewrites.jsonl"), max_side=40,
-                    samples_per_shard=32, workers=1))
-    return out
+    source = emoji_source(64, two_rewrites, image_size=48)
+    return make_pack(input=source["folder"], rewrites=source["rewrites"], max_side=40, samples_per_shard=32,
+                     workers=1)["out"]
 
 
 def _lines(out: str, prefix: str) -> list[str]:

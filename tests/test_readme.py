@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 SKIP = {  # line prefix -> why it cannot run here
     "make ": "sets up the shared environment (make test / make demo are what CI itself runs)",
     "deepspeed --hostfile": "needs several nodes reachable by ssh",

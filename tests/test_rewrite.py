@@ -18,7 +18,8 @@ from rewrite.pools import DEFAULT_POOLS, load_pool
 from rewrite.prompt import TASK, build_prompt, draw_examples
 from rewrite.quality import reject_reason, same_text
 from rewrite.store import import_laclip, load_rewrites, read_shard, shard_path
-from tests.rewrite_helpers import CAPTIONS, REPO, needs_vllm, store_contents, tiny_model  # noqa: F401
+from tests.conftest import CAPTIONS, REPO
+from tests.rewrite_helpers import needs_vllm, store_contents
 
 
 @pytest.fixture(scope="session")

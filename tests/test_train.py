@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ import pytest
 import torch
 
 import train
+from common.ranks import free_port
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-4  # fp32 losses of 1 vs 2 ranks differ by reduction order only (observed ~1e-6)
 # Gradient norms, relative. Step 1 is taken at identical weights, so only the fp32 reduction order
 # differs (observed ~1e-6): a uniform gradient-scale error (a wrong 1/ranks or accumulation factor) fails
@@ -36,12 +36,6 @@ COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=1024", "lr=1e-3", "
           "text_mode=rewrite", "image_loss=clip", "accumulation=1", "zero_stage=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(run_dir, sets, ranks, resume):
     args = ["train.py", "--config", "configs/train_tiny.yaml"]
     for item in COMMON + [f"run_dir={run_dir}"] + list(sets):
@@ -51,7 +45,7 @@ def _command(run_dir, sets, ranks, resume):
     if ranks == 1:
         return [sys.executable] + args
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(_free_port())] + args
+            "--master_port", str(free_port())] + args
 
 
 def _env():

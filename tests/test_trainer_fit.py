@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=256", "micro_batch=8", "lr=1e-3", "warmup_steps=1",
           "total_steps=100", "progress=false", "precision=fp32", "seed=0", "zero_stage=1"]
 
