@@ -300,20 +300,3 @@ def parse(cls, parser: argparse.ArgumentParser, argv=None):
         fail(parser.prog, err)
     return cfg, args
 
-
-def with_help(cls, helps: dict[str, str], choices: dict | None = None, name: str | None = None):
-    """A copy of dataclass `cls` whose fields carry help (and choices) metadata, for a config class kept
-    elsewhere without it; same names, types and defaults. Build the original with `cls(**as_dict(cfg))`."""
-    hints = typing.get_type_hints(cls)
-    specs = []
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in helps]
-    if missing:  # a key added to cls without its line for --help
-        raise TypeError(f"{cls.__name__}: no help line for {missing}")
-    for f in dataclasses.fields(cls):
-        kw = {"help": helps[f.name], "choices": (choices or {}).get(f.name)}
-        if f.default_factory is not _MISSING:
-            kw["factory"] = f.default_factory
-        else:
-            kw["default"] = f.default
-        specs.append((f.name, hints[f.name], option(**kw)))
-    return dataclasses.make_dataclass(name or f"{cls.__name__}Keys", specs)

@@ -39,6 +39,7 @@ from loaders.datasets import open_source
 from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
+from common.config import option
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]  # the read side: loaders.packed
@@ -46,33 +47,25 @@ __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "m
 
 @dataclasses.dataclass
 class PackConfig:
-    input: str = ""
-    out: str = ""
-    rewrites: str | None = None
-    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py scores; a JSONL gives "scores")
-    image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
-    data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
-    max_side: int = 256  # short side at most this many pixels
-    quality: int = 90
-    keep_images: bool = False  # pass colour JPEGs through untouched
-    samples_per_shard: int = 5000  # tar inputs: one output shard per input tar instead
-    max_samples: int | None = None
-    workers: int = 2
-    rank: int | None = None  # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0 of 1
-    world_size: int | None = None
-    wait_s: float = 0.0  # how long a rank waits for the others between stages (0: exit, re-run later)
-    keep_staging: bool = False
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "PackConfig":
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise PackError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+    input: str = option("", help="source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a "
+                        "builder name")
+    out: str = option("", help="packed dataset directory (re-running with the same out resumes)")
+    rewrites: str | None = option(None, help="rewrite store or JSONL of {key, rewrites} (python -m rewrite)")
+    min_fidelity: float | None = option(None, help="drop rewrites scoring below this fidelity (a scored rewrite "
+                                        "store, or a JSONL whose rows carry \"scores\")")
+    image_root: str | None = option(None, help="LaCLIP CSV: images are relative to this (default: the CSV's folder)")
+    data_root: str | None = option(None, help="where builders (openclipart, emoji) cache their image folders")
+    max_side: int = option(256, help="short side at most this many pixels")
+    quality: int = option(90, help="JPEG quality of re-encoded images")
+    keep_images: bool = option(False, help="pass colour JPEGs through untouched")
+    samples_per_shard: int = option(5000, help="samples per output shard (tar inputs: one output shard per input "
+                                    "tar instead)")
+    max_samples: int | None = option(None, help="stop after this many samples (default: all)")
+    workers: int = option(2, help="image worker processes per rank")
+    rank: int | None = option(None, help="this rank (default: the launcher's $RANK / SLURM, else 0)")
+    world_size: int | None = option(None, help="number of ranks (default: the launcher's, else 1)")
+    wait_s: float = option(0.0, help="how long a rank waits for the others between stages (0: exit, re-run later)")
+    keep_staging: bool = option(False, help="keep the staged parts after the final shards are written")
 
 
 # ---------------------------------------------------------------- settings each stage depends on
@@ -633,40 +626,14 @@ def pack(cfg: PackConfig) -> dict:
     return summary
 
 
-PACK_KEYS_HELP = {
-    "input": "source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a builder name",
-    "out": "packed dataset directory (re-running with the same out resumes)",
-    "rewrites": "rewrite store or JSONL of {key, rewrites} (python -m rewrite)",
-    "min_fidelity": "drop rewrites scoring below this fidelity (a scored rewrite store, or a JSONL whose rows carry \"scores\")",
-    "image_root": "LaCLIP CSV: images are relative to this (default: the CSV's folder)",
-    "data_root": "where builders (openclipart, emoji) cache their image folders",
-    "max_side": "short side at most this many pixels",
-    "quality": "JPEG quality of re-encoded images",
-    "keep_images": "pass colour JPEGs through untouched",
-    "samples_per_shard": "samples per output shard (tar inputs: one output shard per input tar instead)",
-    "max_samples": "stop after this many samples (default: all)",
-    "workers": "image worker processes per rank",
-    "rank": "this rank (default: the launcher's $RANK / SLURM, else 0)",
-    "world_size": "number of ranks (default: the launcher's, else 1)",
-    "wait_s": "how long a rank waits for the others between stages (0: exit, re-run later)",
-    "keep_staging": "keep the staged parts after the final shards are written",
-}
-
-
-def cli_parser():
-    from common.config import build_parser, with_help
-
-    keys = with_help(PackConfig, PACK_KEYS_HELP)
-    return keys, build_parser(keys, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
 
 
 def parse_args(argv=None) -> PackConfig:
     """--config FILE, --set key=value and a --kebab-case flag per key; a bad key or value: one line, exit 2."""
-    from common.config import as_dict, parse
+    from common.config import build_parser, parse
 
-    keys, parser = cli_parser()
-    cfg, _ = parse(keys, parser, argv)
-    return PackConfig(**as_dict(cfg))
+    parser = build_parser(PackConfig, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
+    return parse(PackConfig, parser, argv)[0]
 
 
 def main(argv=None) -> dict:
