@@ -50,13 +50,12 @@ import yaml  # noqa: E402
 
 from common.config import ConfigError  # noqa: E402
 from common.io import write_atomic  # noqa: E402
-from common.processes import is_launcher, launcher_chain, watch_launcher  # noqa: E402, F401
-from loaders.synthetic import SyntheticLoader  # noqa: E402, F401
-from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refuse_existing_run,  # noqa: E402, F401
-                                  resolve_resume, save_checkpoint, set_rng_state)
-from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
+from common.processes import watch_launcher  # noqa: E402
+from training.checkpoints import (full_fp32_state_dict, refuse_existing_run, resolve_resume,  # noqa: E402
+                                  save_checkpoint, set_rng_state)
+from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402
 from training.data import MicroBatches  # noqa: E402
-from training.engine import build_engine, clamp_logit_scale, lr_lambda, param_groups  # noqa: E402, F401
+from training.engine import build_engine, clamp_logit_scale  # noqa: E402
 from training.logger import Logger  # noqa: E402
 
 EXIT_NONFINITE = 3

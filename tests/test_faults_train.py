@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from common.processes import is_launcher, launcher_chain
 from tests.conftest import REPO
 from tests.test_train import _command, _env, grad_norms, losses, metrics, run_train
 
@@ -147,9 +148,9 @@ def test_eval_cli_truncated_checkpoint_is_one_line(truncated, tmp_path):
 
 def test_launcher_detection():
     """Ranks watch only real launchers above them: a shell script in a folder named deepspeed is not one."""
-    assert train.is_launcher(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="])
-    assert train.is_launcher(["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "train.py"])
-    assert train.is_launcher(["/v/bin/python", "-m", "torch.distributed.run", "train.py"])
-    assert not train.is_launcher(["bash", "/home/me/deepspeed-runs/go.sh"])
-    assert not train.is_launcher(["/v/bin/python", "-m", "pytest", "tests/test_train.py"])
-    assert train.launcher_chain() == []  # pytest is not a launcher
+    assert is_launcher(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="])
+    assert is_launcher(["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "train.py"])
+    assert is_launcher(["/v/bin/python", "-m", "torch.distributed.run", "train.py"])
+    assert not is_launcher(["bash", "/home/me/deepspeed-runs/go.sh"])
+    assert not is_launcher(["/v/bin/python", "-m", "pytest", "tests/test_train.py"])
+    assert launcher_chain() == []  # pytest is not a launcher

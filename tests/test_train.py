@@ -20,7 +20,9 @@ import torch
 
 import train
 from common.ranks import free_port
+from loaders.synthetic import SyntheticLoader
 from tests.conftest import REPO
+from training.engine import lr_lambda, param_groups
 
 TOL = 2e-4  # fp32 losses of 1 vs 2 ranks differ by reduction order only (observed ~1e-6)
 # Gradient norms, relative. Step 1 is taken at identical weights, so only the fp32 reduction order
@@ -115,13 +117,13 @@ def test_config_yaml_and_overrides(tmp_path):
 
 def test_schedule_and_param_groups():
     cfg = train.TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
-    f = train.lr_lambda(cfg)
+    f = lr_lambda(cfg)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     from model import build_model
     model = build_model("tiny")
-    decay, no_decay = train.param_groups(model, 0.2)
+    decay, no_decay = param_groups(model, 0.2)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"logit_scale", "token_embedding.weight", "positional_embedding",
@@ -137,7 +139,7 @@ def test_synthetic_global_batch_is_split_invariant():
         cfg = train.TrainConfig(micro_batch=micro, synthetic_samples=256)
         rows = []
         for rank in range(world):
-            it = iter(train.SyntheticLoader(cfg, rank, world, 8, epoch=0, start_batch=step * accumulation))
+            it = iter(SyntheticLoader(cfg, rank, world, 8, epoch=0, start_batch=step * accumulation))
             rows += [next(it)["images"] for _ in range(accumulation)]
         return sorted(torch.cat(rows).flatten(1).sum(1).tolist())
     assert step_images(1, 16, 1, 2) == step_images(2, 2, 4, 2) == step_images(2, 4, 2, 2)
