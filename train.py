@@ -48,12 +48,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
-from common.config import ConfigError  # noqa: E402
+from common.config import ConfigError, merged  # noqa: E402
 from common.io import write_atomic  # noqa: E402
 from common.processes import watch_launcher  # noqa: E402
 from training.checkpoints import (full_fp32_state_dict, refuse_existing_run, resolve_resume,  # noqa: E402
                                   save_checkpoint, set_rng_state)
-from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402
+from training.config import TrainConfig, config_dict, load_config  # noqa: E402
 from training.data import MicroBatches  # noqa: E402
 from training.engine import build_engine, clamp_logit_scale  # noqa: E402
 from training.logger import Logger  # noqa: E402

@@ -18,6 +18,7 @@ exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import sys
@@ -282,6 +283,15 @@ def flag_values(cls, args: argparse.Namespace) -> dict:
             value = [item for v in value for item in _split(v)]
         if value is not None:
             out[f.name] = (value, _flag_of(f))
+    return out
+
+
+def merged(base: dict, override: dict) -> dict:
+    """A new dict: `override` over `base`, nested dicts merged key by key (model_overrides={vision_cfg:
+    {qk_norm: true}} keeps the other vision keys); nothing of either is shared with the result."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
