@@ -40,6 +40,7 @@ from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, fin
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
 from common.config import option
+from common.io import atomic_open, atomic_path, is_temp
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]  # the read side: loaders.packed
@@ -95,11 +96,6 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _is_temp(name: str) -> bool:
-    """Temporary files of pack's atomic writes (.<name>.<pid|random>.tmp) and the store's (<name>.tmp-<pid>)."""
-    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
-
-
 def remove_temp_files(out: str) -> int:
     """Remove the temporary files a killed run left in `out` and its stage folders; returns how many."""
     removed = 0
@@ -107,7 +103,7 @@ def remove_temp_files(out: str) -> int:
         path = os.path.join(out, folder)
         if os.path.isdir(path):
             for name in os.listdir(path):
-                if _is_temp(name):
+                if is_temp(name):
                     os.remove(os.path.join(path, name))
                     removed += 1
     return removed
@@ -115,7 +111,7 @@ def remove_temp_files(out: str) -> int:
 
 def _other_files(out: str) -> dict:
     """Sizes and sha256 of the files beside the shards (keys, caption store), for verify_pack."""
-    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not _is_temp(n))
+    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not is_temp(n))
     return {k: v for rel in rels for k, v in file_entry(out, rel).items()}
 
 
@@ -332,11 +328,10 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
             shards.append({"name": shard_name(i), "num_samples": sizes[i], "first_index": first})
             first += sizes[i]
     keys_out = os.path.join(cfg.out, "keys.txt")
-    with open(_tmp_path(keys_out), "wb") as out:
+    with atomic_open(keys_out, "wb") as out:
         for i in range(num_shards):
             with open(keys_path(i), "rb") as f:
                 shutil.copyfileobj(f, out)
-    _fsync_rename(_tmp_path(keys_out), keys_out)
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
@@ -430,24 +425,13 @@ def read_staged(out: str, index: int, captions_only: bool = False) -> dict:
     return m
 
 
-def _tmp_path(path: str) -> str:
-    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + f".{os.getpid()}.tmp")
-
-
-def _fsync_rename(tmp: str, path: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], first: int) -> dict:
     """<key>.jpg, <key>.cap (compressed caption record), <key>.idx (global index) + DALI's index file."""
     tar_rel, idx_rel = f"dali/{name}.tar", f"dali/{name}.idx"
     tar_path, idx_path = os.path.join(out, tar_rel), os.path.join(out, idx_rel)
     os.makedirs(os.path.dirname(tar_path), exist_ok=True)
     lines = []
-    tmp = _tmp_path(tar_path)
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         for j, (key, jpeg, record) in enumerate(zip(staged["keys"], staged["jpegs"], records)):
             parts = []
             for ext, data in (("jpg", jpeg), ("cap", record), ("idx", str(first + j).encode())):
@@ -458,7 +442,6 @@ def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], fi
                 offset = tar.offset - (len(data) + 511) // 512 * 512
                 parts.append(f"{ext} {offset} {info.size} {key}.{ext}")
             lines.append(" ".join(parts))
-    _fsync_rename(tmp, tar_path)
     atomic_write_bytes(idx_path, (f"{IDX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n").encode())
     return {**file_entry(out, tar_rel), **file_entry(out, idx_rel)}
 
@@ -501,11 +484,11 @@ def write_ffcv_shard(out: str, name: str, staged: dict, records: list[bytes], fi
     largest = max(len(j) for j in staged["jpegs"]) + max(len(r) for r in records) + 64
     page_size = max(MIN_PAGE_SIZE, 1 << (4 * largest - 1).bit_length())  # a page must hold a sample
     fields = {"image": image, "record": BytesField(), "record_len": IntField(), "index": IntField()}
-    tmp = _tmp_path(path)
-    writer = DatasetWriter(tmp, fields, page_size=page_size, num_workers=max(1, min(workers, len(records) // 2000)))
-    # each writer process leaves one partly filled page: small shards get one process
-    writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
-    _fsync_rename(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(tmp, fields, page_size=page_size,
+                               num_workers=max(1, min(workers, len(records) // 2000)))
+        # each writer process leaves one partly filled page: small shards get one process
+        writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
     return file_entry(out, rel)
 
 

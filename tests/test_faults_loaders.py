@@ -20,6 +20,7 @@ import simplejpeg
 import torch
 
 from benchmarks.corpus import varied_captions
+from common.io import is_temp
 from loaders import build_loader
 from loaders.pack import PackConfig, PackError, pack, verify_pack
 from loaders.store import CaptionStore, StoreError, write_store
@@ -238,7 +239,7 @@ def test_kill_9_at_random_points_of_pack_then_rerun_gives_the_uninterrupted_outp
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert files_digest(out) == files_digest(packed)
-    leftovers = [str(p) for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
+    leftovers = [str(p) for p in out.rglob("*") if is_temp(p.name)]
     assert not leftovers and not (out / "staging").exists()
 
 
