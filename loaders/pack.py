@@ -41,6 +41,7 @@ from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, 
                             verify_pack)
 from common.config import option
 from common.io import atomic_open, atomic_path, is_temp
+from common.text import TEXT_RULES
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]  # the read side: loaders.packed
@@ -83,8 +84,10 @@ def caption_settings(cfg: PackConfig) -> dict:
     if cfg.rewrites:
         st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
         rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them)
-    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "min_fidelity": cfg.min_fidelity}
+    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them); text_rules: what
+    # "equal" means (common/text.py)
+    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "text_rules": TEXT_RULES,
+            "min_fidelity": cfg.min_fidelity}
 
 
 def settings_key(settings: dict) -> str:
