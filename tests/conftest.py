@@ -1,8 +1,11 @@
 """What several test modules share: the repository root, real packs built once per session
 (one memoised factory), the tiny rewrite model, and the `slow` marker's meaning.
 
-`slow` marks tests that launch DeepSpeed ranks, the end-to-end demo, a vLLM server or a big pack:
-`make test-fast` (pytest -m "not slow") leaves them out, `make test` (CI) runs everything.
+`slow` (pyproject.toml) marks what takes tens of seconds or more on 2 CPU cores, measured with
+`pytest --durations=0`: DeepSpeed launches, kill -9 and resume runs, the end-to-end demo, the README's
+commands, a vLLM server, and the longest pack and evaluation checks (per-record checksums over every
+loader, clip_benchmark, a Fashion-MNIST probe). `make test-fast` (pytest -m "not slow") leaves them out;
+`make test` (CI) runs everything.
 """
 from __future__ import annotations
 

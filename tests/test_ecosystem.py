@@ -153,6 +153,7 @@ def _clip_benchmark(export: Path, dataset: str, root: Path, out: Path) -> dict:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow
 def test_clip_benchmark_format_and_numbers_equal_its_own(export, tmp_path):
     data = tmp_path / "data"
     _mnist_layout(data)

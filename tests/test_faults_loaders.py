@@ -129,6 +129,7 @@ def test_undecodable_caption_record_fails_fast_without_checksums(packed, tmp_pat
     assert done.returncode != 0 and "sample 2 (key " in done.stderr and "caption record does not decode" in done.stderr
 
 
+@pytest.mark.slow
 def test_flipped_jpeg_byte_that_still_decodes_is_caught_by_record_checksums(packed, tmp_path):
     """Most flips inside the entropy-coded data decode to a wrong image without any error."""
     from ffcv.reader import Reader
@@ -143,6 +144,7 @@ def test_flipped_jpeg_byte_that_still_decodes_is_caught_by_record_checksums(pack
         load_all("ffcv", root, check_records=True)
 
 
+@pytest.mark.slow
 def test_record_checksums_change_nothing_on_a_sound_pack(packed):
     for kind in ("torch", "ffcv"):
         plain, checked = load_all(kind, packed), load_all(kind, packed, check_records=True)
@@ -225,6 +227,7 @@ PACK_SCRIPT = "from loaders.pack import cli; cli()"
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_kill_9_at_random_points_of_pack_then_rerun_gives_the_uninterrupted_output(source, packed, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-c", PACK_SCRIPT, "--input", source["folder"], "--out", str(out),

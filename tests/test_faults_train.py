@@ -46,6 +46,7 @@ def _lines(out: str, prefix: str) -> list[str]:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted_run(kind, packed, tmp_path):
     """2 ranks on the real pack through one loader: an uninterrupted run, and a same-seed run killed
     with SIGKILL (runner, launcher, ranks and loader workers at once) after a random step and at a
@@ -79,6 +80,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(kind, packed, tmp_path):
 
 # ----------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_unwritable_run_dir_and_missing_pack_fail_before_the_first_step(tmp_path):
     """Every rank checks before the engine is built; one line names each problem and the ranks that
     have it, instead of a raw error from every rank at the first save."""

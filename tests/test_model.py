@@ -211,6 +211,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoints_load(tmp_path):
     """ZeRO 0, 2 and 3 checkpoints of one real training step (1 gloo rank) load to the engine's weights."""
     import subprocess

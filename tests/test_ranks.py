@@ -71,6 +71,7 @@ def _run_tasks(args: list[str], ntasks: int = 2, timeout: int = 240, **extra_env
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow
 def test_pack_under_two_slurm_tasks_equals_one_process(tmp_path):
     from loaders import datasets
     from loaders.pack import PackConfig, pack
@@ -127,6 +128,7 @@ def test_train_refuses_a_multi_task_launch_without_a_rank(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_train_under_two_slurm_tasks_is_one_world_of_two(tmp_path):
     """Two tasks with srun's variables only: one DeepSpeed world of 2 (the rendezvous address from
     SLURM_LAUNCH_NODE_IPADDR), one run directory, the same loss logged once."""

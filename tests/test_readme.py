@@ -83,6 +83,7 @@ def test_readme_lists_what_it_skips():
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian dataset-fashion-mnist is not installed (the README's eval line reads it)")

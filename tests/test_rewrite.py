@@ -97,6 +97,7 @@ def test_backtranslate_engine_one_process_per_batch():
 
 @needs_vllm
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_vllm_offline_engine(tiny_model):
     """vLLM's offline API (what GPU nodes run), here from vLLM's CPU build in .venv-vllm: n samples per
     prompt, per-request seeds, so a caption's rewrites do not depend on the batch it is in."""

@@ -29,7 +29,7 @@ def _shared_server_ends_with_this_module():
     stop_shared_servers()
 
 
-pytestmark = [needs_vllm, pytest.mark.timeout(600)]
+pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,7 @@ def z1_acc(runs, ref_rewrite):
     return run_dir
 
 
+@pytest.mark.slow
 def test_one_process_accumulation_equals_big_batch(runs, ref_rewrite):
     """4 micro batches of 4 with the gradient cache == 1 batch of 16, loss for loss, gradient for
     gradient."""
@@ -201,6 +202,7 @@ def test_one_process_accumulation_equals_big_batch(runs, ref_rewrite):
 
 # ----------------------------------------------------------------------------- 2 ranks
 
+@pytest.mark.slow
 def test_two_ranks_zero1_accumulation_matches_one_process(runs, z1_acc, ref_rewrite):
     assert_close(losses(z1_acc), ref_rewrite)
     assert_grad_norms_close(z1_acc, runs / "ref_rewrite")
@@ -215,6 +217,7 @@ def test_two_ranks_zero1_accumulation_matches_one_process(runs, z1_acc, ref_rewr
     assert (saved.accumulation, saved.micro_batch, saved.stop_after) == (2, 4, 6)
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_slip_accumulation_matches_one_process(runs, ref_slip):
     """SLIP with 2 ranks x 2 micro batches of 4 under ZeRO 3 == 1 batch of 16: the gradient cache runs
     SLIP's head once on the whole batch, whose batch norm normalises over both ranks' rows (per micro
@@ -226,6 +229,7 @@ def test_two_ranks_zero3_slip_accumulation_matches_one_process(runs, ref_slip):
     assert_grad_norms_close(runs / "z3_slip", runs / "ref_slip")
 
 
+@pytest.mark.slow
 def test_two_ranks_zero2_accumulation_laclip_mt(runs):
     """LaCLIP-MT (all texts, masks): 2 ranks x 4 micro batches of 2 under ZeRO 2 == 1 batch of 16."""
     run_train(runs / "ref_all", "micro_batch=16", "text_mode=all", "stop_after=4")
@@ -235,6 +239,7 @@ def test_two_ranks_zero2_accumulation_laclip_mt(runs):
     assert_grad_norms_close(runs / "z2_all", runs / "ref_all")
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_accumulation_and_export(runs, ref_rewrite):
     """ZeRO 3 with 2 micro batches of 4 per rank and activation checkpointing == 1 batch of 16; the
     consolidated export equals DeepSpeed's own zero_to_fp32 consolidation and loads with
@@ -288,6 +293,7 @@ def _kill_all(proc, tree) -> None:
             p.kill()
 
 
+@pytest.mark.slow
 def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     """SIGTERM to the deepspeed runner (which installs no handler and dies at once) mid-run: the ranks
     notice their launcher is gone, checkpoint at the next step boundary and exit; the resumed run's
@@ -321,6 +327,7 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     assert grad_norms(run_dir) == grad_norms(reference)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
     """SIGTERM to rank 1 only (a scheduler signalling one task): both ranks checkpoint at the same step
     boundary and stop, and rank 0, which prints the status, names the reason it did not see itself."""
@@ -338,6 +345,7 @@ def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
     assert int(tag.split("-")[1]) == len(metrics(run_dir))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
     """lr=1e30: step 1 is fine, its update blows the weights up, step 2's loss is not finite."""
     run_dir = runs / "nan"
@@ -350,6 +358,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
 
 # ----------------------------------------------------------------------------- real data
 
+@pytest.mark.slow
 def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
     """253 real emoji images with their names, packed by loaders.pack, read by the torch loader;
     the tiny model in bf16 memorises them: the loss falls clearly within 60 steps."""
@@ -368,6 +377,7 @@ def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
     assert metrics(run_dir)[-1]["epoch"] >= 1  # crossed epochs (7 batches of 32 per epoch)
 
 
+@pytest.mark.slow
 def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     """caption_p_original / caption_style_weights go from the train config to the loader's draw: with the
     original drawn with probability 1, LaCLIP's run is CLIP's step for step; with 0 it is not."""
@@ -392,6 +402,7 @@ def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     assert bad.returncode == 2 and "caption_style_weights" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     """benchmarks/train.py runs both sides and writes the documented keys (speed is not asserted)."""
     from benchmarks.train import main

@@ -33,6 +33,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(500)
+@pytest.mark.slow
 def test_resume_latest_fresh_refusal_keep_last_eval_and_deepspeed_section(tmp_path):
     run_dir = tmp_path / "run"
     monitor = {"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "ds_csv"), "job_name": "tiny"}}
