@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test benchmarks rewrites
+.PHONY: setup demo test test-fast benchmarks rewrites
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (tests/conftest.py says which): for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 benchmarks: setup
 	$(PY) -m benchmarks all --out results/benchmarks.json

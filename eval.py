@@ -23,52 +23,25 @@ checkpoint over the sets, one file per protocol, features.py the feature cache, 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from common.config import EXIT_USAGE
-from evaluation.config import OUTPUT_FORMATS, PROTOCOLS, EvalConfig
+from evaluation.config import EvalConfig
 from evaluation.runner import CheckpointError, run
 from evaluation.table import compare
-
-
-EVAL_KEYS_HELP = {
-    "checkpoint": "an export directory (train.py's checkpoints/step-N/export), a .safetensors/.pt file, or an "
-                  "open_clip state dict (needs model)",
-    "model": "model/configs name, needed for open_clip state dicts",
-    "datasets": "CLIP_benchmark-style dataset names (comma-separated on the command line)",
-    "data_root": "where the datasets are (or are downloaded to)",
-    "out": "result JSON; with format clip_benchmark a folder of one JSON per set and task",
-    "format": "laclip (one JSON) | clip_benchmark (evaluation/clip_benchmark.py)",
-    "protocols": "protocols to run (comma-separated on the command line)",
-    "cache_dir": "feature cache directory ('' = none)",
-    "batch_size": "images per forward",
-    "workers": "data loader workers",
-    "device": "auto (cuda when present) | cpu | cuda | cuda:N",
-    "max_per_split": ">0: a fixed subsample of each split (quick CPU runs)",
-    "fewshot_ways": "few-shot: classes per episode",
-    "fewshot_shots": "few-shot: labelled examples per class",
-    "fewshot_queries": "few-shot: queries per class",
-    "fewshot_episodes": "few-shot: episodes averaged",
-    "seed": "seed of subsampling, episodes and the probe's split",
-    "probe_val_fraction": "linear probe: training fraction held out to pick the regularisation",
-    "probe_max_iter": "linear probe: solver iterations",
-}
 
 
 def _parse(argv) -> tuple[EvalConfig, list[str] | None]:
     """--config FILE, --set key=value and a --kebab-case flag per EvalConfig key (common/config.py);
     a bad key or value: one line on stderr, exit 2."""
-    from common.config import as_dict, build_parser, parse, with_help
-    keys = with_help(EvalConfig, EVAL_KEYS_HELP, choices={"format": OUTPUT_FORMATS, "protocols": PROTOCOLS})
-    p = build_parser(keys, "eval.py", __doc__.split("\n")[0], flags="all")
+    from common.config import build_parser, parse
+    p = build_parser(EvalConfig, "eval.py", __doc__.split("\n")[0], flags="all")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="a table of two result JSONs")
-    cfg, args = parse(keys, p, argv)
-    return EvalConfig(**as_dict(cfg)), args.compare
+    cfg, args = parse(EvalConfig, p, argv)
+    return cfg, args.compare
 
 
 def usage_error(err) -> int:

@@ -50,16 +50,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
-from common.config import ConfigError  # noqa: E402
+from common.config import ConfigError, merged  # noqa: E402
 from common.io import write_atomic  # noqa: E402
-from common.processes import is_launcher, launcher_chain, watch_launcher  # noqa: E402, F401
-from loaders.synthetic import SyntheticLoader  # noqa: E402, F401
-from training.checkpoints import (full_fp32_state_dict, prune_checkpoints, refuse_existing_run,  # noqa: E402, F401
-                                  resolve_resume, save_checkpoint, set_rng_state)
-from training.config import TrainConfig, config_dict, load_config, merged  # noqa: E402, F401
+from common.processes import watch_launcher  # noqa: E402
+from training.checkpoints import (full_fp32_state_dict, refuse_existing_run, resolve_resume,  # noqa: E402
+                                  save_checkpoint, set_rng_state)
+from training.config import TrainConfig, config_dict, load_config  # noqa: E402
 from training.data import DataError, MicroBatches  # noqa: E402
-from training.engine import (build_engine, clamp_logit_scale, lr_lambda, param_groups,  # noqa: E402, F401
-                             precision_summary)
+from training.engine import build_engine, clamp_logit_scale, precision_summary  # noqa: E402
 from training.logger import Logger  # noqa: E402
 
 EXIT_NONFINITE = 3
@@ -81,7 +79,7 @@ def parse_args(argv):
 def init_distributed(timeout_s: float | None = None):
     """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
     one rank. timeout_s: every collective's timeout (None: DeepSpeed's default)."""
-    from common.ranks import RankError, export_torch_env, resolve_ranks  # noqa: PLC0415
+    from common.ranks import RankError, export_torch_env, free_port, resolve_ranks  # noqa: PLC0415
     try:
         ranks = resolve_ranks()
         if ranks.source != "single":
@@ -89,12 +87,8 @@ def init_distributed(timeout_s: float | None = None):
     except RankError as e:
         raise UsageError(e) from None
     if ranks.source == "single":
-        import socket  # noqa: PLC0415
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     import deepspeed  # noqa: PLC0415
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

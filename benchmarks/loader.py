@@ -43,6 +43,7 @@ import numpy as np
 
 from benchmarks.common import parse_config, write_json
 from common.config import option
+from common.io import atomic_open, write_json_atomic
 
 CACHE = os.path.join(".cache", "bench-loader")
 DATASETS = {"CC3M": 3_300_000, "CC12M": 12_400_000, "LAION-400M": 400_000_000}
@@ -61,7 +62,7 @@ def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
     rewrites = os.path.join(CACHE, f"rewrites-{len(rows)}.jsonl")
     os.makedirs(CACHE, exist_ok=True)
     if not os.path.exists(rewrites):  # stand-in rewrites from the real keywords: M = 0..4 per sample
-        with open(rewrites, "w") as f:
+        with atomic_open(rewrites) as f:  # a killed run must not leave half a file that exists
             for i, r in enumerate(rows):
                 kws = r.get("keywords") or [r["category"]]
                 texts = [f"clip art of {', '.join(kws[j::4][:3])}" for j in range(i % 5)]
@@ -72,8 +73,7 @@ def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
     if not os.path.exists(os.path.join(out, "meta.json")):
         summary = pack(PackConfig(input=folder, out=out, rewrites=rewrites, max_side=256, quality=90,
                                   samples_per_shard=samples_per_shard, workers=2))
-        with open(summary_path, "w") as f:
-            json.dump(summary, f)
+        write_json_atomic(summary_path, summary)
     with open(summary_path) as f:
         return folder, out, json.load(f)
 

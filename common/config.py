@@ -18,6 +18,7 @@ exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import sys
@@ -285,6 +286,15 @@ def flag_values(cls, args: argparse.Namespace) -> dict:
     return out
 
 
+def merged(base: dict, override: dict) -> dict:
+    """A new dict: `override` over `base`, nested dicts merged key by key (model_overrides={vision_cfg:
+    {qk_norm: true}} keeps the other vision keys); nothing of either is shared with the result."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def fail(prog: str, err: Exception) -> typing.NoReturn:
     """One line on stderr, exit status 2."""
     print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
@@ -300,20 +310,3 @@ def parse(cls, parser: argparse.ArgumentParser, argv=None):
         fail(parser.prog, err)
     return cfg, args
 
-
-def with_help(cls, helps: dict[str, str], choices: dict | None = None, name: str | None = None):
-    """A copy of dataclass `cls` whose fields carry help (and choices) metadata, for a config class kept
-    elsewhere without it; same names, types and defaults. Build the original with `cls(**as_dict(cfg))`."""
-    hints = typing.get_type_hints(cls)
-    specs = []
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in helps]
-    if missing:  # a key added to cls without its line for --help
-        raise TypeError(f"{cls.__name__}: no help line for {missing}")
-    for f in dataclasses.fields(cls):
-        kw = {"help": helps[f.name], "choices": (choices or {}).get(f.name)}
-        if f.default_factory is not _MISSING:
-            kw["factory"] = f.default_factory
-        else:
-            kw["default"] = f.default
-        specs.append((f.name, hints[f.name], option(**kw)))
-    return dataclasses.make_dataclass(name or f"{cls.__name__}Keys", specs)

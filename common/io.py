@@ -1,10 +1,13 @@
 """Reading and writing files the way every stage needs them.
 
 Writes are atomic: the data goes to a temporary file in the destination's folder (`.<name>.<random>.tmp`,
-so a rename never crosses file systems and a clean-up can recognise leftovers), is fsynced, then renamed
-over the destination. A reader therefore sees the old file or the new one, never half of one; a killed
-writer leaves at most a temporary file. `sync_dir=True` also fsyncs the folder, so the rename itself
-survives a power cut (for files whose presence means "this step is finished").
+so a rename never crosses file systems and a clean-up can recognise leftovers with `is_temp`), is fsynced,
+then renamed over the destination. A reader therefore sees the old file or the new one, never half of
+one; a killed writer leaves at most a temporary file. `sync_dir=True` also fsyncs the folder, so the
+rename itself survives a power cut (for files whose presence means "this step is finished"). Every writer
+of the project goes through here: `atomic_open` (a file object), `atomic_path` (a name, for libraries
+that open it themselves), `write_atomic` / `write_json_atomic` (bytes, text, JSON); a writer that streams
+into a file it keeps open (the caption store's shards) takes its name from `temp_path`.
 
 Reads of JSONL name the file and line of a bad row, in the caller's error type: a malformed row means
 the file is not what we think it is, and the user needs to know where.
@@ -31,18 +34,35 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, sync_dir: bool = False) -> Iterator[str]:
-    """Yield a temporary path next to `path`; whatever the body writes there replaces `path` when the
-    body returns (fsynced first). On an exception the temporary file is removed and `path` is untouched.
-    For writers that want a file name (np.savez, safetensors, matplotlib)."""
+def temp_path(path: str | os.PathLike) -> str:
+    """A new empty temporary file beside `path` (`.<name>.<random>.tmp`, mode as open() would give it),
+    for a writer that fills it and then replaces `path` with it (fsync, os.replace). Missing folders are
+    created."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+    return tmp
+
+
+def is_temp(name: str | os.PathLike) -> bool:
+    """Whether a file name is a temporary file of a write in progress or killed (temp_path's
+    `.<name>.<random>.tmp`): the one leftover rule of every clean-up and listing."""
+    name = os.path.basename(os.fspath(name))
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, sync_dir: bool = False) -> Iterator[str]:
+    """Yield a temporary path next to `path`; whatever the body writes there replaces `path` when the
+    body returns (fsynced first). On an exception the temporary file is removed and `path` is untouched.
+    For writers that want a file name (np.savez, safetensors, matplotlib, tarfile, FFCV)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path(path)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -55,9 +75,19 @@ def atomic_path(path: str | os.PathLike, *, sync_dir: bool = False) -> Iterator[
         _fsync_dir(directory)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, sync_dir: bool = False, **open_kwargs) -> Iterator:
+    """open(path, mode) through a temporary file that replaces `path` when the body returns (atomic_path);
+    text modes default to UTF-8."""
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path, sync_dir=sync_dir) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes, *, sync_dir: bool = False) -> None:
     """Write `data` (str is encoded as UTF-8) to `path` atomically; missing folders are created."""
-    with atomic_path(path, sync_dir=sync_dir) as tmp, open(tmp, "wb") as f:
+    with atomic_open(path, "wb", sync_dir=sync_dir) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 

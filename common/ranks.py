@@ -82,3 +82,11 @@ def export_torch_env(ranks: Ranks, env: dict | None = None) -> None:
         env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
     if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
         env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a one-machine rendezvous or a local server)."""
+    import socket  # noqa: PLC0415
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

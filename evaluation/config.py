@@ -5,7 +5,9 @@ standalone evaluation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from common.config import option
 
 PROTOCOLS = ("zeroshot", "fewshot", "linear_probe", "retrieval")
 OUTPUT_FORMATS = ("laclip", "clip_benchmark")
@@ -13,22 +15,28 @@ OUTPUT_FORMATS = ("laclip", "clip_benchmark")
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = ""
-    model: str | None = None            # model/configs name, needed for open_clip state dicts
-    datasets: list[str] = field(default_factory=lambda: ["digits"])
-    data_root: str = "data"
-    out: str = "results.json"           # with format clip_benchmark: a folder of one JSON per set and task
-    format: str = "laclip"              # or clip_benchmark (evaluation/clip_benchmark.py)
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    cache_dir: str = ".cache/eval_features"
-    batch_size: int = 256
-    workers: int = 2
-    device: str = "auto"
-    max_per_split: int = 0              # >0: fixed subsample of each split (quick CPU runs)
-    fewshot_ways: int = 5
-    fewshot_shots: int = 5
-    fewshot_queries: int = 15
-    fewshot_episodes: int = 1000
-    seed: int = 0
-    probe_val_fraction: float = 0.2
-    probe_max_iter: int = 1000
+    checkpoint: str = option("", help="an export directory (train.py's checkpoints/step-N/export), a "
+                             ".safetensors/.pt file, or an open_clip state dict (needs model)")
+    model: str | None = option(None, help="model/configs name, needed for open_clip state dicts")
+    datasets: list[str] = option(factory=lambda: ["digits"],
+                                 help="CLIP_benchmark-style dataset names (comma-separated on the command line)")
+    data_root: str = option("data", help="where the datasets are (nothing is downloaded)")
+    out: str = option("results.json", help="result JSON; with format clip_benchmark a folder of one JSON per "
+                      "set and task")
+    format: str = option("laclip", choices=OUTPUT_FORMATS,
+                         help="laclip (one JSON) | clip_benchmark (evaluation/clip_benchmark.py)")
+    protocols: list[str] = option(factory=lambda: list(PROTOCOLS), choices=PROTOCOLS,
+                                  help="protocols to run (comma-separated on the command line)")
+    cache_dir: str = option(".cache/eval_features", help="feature cache directory ('' = none)")
+    batch_size: int = option(256, help="images per forward")
+    workers: int = option(2, help="data loader workers")
+    device: str = option("auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
+    max_per_split: int = option(0, help=">0: a fixed subsample of each split (quick CPU runs)")
+    fewshot_ways: int = option(5, help="few-shot: classes per episode")
+    fewshot_shots: int = option(5, help="few-shot: labelled examples per class")
+    fewshot_queries: int = option(15, help="few-shot: queries per class")
+    fewshot_episodes: int = option(1000, help="few-shot: episodes averaged")
+    seed: int = option(0, help="seed of subsampling, episodes and the probe's split")
+    probe_val_fraction: float = option(0.2, help="linear probe: training fraction held out to pick the "
+                                       "regularisation")
+    probe_max_iter: int = option(1000, help="linear probe: solver iterations")

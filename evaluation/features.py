@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.io import atomic_path
+from common.io import atomic_open
 from evaluation.datasets import EvalSet, Split
 from model.clip import IMAGE_MEAN, IMAGE_STD
 
@@ -89,7 +89,7 @@ def cache_file(cache_dir: str, ckpt_key: str, ds: EvalSet, split_name: str, spli
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: np.savez would add ".npz" to a name
+    with atomic_open(path, "wb") as f:   # a file object: np.savez would add ".npz" to a name
         np.savez(f, **arrays)
 
 

@@ -16,17 +16,13 @@ KINDS = ("ffcv", "dali", "torch")
 TEXT_MODES = ("rewrite", "original", "all")
 
 
-def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite", seed: int = 0,
-                 epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
-                 image_size: int = 224, max_texts: int = 5, slip_views: bool = False, start_batch: int = 0,
-                 drop_last: bool = True, augment: bool = True, draw_text: bool = True,
-                 return_dict: bool = False, normalize: bool = True, check_records: bool = False,
-                 pin_memory: bool = False, p_original: float | None = None,
-                 style_weights: dict | list | None = None):
+def build_loader(kind: str, root, config=None, **overrides):
     """An iterable of one epoch's batches for this rank, starting at batch `start_batch`.
 
-    len(loader) = batches left. draw_text=False skips the captions (benchmarks only). normalize=False
-    hands out uint8 [B,3,H,W] images (a channels-last view) for normalising on the accelerator with
+    The options are loaders.base.LoaderConfig's fields: `config` (a LoaderConfig) with `overrides` replacing
+    some of them, or the fields as keywords alone (batch_size is required). len(loader) = batches left.
+    draw_text=False skips the captions (benchmarks only). normalize=False hands out uint8 [B,3,H,W] images
+    (a channels-last view) for normalising on the accelerator with
     loaders.augment.normalize(images.to(device, non_blocking=True)): the CPU then only decodes and crops.
     With slip_views, normalize=False also leaves SLIP's colour part to the consumer: view1/view2 are the
     uint8 crops [B,H,W,3], made views on the device by loaders.augment.simclr_view_seeded(view.to(device),
@@ -41,16 +37,13 @@ def build_loader(kind: str, root, *, batch_size: int, text_mode: str = "rewrite"
     proportion to their weights, renormalised over the texts each sample has; both None (the default) is
     the uniform draw. Deterministic in (seed, epoch, index) and the same in every loader.
     """
-    if text_mode not in TEXT_MODES:
-        raise ValueError(f"text_mode {text_mode!r}, expected one of {TEXT_MODES}")
+    import dataclasses
+
     from loaders.base import LoaderConfig
 
-    config = LoaderConfig(batch_size=batch_size, text_mode=text_mode, seed=seed, epoch=epoch, rank=rank,
-                          world_size=world_size, num_workers=num_workers, image_size=image_size,
-                          max_texts=max_texts, slip_views=slip_views, start_batch=start_batch, drop_last=drop_last,
-                          augment=augment, draw_text=draw_text, return_dict=return_dict, normalize=normalize,
-                          check_records=check_records, pin_memory=pin_memory, p_original=p_original,
-                          style_weights=style_weights)
+    config = dataclasses.replace(config, **overrides) if config is not None else LoaderConfig(**overrides)
+    if config.text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode {config.text_mode!r}, expected one of {TEXT_MODES}")
     if kind == "ffcv":
         from loaders.ffcv_loader import FfcvLoader
         return FfcvLoader(root, config)

@@ -42,6 +42,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from common.config import ConfigError, option
+from common.text import normalize_words
 
 from loaders.images import atomic_write_bytes, encode_jpeg_pil
 from loaders.ingest import (IngestError, IngestReport, Sample, find_captions_file, iter_image_folder,
@@ -91,19 +92,15 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
 
 
-def _words(text: str) -> str:
-    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
-
-
 def alt_texts(caption: str, fields: dict[str, str]) -> dict[str, str]:
     """The fields that say something in other words than the caption: empty ones and ones with the
     caption's words (or an earlier field's) are left out."""
-    seen, out = {_words(caption)}, {}
+    seen, out = {normalize_words(caption)}, {}
     for name, text in fields.items():
         text = " ".join(text.split())
-        if text and _words(text) not in seen:
+        if text and normalize_words(text) not in seen:
             out[name] = text
-            seen.add(_words(text))
+            seen.add(normalize_words(text))
     return out
 
 

@@ -22,7 +22,7 @@ import sqlite3
 import zlib
 from typing import Callable, Iterable, Iterator
 
-from common.io import read_jsonl
+from common.io import read_jsonl, temp_path
 from rewrite.quality import same_text
 
 PAGE_CACHE_KIB = 256 * 1024   # SQLite page cache: bounds the join's memory
@@ -109,17 +109,18 @@ class Buckets:
 
     def __init__(self, folder: str, family: str, rank: int, parts: int):
         self.paths = [bucket_path(folder, family, rank, d) for d in range(parts)]
-        self.files = [open(p + ".tmp", "w", encoding="utf-8") for p in self.paths]
+        self.tmps = [temp_path(p) for p in self.paths]  # streamed into, so not atomic_open
+        self.files = [open(t, "w", encoding="utf-8") for t in self.tmps]
 
     def add(self, part: int, row) -> None:
         self.files[part].write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        for f, path in zip(self.files, self.paths):
+        for f, tmp, path in zip(self.files, self.tmps, self.paths):
             f.flush()
             os.fsync(f.fileno())
             f.close()
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
 
 
 def bucket_path(folder: str, family: str, source: int, dest: int) -> str:

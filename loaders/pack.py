@@ -40,6 +40,9 @@ from loaders.datasets import check_source, open_source
 from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
+from common.config import option
+from common.io import atomic_open, atomic_path, is_temp
+from common.text import TEXT_RULES
 from model.tokenizer import has_tokens
 
 __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "main"]  # the read side: loaders.packed
@@ -47,33 +50,25 @@ __all__ = ["PackConfig", "pack", "verify_pack", "PackError", "load_rewrites", "m
 
 @dataclasses.dataclass
 class PackConfig:
-    input: str = ""
-    out: str = ""
-    rewrites: str | None = None
-    min_fidelity: float | None = None  # drop rewrites scoring below this (rewrite/fidelity.py scores; a JSONL gives "scores")
-    image_root: str | None = None  # LaCLIP CSV: images are relative to this (default: the CSV's folder)
-    data_root: str | None = None  # where builders ("openclipart", "emoji") cache their image folders
-    max_side: int = 256  # short side at most this many pixels
-    quality: int = 90
-    keep_images: bool = False  # pass colour JPEGs through untouched
-    samples_per_shard: int = 5000  # tar inputs: one output shard per input tar instead
-    max_samples: int | None = None
-    workers: int = 2
-    rank: int | None = None  # default: the launcher's (common/ranks.py: $RANK, SLURM), else 0 of 1
-    world_size: int | None = None
-    wait_s: float = 0.0  # how long a rank waits for the others between stages (0: exit, re-run later)
-    keep_staging: bool = False
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "PackConfig":
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise PackError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+    input: str = option("", help="source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a "
+                        "builder name")
+    out: str = option("", help="packed dataset directory (re-running with the same out resumes)")
+    rewrites: str | None = option(None, help="rewrite store or JSONL of {key, rewrites} (python -m rewrite)")
+    min_fidelity: float | None = option(None, help="drop rewrites scoring below this fidelity (a scored rewrite "
+                                        "store, or a JSONL whose rows carry \"scores\")")
+    image_root: str | None = option(None, help="LaCLIP CSV: images are relative to this (default: the CSV's folder)")
+    data_root: str | None = option(None, help="where builders (openclipart, emoji) cache their image folders")
+    max_side: int = option(256, help="short side at most this many pixels")
+    quality: int = option(90, help="JPEG quality of re-encoded images")
+    keep_images: bool = option(False, help="pass colour JPEGs through untouched")
+    samples_per_shard: int = option(5000, help="samples per output shard (tar inputs: one output shard per input "
+                                    "tar instead)")
+    max_samples: int | None = option(None, help="stop after this many samples (default: all)")
+    workers: int = option(2, help="image worker processes per rank")
+    rank: int | None = option(None, help="this rank (default: the launcher's $RANK / SLURM, else 0)")
+    world_size: int | None = option(None, help="number of ranks (default: the launcher's, else 1)")
+    wait_s: float = option(0.0, help="how long a rank waits for the others between stages (0: exit, re-run later)")
+    keep_staging: bool = option(False, help="keep the staged parts after the final shards are written")
 
 
 # ---------------------------------------------------------------- settings each stage depends on
@@ -90,8 +85,10 @@ def caption_settings(cfg: PackConfig) -> dict:
     if cfg.rewrites:
         st = os.stat(cfg.rewrites)  # a rewritten file (same path, new content) is another input
         rewrites = {"path": os.path.abspath(cfg.rewrites), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them)
-    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "min_fidelity": cfg.min_fidelity}
+    # join_rules 2: rewrites equal to their original caption are dropped (1 kept them); text_rules: what
+    # "equal" means (common/text.py)
+    return {**stage_settings(cfg), "rewrites": rewrites, "join_rules": 2, "text_rules": TEXT_RULES,
+            "min_fidelity": cfg.min_fidelity}
 
 
 def settings_key(settings: dict) -> str:
@@ -103,11 +100,6 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _is_temp(name: str) -> bool:
-    """Temporary files of pack's atomic writes (.<name>.<pid|random>.tmp) and the store's (<name>.tmp-<pid>)."""
-    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
-
-
 def remove_temp_files(out: str) -> int:
     """Remove the temporary files a killed run left in `out` and its stage folders; returns how many."""
     removed = 0
@@ -115,7 +107,7 @@ def remove_temp_files(out: str) -> int:
         path = os.path.join(out, folder)
         if os.path.isdir(path):
             for name in os.listdir(path):
-                if _is_temp(name):
+                if is_temp(name):
                     os.remove(os.path.join(path, name))
                     removed += 1
     return removed
@@ -123,7 +115,7 @@ def remove_temp_files(out: str) -> int:
 
 def _other_files(out: str) -> dict:
     """Sizes and sha256 of the files beside the shards (keys, caption store), for verify_pack."""
-    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not _is_temp(n))
+    rels = ["keys.txt"] + sorted(f"captions/{n}" for n in os.listdir(os.path.join(out, "captions")) if not is_temp(n))
     return {k: v for rel in rels for k, v in file_entry(out, rel).items()}
 
 
@@ -340,11 +332,10 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
             shards.append({"name": shard_name(i), "num_samples": sizes[i], "first_index": first})
             first += sizes[i]
     keys_out = os.path.join(cfg.out, "keys.txt")
-    with open(_tmp_path(keys_out), "wb") as out:
+    with atomic_open(keys_out, "wb") as out:
         for i in range(num_shards):
             with open(keys_path(i), "rb") as f:
                 shutil.copyfileobj(f, out)
-    _fsync_rename(_tmp_path(keys_out), keys_out)
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
@@ -438,24 +429,13 @@ def read_staged(out: str, index: int, captions_only: bool = False) -> dict:
     return m
 
 
-def _tmp_path(path: str) -> str:
-    return os.path.join(os.path.dirname(path), "." + os.path.basename(path) + f".{os.getpid()}.tmp")
-
-
-def _fsync_rename(tmp: str, path: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], first: int) -> dict:
     """<key>.jpg, <key>.cap (compressed caption record), <key>.idx (global index) + DALI's index file."""
     tar_rel, idx_rel = f"dali/{name}.tar", f"dali/{name}.idx"
     tar_path, idx_path = os.path.join(out, tar_rel), os.path.join(out, idx_rel)
     os.makedirs(os.path.dirname(tar_path), exist_ok=True)
     lines = []
-    tmp = _tmp_path(tar_path)
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         for j, (key, jpeg, record) in enumerate(zip(staged["keys"], staged["jpegs"], records)):
             parts = []
             for ext, data in (("jpg", jpeg), ("cap", record), ("idx", str(first + j).encode())):
@@ -466,7 +446,6 @@ def write_dali_shard(out: str, name: str, staged: dict, records: list[bytes], fi
                 offset = tar.offset - (len(data) + 511) // 512 * 512
                 parts.append(f"{ext} {offset} {info.size} {key}.{ext}")
             lines.append(" ".join(parts))
-    _fsync_rename(tmp, tar_path)
     atomic_write_bytes(idx_path, (f"{IDX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n").encode())
     return {**file_entry(out, tar_rel), **file_entry(out, idx_rel)}
 
@@ -509,11 +488,11 @@ def write_ffcv_shard(out: str, name: str, staged: dict, records: list[bytes], fi
     largest = max(len(j) for j in staged["jpegs"]) + max(len(r) for r in records) + 64
     page_size = max(MIN_PAGE_SIZE, 1 << (4 * largest - 1).bit_length())  # a page must hold a sample
     fields = {"image": image, "record": BytesField(), "record_len": IntField(), "index": IntField()}
-    tmp = _tmp_path(path)
-    writer = DatasetWriter(tmp, fields, page_size=page_size, num_workers=max(1, min(workers, len(records) // 2000)))
-    # each writer process leaves one partly filled page: small shards get one process
-    writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
-    _fsync_rename(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(tmp, fields, page_size=page_size,
+                               num_workers=max(1, min(workers, len(records) // 2000)))
+        # each writer process leaves one partly filled page: small shards get one process
+        writer.from_indexed_dataset(_FfcvRows(staged, records, first), chunksize=256)
     return file_entry(out, rel)
 
 
@@ -635,40 +614,14 @@ def pack(cfg: PackConfig) -> dict:
     return summary
 
 
-PACK_KEYS_HELP = {
-    "input": "source: image folder, LaCLIP CSV, WebDataset tars (brace/glob patterns), or a builder name",
-    "out": "packed dataset directory (re-running with the same out resumes)",
-    "rewrites": "rewrite store or JSONL of {key, rewrites} (python -m rewrite)",
-    "min_fidelity": "drop rewrites scoring below this fidelity (a scored rewrite store, or a JSONL whose rows carry \"scores\")",
-    "image_root": "LaCLIP CSV: images are relative to this (default: the CSV's folder)",
-    "data_root": "where builders (openclipart, emoji) cache their image folders",
-    "max_side": "short side at most this many pixels",
-    "quality": "JPEG quality of re-encoded images",
-    "keep_images": "pass colour JPEGs through untouched",
-    "samples_per_shard": "samples per output shard (tar inputs: one output shard per input tar instead)",
-    "max_samples": "stop after this many samples (default: all)",
-    "workers": "image worker processes per rank",
-    "rank": "this rank (default: the launcher's $RANK / SLURM, else 0)",
-    "world_size": "number of ranks (default: the launcher's, else 1)",
-    "wait_s": "how long a rank waits for the others between stages (0: exit, re-run later)",
-    "keep_staging": "keep the staged parts after the final shards are written",
-}
-
-
-def cli_parser():
-    from common.config import build_parser, with_help
-
-    keys = with_help(PackConfig, PACK_KEYS_HELP)
-    return keys, build_parser(keys, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
 
 
 def parse_args(argv=None) -> PackConfig:
     """--config FILE, --set key=value and a --kebab-case flag per key; a bad key or value: one line, exit 2."""
-    from common.config import as_dict, parse
+    from common.config import build_parser, parse
 
-    keys, parser = cli_parser()
-    cfg, _ = parse(keys, parser, argv)
-    return PackConfig(**as_dict(cfg))
+    parser = build_parser(PackConfig, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
+    return parse(PackConfig, parser, argv)[0]
 
 
 def main(argv=None) -> dict:

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import zstandard
 
-from common.io import write_atomic
+from common.io import is_temp, temp_path, write_atomic
 from model.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, get_tokenizer, tokenizer_identity
 
 FORMAT_VERSION = 1
@@ -166,7 +166,7 @@ def _shard_name(k: int) -> str:
 
 class _ShardWriter:
     def __init__(self, path: str, header: dict, dictionary: bytes, block_size: int):
-        self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
+        self.path, self.tmp = path, temp_path(path)  # streamed into, so not atomic_open
         self.block_size = block_size
         self.file = open(self.tmp, "wb")
         header_bytes = json.dumps(header, sort_keys=True).encode()
@@ -339,10 +339,8 @@ def _finished_shard(path: str, dictionary_sha256: str) -> dict | None:
 
 def store_bytes(path: str) -> int:
     """Bytes on disk of a store (all shards, dictionary and manifest)."""
-    # left out: temporary files of a write in progress or killed (".tmp-<pid>" here, ".<name>.*.tmp" by
-    # common/io.py)
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if ".tmp-" not in f and not (f.startswith(".") and f.endswith(".tmp")))
+    # left out: temporary files of a write in progress or killed
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if not is_temp(f))
 
 
 # ---------------------------------------------------------------------------------------------------

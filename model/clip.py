@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.config import merged
 from model.attention import attention
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -286,16 +287,6 @@ def list_models() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-merge_config = _merge  # public name: merge_config(base, overrides) -> new dict, nested dicts merged
-
-
 def get_model_config(name: str) -> dict:
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
@@ -307,9 +298,9 @@ def get_model_config(name: str) -> dict:
 
 def resolve_config(config: dict) -> dict:
     """Fill defaults so the saved config is complete and self-describing."""
-    cfg = _merge(TOP_DEFAULTS, config)
-    cfg["vision_cfg"] = _merge(VISION_DEFAULTS, config["vision_cfg"])
-    cfg["text_cfg"] = _merge(TEXT_DEFAULTS, config["text_cfg"])
+    cfg = merged(TOP_DEFAULTS, config)
+    cfg["vision_cfg"] = merged(VISION_DEFAULTS, config["vision_cfg"])
+    cfg["text_cfg"] = merged(TEXT_DEFAULTS, config["text_cfg"])
     unknown = set(cfg) - set(TOP_DEFAULTS) - {"name", "embed_dim", "vision_cfg", "text_cfg"}
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}")
@@ -320,4 +311,4 @@ def build_model(name: str | dict, **overrides) -> CLIP:
     """build_model("ViT-B-16"), build_model(config_dict), build_model("tiny", slip=True,
     vision_cfg={"qk_norm": True}); nested dicts in overrides are merged, not replaced."""
     cfg = get_model_config(name) if isinstance(name, str) else copy.deepcopy(name)
-    return CLIP(_merge(cfg, overrides))
+    return CLIP(merged(cfg, overrides))

@@ -57,7 +57,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix="." + out.name + ".", suffix=".tmp", dir=out.parent))  # is_temp's form
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

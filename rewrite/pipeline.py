@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.text import TEXT_RULES
+
 from .config import RewriteConfig
 from .engines import HFEngine, Request, make_engine, mix_seed
 from .inputs import read_captions
@@ -24,7 +26,7 @@ from .quality import REASONS, clean_output, reject_reason
 from .store import FORMAT_VERSION, shard_path, write_atomic, write_shard
 
 RUN_KEYS = ("engine", "model", "pools", "seed", "rewrites_per_pool", "shard_size", "num_captions", "batch_size",
-            "vllm_dtype")
+            "vllm_dtype", "text_rules")
 # Engines whose outputs depend on the batch a caption came in (no per-request seeds): run.json records
 # their batch size and a resume with another one is refused.
 BATCH_DEPENDENT_ENGINES = {HFEngine.name}
@@ -44,12 +46,17 @@ def vllm_dtype(cfg: RewriteConfig) -> str | None:
     return None if dtype == "float32" else dtype
 
 
-def _check_run(out: Path, run: dict) -> None:
-    """Write run.json on first use; refuse to mix a different run into an existing store."""
+def _check_run(out: Path, run: dict, complete: bool) -> None:
+    """Write run.json on first use; refuse to mix a different run into an existing store. A complete store
+    made under other text rules (common/text.py; run.json without "text_rules": rule 1) is left as it is:
+    nothing would be written into it."""
     path = out / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        old.setdefault("text_rules", 1)  # stores from before run.json recorded it
         diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
+        if diff == ["text_rules"] and complete:
+            return
         if diff:
             raise ValueError(f"{out} holds a different run ({', '.join(f'{k}: {old.get(k)!r} != {run.get(k)!r}' for k in diff)}); "
                              "use another --out")
@@ -98,13 +105,14 @@ def run(cfg: RewriteConfig, engine=None) -> dict:
     run_info = {"format_version": FORMAT_VERSION, "engine": cfg.engine, "model": model, "pools": names,
                 "seed": cfg.seed, "rewrites_per_pool": cfg.rewrites_per_pool, "shard_size": cfg.shard_size,
                 "num_shards": num_shards, "num_captions": len(captions), "input": str(cfg.input),
-                "max_retries": cfg.max_retries}
+                "max_retries": cfg.max_retries, "text_rules": TEXT_RULES}  # the filter's normaliser
     if cfg.engine in BATCH_DEPENDENT_ENGINES:
         run_info["batch_size"] = cfg.batch_size
     dtype = vllm_dtype(cfg)
     if dtype is not None:
         run_info["vllm_dtype"] = dtype
-    _check_run(out, run_info)
+    _check_run(out, run_info, complete=all(shard_path(out, name, s).is_file() for s in range(num_shards)
+                                           for name in names))
 
     mine = [s for s in range(num_shards) if s % world == rank]
     for s in mine:  # temp files of this rank's shards left by a killed run (other ranks' are theirs)

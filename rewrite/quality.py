@@ -6,15 +6,13 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
+from common.text import normalize_words
+
 REASONS = ("empty", "identical", "copied_example", "too_long", "non_text")
 MAX_WORDS = 60     # CLIP's context is 77 tokens; longer rewrites get truncated anyway
 MAX_CHARS = 320
 NEAR_COPY = 0.85   # character similarity to a pool example above which the output counts as a copy
 _PREFIX = re.compile(r"^\s*(output|rewrite|caption)\s*:\s*", re.I)
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def clean_output(text: str) -> str:
@@ -26,19 +24,20 @@ def clean_output(text: str) -> str:
 
 
 def same_text(text: str, caption: str) -> bool:
-    """The rewrite says exactly what the caption says, up to case, punctuation and spacing."""
-    return _norm(text) == _norm(caption)
+    """The rewrite says exactly what the caption says, up to case, punctuation, underscores and spacing."""
+    return normalize_words(text) == normalize_words(caption)
 
 
 def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = ()) -> str | None:
     """None if the rewrite is kept, else the first reason (one of REASONS) it fails."""
-    norm = _norm(text)
+    norm = normalize_words(text)
     if not norm:
         return "empty"
     if same_text(text, caption):
         return "identical"
     # Small models often echo an example with a word changed; the caption itself never appears there.
-    if any(SequenceMatcher(None, norm, _norm(e)).ratio() >= NEAR_COPY for pair in examples for e in pair):
+    if any(SequenceMatcher(None, norm, normalize_words(e)).ratio() >= NEAR_COPY
+           for pair in examples for e in pair):
         return "copied_example"
     words = text.split()
     if len(words) > MAX_WORDS or len(text) > MAX_CHARS:

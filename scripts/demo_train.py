@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.ranks import free_port
 from scripts.demo_config import METHODS, DemoConfig
 from scripts.demo_data import read_rows
 
@@ -81,12 +81,6 @@ def stage_pack(cfg: DemoConfig, out: Path, name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. train
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def train_run(cfg: DemoConfig, out: Path, method: str, seed: int, kind: str, max_texts: int) -> dict:
     """One `deepspeed --num_gpus R train.py` run; its log goes to <run>/launcher.log, the bar here follows

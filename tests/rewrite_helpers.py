@@ -1,9 +1,9 @@
-"""What the rewrite tests share: a tiny real Llama, caption files, a real vLLM server, store comparison.
+"""What the rewrite tests share: caption files, a real vLLM server, store comparison.
 
-The tiny model is a randomly initialised 2-layer Llama (hidden size 128, head size 64, which vLLM's CPU
-attention supports) with a byte-level BPE tokenizer trained here: its rewrites are random text, so the
-tests check mechanics (seeds, files, resume, servers), not quality. The vLLM server is the project's own
-CPU engine (rewrite.vllm_server) from .venv-vllm, started once per test session on 127.0.0.1.
+The tiny model (conftest's `tiny_model`) is a randomly initialised 2-layer Llama whose rewrites are
+random text, so the tests check mechanics (seeds, files, resume, servers), not quality. The vLLM server
+is the project's own CPU engine (rewrite.vllm_server) from .venv-vllm, started once per test session on
+127.0.0.1.
 """
 from __future__ import annotations
 
@@ -15,47 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from rewrite.pools import DEFAULT_POOLS, load_pool
-from rewrite.prompt import TASK
 from rewrite.store import filter_counts, iter_rewrites, read_run
+from tests.conftest import CAPTIONS, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a white dog running on the beach", "red car parked on a street", "Christmas light",
-            "a bowl of fresh fruit on a table", "green arrow", "Baby Tux", "Simple Shovel",
-            "a cartoon cat with a hat", "Blue Eye", "Ice cube", "Camera Icon", "Ironing Board"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def make_tiny_model(path: Path) -> str:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from rewrite.models import import_transformers
-    tr = import_transformers()
-    texts = [p for name in DEFAULT_POOLS for pair in load_pool(name).pairs for p in pair] + CAPTIONS + [TASK]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tr.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    torch.manual_seed(0)
-    cfg = tr.LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    tr.LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
-
-
-_tiny: list[str] = []
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """One tiny model per test session, whichever test module asks (so one shared server serves all)."""
-    if not _tiny:
-        _tiny.append(make_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
-    return _tiny[0]
 
 
 def vllm_available() -> bool:

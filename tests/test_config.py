@@ -7,13 +7,12 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, build_parser, load, option, parse
+from common.config import ConfigError, build_parser, load, merged, option, parse
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 # cli -> (command, a bad value as key=value, help lines that must appear)
 CLIS = {
@@ -117,3 +116,13 @@ def test_parser_flags_and_one_line_exit(capsys):
         parse(Example, build_parser(Example, "example", flags=["count"]), ["--count", "many"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "example: error: config key 'count' from --count: cannot read 'many' as int\n"
+
+
+def test_nested_merge_keeps_other_keys_and_shares_nothing():
+    """The one nested merge (model_overrides over a model config, a run's deepspeed: over the generated one)."""
+    base = {"vision_cfg": {"width": 64, "layers": 2}, "embed_dim": 32, "tags": ["a"]}
+    out = merged(base, {"vision_cfg": {"qk_norm": True}, "embed_dim": 16})
+    assert out == {"vision_cfg": {"width": 64, "layers": 2, "qk_norm": True}, "embed_dim": 16, "tags": ["a"]}
+    out["vision_cfg"]["width"] = 0
+    out["tags"].append("b")
+    assert base == {"vision_cfg": {"width": 64, "layers": 2}, "embed_dim": 32, "tags": ["a"]}

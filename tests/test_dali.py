@@ -1,5 +1,5 @@
 """DALI loader: same seed gives bit-identical batches, a resumed epoch continues exactly, damaged samples
-give an error naming the tar, sample and key (never a hang). Uses test_loaders' packed emoji set."""
+give an error naming the tar, sample and key (never a hang). Uses conftest's packed emoji set."""
 import os
 import shutil
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from loaders.pack import PackError
-from tests.test_loaders import cat, packed, run  # noqa: F401  (packed: the shared session fixture)
+from tests.test_loaders import cat, run
 
 
-def test_same_seed_gives_bit_identical_batches_for_any_worker_count(packed):  # noqa: F811
+def test_same_seed_gives_bit_identical_batches_for_any_worker_count(packed):
     one = run("dali", packed, epoch=4, num_workers=1, drop_last=False)
     two = run("dali", packed, epoch=4, num_workers=2, drop_last=False)
     for key in ("images", "tokens", "index"):
@@ -19,7 +19,7 @@ def test_same_seed_gives_bit_identical_batches_for_any_worker_count(packed):  # 
     assert not torch.equal(cat(one, "images"), cat(other_epoch, "images"))  # crops change per epoch
 
 
-def test_resumed_epoch_continues_with_the_same_crops_and_texts(packed):  # noqa: F811
+def test_resumed_epoch_continues_with_the_same_crops_and_texts(packed):
     full = run("dali", packed, epoch=2, batch_size=8, slip_views=True)
     tail = run("dali", packed, epoch=2, batch_size=8, slip_views=True, start_batch=6)
     assert len(tail) == len(full) - 6
@@ -45,7 +45,7 @@ def _flip_byte(root, member, sample=7):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("member,what", [("jpg", "JPEG"), ("cap", "caption record")])
-def test_flipped_byte_names_the_tar_sample_and_key(member, what, packed, tmp_path):  # noqa: F811
+def test_flipped_byte_names_the_tar_sample_and_key(member, what, packed, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)
     key = _flip_byte(copy, member)
@@ -54,7 +54,7 @@ def test_flipped_byte_names_the_tar_sample_and_key(member, what, packed, tmp_pat
 
 
 @pytest.mark.timeout(120)
-def test_jpeg_flip_that_still_decodes_is_caught_by_the_record_checksums(packed, tmp_path):  # noqa: F811
+def test_jpeg_flip_that_still_decodes_is_caught_by_the_record_checksums(packed, tmp_path):
     """A flip inside the entropy-coded data decodes to a wrong image without error: only the CRC-32s
     written at pack time (check_records=True, compared inside the compiled op) see it."""
     copy = tmp_path / "copy"

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.demo_config import METHODS
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts.demo_config import METHODS
+from tests.conftest import REPO
+
 METHOD_ROWS = tuple(label for label, *_ in METHODS.values())
 
 
@@ -39,6 +41,7 @@ def _table_rows(report: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     out, data, shipped = tmp_path / "demo", tmp_path / "data", tmp_path / "shipped"
     if (REPO / "data" / "rewrites").is_dir():  # a snapshot: `make rewrites` may be adding shards meanwhile

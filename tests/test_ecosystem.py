@@ -23,7 +23,6 @@ from model.checkpoint import save_export
 from model.clip import build_model
 from model.tokenizer import get_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 WORKAROUND = ("import sys, types; "
               "sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('m')); ")
 # clip-benchmark 1.6.2's accuracy() calls float() on a 1-element array, which numpy 2.4 refuses. Stand-in
@@ -154,6 +153,7 @@ def _clip_benchmark(export: Path, dataset: str, root: Path, out: Path) -> dict:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow
 def test_clip_benchmark_format_and_numbers_equal_its_own(export, tmp_path):
     data = tmp_path / "data"
     _mnist_layout(data)

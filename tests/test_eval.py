@@ -105,7 +105,7 @@ def test_fewshot_separable_features_score_100():
     assert out["accuracy"] == 100.0 and out["episodes"] == 40
 
 
-@pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
+@pytest.mark.parametrize("name", ["digits", pytest.param("fashion_mnist", marks=pytest.mark.slow)])
 def test_linear_probe_agrees_with_sklearn(name):
     ds = open_eval_set(name, "/nonexistent")
     tr, te = ds.splits["train"], ds.splits["test"]

@@ -20,12 +20,13 @@ import simplejpeg
 import torch
 
 from benchmarks.corpus import varied_captions
-from loaders import build_loader, datasets
+from common.io import is_temp
+from loaders import build_loader
 from loaders.pack import PackConfig, PackError, pack, verify_pack
 from loaders.store import CaptionStore, StoreError, write_store
 from model.tokenizer import ClipTokenizer, get_tokenizer
 
-REPO = str(Path(__file__).resolve().parent.parent)
+from tests.conftest import REPO
 
 
 def test_tokenizer_word_cache_filling_mid_batch_keeps_every_word():
@@ -41,31 +42,30 @@ def test_tokenizer_word_cache_filling_mid_batch_keeps_every_word():
 
 # ------------------------------------------------------------------------------------ a small real pack
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def every_other_rewritten(i: int, row: dict) -> list[str] | None:
+    """Rows 0, 2, 4, ... get 1 or 2 rewrites (alternately); odd rows are not in the rewrites file."""
+    return None if i % 2 else [f"an emoji of {row['caption']}"] * (1 + i // 2 % 2)
+
+
+@pytest.fixture(scope="session")
+def source(emoji_source):
     """24 real emoji images with their names as captions, and a rewrites JSONL for half of them."""
-    root = tmp_path_factory.mktemp("faults")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=24, workers=1)
-    with open(os.path.join(folder, "captions.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    with open(root / "rewrites.jsonl", "w") as f:
-        for i, row in enumerate(rows[::2]):
-            f.write(json.dumps({"key": row["key"], "rewrites": [f"an emoji of {row['caption']}"] * (1 + i % 2)}) + "\n")
-    return {"root": root, "folder": folder, "rows": rows, "rewrites": str(root / "rewrites.jsonl")}
+    return emoji_source(24, every_other_rewritten)
+
+
+def pack_options(source, **kw) -> dict:
+    args = dict(input=source["folder"], rewrites=source["rewrites"], samples_per_shard=8, max_side=48, workers=1)
+    args.update(kw)
+    return args
 
 
 def pack_config(source, out, **kw):
-    args = dict(input=source["folder"], out=str(out), rewrites=source["rewrites"], samples_per_shard=8,
-                max_side=48, workers=1)
-    args.update(kw)
-    return PackConfig(**args)
+    return PackConfig(out=str(out), **pack_options(source, **kw))
 
 
-@pytest.fixture(scope="module")
-def packed(source):
-    out = source["root"] / "packed"
-    pack(pack_config(source, out))
-    return out
+@pytest.fixture(scope="session")
+def packed(source, make_pack):
+    return make_pack(**pack_options(source))["out"]
 
 
 def damaged_copy(packed, tmp_path, rel, at, xor=0xFF) -> str:
@@ -129,6 +129,7 @@ def test_undecodable_caption_record_fails_fast_without_checksums(packed, tmp_pat
     assert done.returncode != 0 and "sample 2 (key " in done.stderr and "caption record does not decode" in done.stderr
 
 
+@pytest.mark.slow
 def test_flipped_jpeg_byte_that_still_decodes_is_caught_by_record_checksums(packed, tmp_path):
     """Most flips inside the entropy-coded data decode to a wrong image without any error."""
     from ffcv.reader import Reader
@@ -143,6 +144,7 @@ def test_flipped_jpeg_byte_that_still_decodes_is_caught_by_record_checksums(pack
         load_all("ffcv", root, check_records=True)
 
 
+@pytest.mark.slow
 def test_record_checksums_change_nothing_on_a_sound_pack(packed):
     for kind in ("torch", "ffcv"):
         plain, checked = load_all(kind, packed), load_all(kind, packed, check_records=True)
@@ -225,6 +227,7 @@ PACK_SCRIPT = "from loaders.pack import cli; cli()"
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_kill_9_at_random_points_of_pack_then_rerun_gives_the_uninterrupted_output(source, packed, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-c", PACK_SCRIPT, "--input", source["folder"], "--out", str(out),
@@ -239,7 +242,7 @@ def test_kill_9_at_random_points_of_pack_then_rerun_gives_the_uninterrupted_outp
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert files_digest(out) == files_digest(packed)
-    leftovers = [str(p) for p in out.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
+    leftovers = [str(p) for p in out.rglob("*") if is_temp(p.name)]
     assert not leftovers and not (out / "staging").exists()
 
 

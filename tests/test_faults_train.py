@@ -6,41 +6,36 @@ before any training step.
 
 The kill point is random: FAULT_SEED=<n> replays one (it is printed with every failure).
 """
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from tests.test_train import REPO, _command, _env, grad_norms, losses, metrics, run_train
+from common.processes import is_launcher, launcher_chain
+from tests.conftest import REPO
+from tests.test_train import _command, _env, grad_norms, losses, metrics, run_train
 
 FAULT_SEED = int(os.environ.get("FAULT_SEED", time.time_ns() % 100000))
 STEPS = 10  # about 60 samples / (4 x 2 ranks) = 7 steps per epoch: the runs cross an epoch
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
+def two_rewrites(i: int, row: dict) -> list[str]:
+    """0-2 rewrites per caption (row i gets i % 3)."""
+    return [f"an emoji of {row['caption'].lower()}", f"{row['caption']} icon"][:i % 3]
+
+
+@pytest.fixture(scope="session")
+def packed(emoji_source, make_pack):
     """About 60 real emoji images (names as captions, 0-2 rewrites each), packed into 2 shards."""
-    from loaders import datasets
-    from loaders.pack import PackConfig, pack
-    root = tmp_path_factory.mktemp("faults")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=64, image_size=48, workers=1)
-    rows = [json.loads(line) for line in Path(folder, "captions.jsonl").read_text().splitlines()]
-    with open(root / "rewrites.jsonl", "w") as f:
-        for i, row in enumerate(rows):
-            rewrites = [f"an emoji of {row['caption'].lower()}", f"{row['caption']} icon"][:i % 3]
-            f.write(json.dumps({"key": row["key"], "rewrites": rewrites}) + "\n")
-    out = root / "packed"
-    pack(PackConfig(input=folder, out=str(out), rewrites=str(root / "rewrites.jsonl"), max_side=40,
-                    samples_per_shard=32, workers=1))
-    return out
+    source = emoji_source(64, two_rewrites, image_size=48)
+    return make_pack(input=source["folder"], rewrites=source["rewrites"], max_side=40, samples_per_shard=32,
+                     workers=1)["out"]
 
 
 def _lines(out: str, prefix: str) -> list[str]:
@@ -51,6 +46,7 @@ def _lines(out: str, prefix: str) -> list[str]:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
+@pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted_run(kind, packed, tmp_path):
     """2 ranks on the real pack through one loader: an uninterrupted run, and a same-seed run killed
     with SIGKILL (runner, launcher, ranks and loader workers at once) after a random step and at a
@@ -84,6 +80,7 @@ def test_kill9_then_resume_equals_uninterrupted_run(kind, packed, tmp_path):
 
 # ----------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_unwritable_run_dir_and_missing_pack_fail_before_the_first_step(tmp_path):
     """Every rank checks before the engine is built; one line names each problem and the ranks that
     have it, instead of a raw error from every rank at the first save."""
@@ -153,9 +150,9 @@ def test_eval_cli_truncated_checkpoint_is_one_line(truncated, tmp_path):
 
 def test_launcher_detection():
     """Ranks watch only real launchers above them: a shell script in a folder named deepspeed is not one."""
-    assert train.is_launcher(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="])
-    assert train.is_launcher(["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "train.py"])
-    assert train.is_launcher(["/v/bin/python", "-m", "torch.distributed.run", "train.py"])
-    assert not train.is_launcher(["bash", "/home/me/deepspeed-runs/go.sh"])
-    assert not train.is_launcher(["/v/bin/python", "-m", "pytest", "tests/test_train.py"])
-    assert train.launcher_chain() == []  # pytest is not a launcher
+    assert is_launcher(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="])
+    assert is_launcher(["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "train.py"])
+    assert is_launcher(["/v/bin/python", "-m", "torch.distributed.run", "train.py"])
+    assert not is_launcher(["bash", "/home/me/deepspeed-runs/go.sh"])
+    assert not is_launcher(["/v/bin/python", "-m", "pytest", "tests/test_train.py"])
+    assert launcher_chain() == []  # pytest is not a launcher

@@ -8,6 +8,7 @@ import tarfile
 import pytest
 from PIL import Image
 
+from common.text import normalize_words
 from loaders import datasets
 from loaders.datasets import open_source
 from loaders.ingest import IngestError, IngestReport, iter_image_folder, iter_laclip_csv, iter_webdataset
@@ -64,7 +65,7 @@ def test_alt_texts_are_other_human_texts_never_the_caption(clipart):
     assert len(with_alt) >= len(rows) // 2
     for r in with_alt:
         assert set(r["alt_texts"]) <= {"title", "description", "keywords"}
-        words = [datasets._words(t) for t in [r["caption"], *r["alt_texts"].values()]]
+        words = [normalize_words(t) for t in [r["caption"], *r["alt_texts"].values()]]
         assert len(set(words)) == len(words), r
         if "keywords" in r["alt_texts"]:
             assert r["alt_texts"]["keywords"] == ", ".join(r["keywords"])

@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from common.io import atomic_path, expand_shards, read_jsonl, write_atomic, write_json_atomic, write_with
+from common.io import (atomic_open, atomic_path, expand_shards, is_temp, read_jsonl, temp_path, write_atomic,
+                       write_json_atomic, write_with)
 
 
 def test_write_atomic_text_bytes_json_and_mode(tmp_path):
@@ -31,6 +32,21 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         open(tmp, "w").write("half")
         raise RuntimeError("killed")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
+    with pytest.raises(RuntimeError), atomic_open(path) as f:
+        f.write("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_atomic_open_writes_utf8_text_and_every_temp_name_is_recognised(tmp_path):
+    with atomic_open(tmp_path / "a.txt") as f:
+        f.write("café")
+        seen = os.listdir(tmp_path)
+    assert len(seen) == 1 and is_temp(seen[0])                             # the write in progress
+    assert (tmp_path / "a.txt").read_bytes() == "café".encode("utf-8") and os.listdir(tmp_path) == ["a.txt"]
+    streamed = temp_path(tmp_path / "shard.lcs")                             # a streaming writer's file
+    assert is_temp(streamed) and os.path.dirname(streamed) == str(tmp_path)
+    assert not any(is_temp(n) for n in ("a.txt", ".hidden", "x.tmp", ".git"))
 
 
 class Custom(ValueError):

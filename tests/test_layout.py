@@ -12,7 +12,8 @@ import ast
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 # Spelled in two pieces so that this file does not cite them itself.
 NOTES_OUTSIDE = (b"." + b"brief", b".." + b"/shared")
 SKIP_DIRS = {".venv", ".git", "data", "results", ".cache", "node_modules", "build", "dist"}

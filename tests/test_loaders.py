@@ -3,7 +3,6 @@
 One pack per session; FFCV Loaders are cached per shard and config inside the process, so numba compiles
 each configuration once. The torch loader with num_workers=0 is the reference the others must equal.
 """
-import json
 import os
 import shutil
 
@@ -12,38 +11,17 @@ import pytest
 import torch
 from scipy import stats
 
-from loaders import build_loader, datasets
-from loaders.pack import PackConfig, PackError, pack
+from loaders import build_loader
+from loaders.pack import PackError
 from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
 from loaders.store import CaptionStore
 
 KINDS = ["torch", "ffcv", "dali"]
 MAX_TEXTS = 5
-TEMPLATES = ["an emoji of {}", "{} icon", "a small colorful picture showing {}", "{}, drawn as a flat symbol"]
 
 
 @pytest.fixture(scope="session")
-def packed(tmp_path_factory):
-    """95 real emoji images, captions = their names plus 0-4 rewrites each, packed into shards of 40."""
-    root = tmp_path_factory.mktemp("loaders")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=96, workers=1)
-    with open(os.path.join(folder, "captions.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    with open(root / "rewrites.jsonl", "w") as f:
-        for i, row in enumerate(rows):
-            texts = [t.format(row["caption"].lower()) for t in TEMPLATES[:i % 5]]
-            f.write(json.dumps({"key": row["key"], "rewrites": texts}) + "\n")
-    out = str(root / "packed")
-    pack(PackConfig(input=folder, out=out, rewrites=str(root / "rewrites.jsonl"), samples_per_shard=40,
-                    workers=1))
-    with open(os.path.join(out, "meta.json")) as f:
-        meta = json.load(f)
-    assert len(meta["shards"]) >= 3
-    return out
-
-
-@pytest.fixture(scope="session")
-def store(packed):
+def store(packed):  # packed: conftest's 95 emoji images in shards of 40
     return CaptionStore(os.path.join(packed, "captions"))
 
 

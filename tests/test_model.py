@@ -8,9 +8,11 @@ import types
 import pytest
 import torch
 
+from common.ranks import free_port
 from model import build_model
 from model.checkpoint import (CheckpointMismatchError, from_open_clip_state_dict, load_checkpoint,
                               save_export, to_open_clip_state_dict)
+from tests.conftest import REPO
 
 torch.set_num_threads(1)
 
@@ -209,16 +211,15 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoints_load(tmp_path):
     """ZeRO 0, 2 and 3 checkpoints of one real training step (1 gloo rank) load to the engine's weights."""
-    import random
     import subprocess
     pytest.importorskip("deepspeed")
     script = tmp_path / "ds.py"
     script.write_text(DEEPSPEED_SCRIPT)
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(random.randint(20000, 40000))],
-                          env={**__import__("os").environ, "PYTHONPATH": root}, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(free_port())],
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in (0, 2, 3):

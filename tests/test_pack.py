@@ -49,12 +49,10 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def packed(source, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("packed") / "ds")
-    cfg = PackConfig(input=str(source["root"] / "*.tar"), out=out, rewrites=str(source["root"] / "rewrites.jsonl"),
-                     max_side=128, quality=85, workers=2)
-    summary = pack(cfg)
-    return {"out": out, "cfg": cfg, "summary": summary, **source}
+def packed(source, make_pack):
+    built = make_pack(input=str(source["root"] / "*.tar"), rewrites=str(source["root"] / "rewrites.jsonl"),
+                      max_side=128, quality=85, workers=2)
+    return {**built, **source}
 
 
 def test_pack_summary_reports_broken_image(packed):

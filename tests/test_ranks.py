@@ -9,13 +9,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from common.ranks import RankError, Ranks, export_torch_env, resolve_ranks
+from common.ranks import RankError, Ranks, export_torch_env, free_port, resolve_ranks
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
 
 
@@ -71,6 +71,7 @@ def _run_tasks(args: list[str], ntasks: int = 2, timeout: int = 240, **extra_env
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow
 def test_pack_under_two_slurm_tasks_equals_one_process(tmp_path):
     from loaders import datasets
     from loaders.pack import PackConfig, pack
@@ -127,13 +128,11 @@ def test_train_refuses_a_multi_task_launch_without_a_rank(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_train_under_two_slurm_tasks_is_one_world_of_two(tmp_path):
     """Two tasks with srun's variables only: one DeepSpeed world of 2 (the rendezvous address from
     SLURM_LAUNCH_NODE_IPADDR), one run directory, the same loss logged once."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     run_dir = tmp_path / "run"
     tasks = _run_tasks(["train.py", "--config", "configs/train_tiny.yaml", "--set", f"run_dir={run_dir}",
                         "--set", "stop_after=2", "--set", "checkpoint_every=0", "--set", "progress=false"],

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 SKIP = {  # line prefix -> why it cannot run here
     "make ": "sets up the shared environment (make test / make demo are what CI itself runs)",
     "deepspeed --hostfile": "needs several nodes reachable by ssh",
@@ -84,6 +85,7 @@ def test_readme_lists_what_it_skips():
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian dataset-fashion-mnist is not installed (the README's eval line reads it)")

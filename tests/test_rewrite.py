@@ -18,7 +18,8 @@ from rewrite.pools import DEFAULT_POOLS, load_pool
 from rewrite.prompt import TASK, build_prompt, draw_examples
 from rewrite.quality import reject_reason, same_text
 from rewrite.store import import_laclip, load_rewrites, read_shard, shard_path
-from tests.rewrite_helpers import CAPTIONS, REPO, needs_vllm, store_contents, tiny_model  # noqa: F401
+from tests.conftest import CAPTIONS, REPO
+from tests.rewrite_helpers import needs_vllm, store_contents
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +97,7 @@ def test_backtranslate_engine_one_process_per_batch():
 
 @needs_vllm
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_vllm_offline_engine(tiny_model):
     """vLLM's offline API (what GPU nodes run), here from vLLM's CPU build in .venv-vllm: n samples per
     prompt, per-request seeds, so a caption's rewrites do not depend on the batch it is in."""
@@ -131,6 +133,32 @@ def test_filter_reasons():
     assert reject_reason("%%% 123 456 ### !!!", cap) == "non_text"
     assert reject_reason("dog dog dog dog on the sand", cap) == "non_text"
     assert reject_reason("a puppy playing on the sandy shore", cap, ex) is None
+
+
+def test_underscores_separate_words_in_the_filter_and_in_alt_texts():
+    """One normaliser (common/text.py): a file-name caption says what its spelled-out rewrite says (the
+    shipped store kept 19 such rewrites under the old rule, "bosnia_and_herzegovina" among them)."""
+    from loaders.datasets import alt_texts
+    assert reject_reason("Bosnia and Herzegovina.", "bosnia_and_herzegovina") == "identical"
+    assert reject_reason("___", "a dog") == "empty"
+    assert alt_texts("grinning face", {"name": "grinning_face", "title": "Grinning  face!", "other": "smile"}) \
+        == {"other": "smile"}
+
+
+def test_a_store_made_under_other_text_rules_is_refused_unless_complete(tmp_path):
+    """run.json records the filter's text rules: resuming an unfinished store from before (no
+    "text_rules": rule 1) would mix two filters, so it is refused; a complete one is only read."""
+    import json
+    cfg = cfg_for(tmp_path, None, engine="eda", rewrites_per_pool=1, shard_size=6)  # 2 shards
+    run(cfg)
+    run_json = tmp_path / "store" / "run.json"
+    old = json.loads(run_json.read_text())
+    assert old.pop("text_rules") == 2
+    run_json.write_text(json.dumps(old))
+    assert run(cfg)["shards_written"] == 0  # complete: nothing is written, nothing to refuse
+    shard_path(cfg.out, "eda", 1).unlink()
+    with pytest.raises(ValueError, match="different run .*text_rules: 1 != 2"):
+        run(cfg)
 
 
 # --- pipeline and store ------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from rewrite.pipeline import run
 from rewrite.pools import load_pool
 from rewrite.prompt import build_prompt, draw_examples
 from rewrite.vllm_server import VLLMServer
-from tests.rewrite_helpers import (CAPTIONS, needs_vllm, rewrite_cli, shared_server,  # noqa: F401
-                                   TEST_SERVER_OPTIONS, stop_shared_servers, store_contents, tiny_model,
-                                   write_captions)
+from tests.conftest import CAPTIONS
+from tests.rewrite_helpers import (needs_vllm, rewrite_cli, shared_server, TEST_SERVER_OPTIONS,
+                                   stop_shared_servers, store_contents, write_captions)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +29,7 @@ def _shared_server_ends_with_this_module():
     stop_shared_servers()
 
 
-pytestmark = [needs_vllm, pytest.mark.timeout(600)]
+pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from loaders.ingest import IngestError, IngestReport, expand_shards, iter_webdataset
 from rewrite.inputs import read_captions
+from tests.conftest import REPO
 
 CAPTIONS = ["a white dog running on the beach", "red car parked on a street", "Christmas light",
             "a bowl of fresh fruit on a wooden table", "two people riding bikes in the city"]
@@ -130,12 +131,11 @@ def test_pack_lists_skipped_samples_in_a_report(tmp_path):
 def test_pack_cli_folder_without_captions_is_one_line(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
     from PIL import Image
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.jpg")
     proc = subprocess.run([sys.executable, "-m", "loaders.pack", "--input", str(tmp_path / "imgs"), "--out",
-                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

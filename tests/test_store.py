@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.io import is_temp
 from loaders.sampling import draw_text_index
 from loaders.store import CaptionStore, RecordCodec, StoreError, pad_tokens, write_store
 from model.tokenizer import CONTEXT_LENGTH, get_tokenizer
@@ -169,7 +170,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_half_written_one(tmp_path):
     store = CaptionStore(path)
     assert all(len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
                for a, b in zip(want, (store.texts(i) for i in range(500))))
-    assert not [f for f in os.listdir(path) if ".tmp-" in f]
+    assert not [f for f in os.listdir(path) if is_temp(f)]
 
 
 def test_record_codec_carries_records_between_formats(store_dir):
@@ -189,13 +190,13 @@ def test_bad_record_type_is_an_error(tmp_path):
 
 
 def test_store_bytes_leaves_out_temporary_files(store_dir, tmp_path):
-    """Neither temp-name style (the store writer's ".tmp-<pid>", common/io.py's ".<name>.*.tmp") counts."""
+    """Temporary files (common/io.py's ".<name>.*.tmp": the shard writer's and the manifest's) do not count."""
     from loaders.store import store_bytes
     path = str(tmp_path / "store")
     shutil.copytree(store_dir[0], path)
     before = store_bytes(path)
     assert before == sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    for name in ("shard-00003.lcs.tmp-4242", ".manifest.json.abc123.tmp"):
+    for name in (".shard-00003.lcs.k2v9x1.tmp", ".manifest.json.abc123.tmp"):
         with open(os.path.join(path, name), "wb") as f:
             f.write(b"x" * 1000)
     assert store_bytes(path) == before

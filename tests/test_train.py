@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,11 @@ import pytest
 import torch
 
 import train
+from common.ranks import free_port
+from loaders.synthetic import SyntheticLoader
+from tests.conftest import REPO
+from training.engine import lr_lambda, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-4  # fp32 losses of 1 vs 2 ranks differ by reduction order only (observed ~1e-6)
 # Gradient norms, relative. Step 1 is taken at identical weights, so only the fp32 reduction order
 # differs (observed ~1e-6): a uniform gradient-scale error (a wrong 1/ranks or accumulation factor) fails
@@ -36,12 +38,6 @@ COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=1024", "lr=1e-3", "
           "text_mode=rewrite", "image_loss=clip", "accumulation=1", "zero_stage=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(run_dir, sets, ranks, resume):
     args = ["train.py", "--config", "configs/train_tiny.yaml"]
     for item in COMMON + [f"run_dir={run_dir}"] + list(sets):
@@ -51,7 +47,7 @@ def _command(run_dir, sets, ranks, resume):
     if ranks == 1:
         return [sys.executable] + args
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(_free_port())] + args
+            "--master_port", str(free_port())] + args
 
 
 def _env():
@@ -121,13 +117,13 @@ def test_config_yaml_and_overrides(tmp_path):
 
 def test_schedule_and_param_groups():
     cfg = train.TrainConfig(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
-    f = train.lr_lambda(cfg)
+    f = lr_lambda(cfg)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     from model import build_model
     model = build_model("tiny")
-    decay, no_decay = train.param_groups(model, 0.2)
+    decay, no_decay = param_groups(model, 0.2)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"logit_scale", "token_embedding.weight", "positional_embedding",
@@ -143,7 +139,7 @@ def test_synthetic_global_batch_is_split_invariant():
         cfg = train.TrainConfig(micro_batch=micro, synthetic_samples=256)
         rows = []
         for rank in range(world):
-            it = iter(train.SyntheticLoader(cfg, rank, world, 8, epoch=0, start_batch=step * accumulation))
+            it = iter(SyntheticLoader(cfg, rank, world, 8, epoch=0, start_batch=step * accumulation))
             rows += [next(it)["images"] for _ in range(accumulation)]
         return sorted(torch.cat(rows).flatten(1).sum(1).tolist())
     assert step_images(1, 16, 1, 2) == step_images(2, 2, 4, 2) == step_images(2, 4, 2, 2)
@@ -194,6 +190,7 @@ def z1_acc(runs, ref_rewrite):
     return run_dir
 
 
+@pytest.mark.slow
 def test_one_process_accumulation_equals_big_batch(runs, ref_rewrite):
     """4 micro batches of 4 with the gradient cache == 1 batch of 16, loss for loss, gradient for
     gradient."""
@@ -205,6 +202,7 @@ def test_one_process_accumulation_equals_big_batch(runs, ref_rewrite):
 
 # ----------------------------------------------------------------------------- 2 ranks
 
+@pytest.mark.slow
 def test_two_ranks_zero1_accumulation_matches_one_process(runs, z1_acc, ref_rewrite):
     assert_close(losses(z1_acc), ref_rewrite)
     assert_grad_norms_close(z1_acc, runs / "ref_rewrite")
@@ -219,6 +217,7 @@ def test_two_ranks_zero1_accumulation_matches_one_process(runs, z1_acc, ref_rewr
     assert (saved.accumulation, saved.micro_batch, saved.stop_after) == (2, 4, 6)
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_slip_accumulation_matches_one_process(runs, ref_slip):
     """SLIP with 2 ranks x 2 micro batches of 4 under ZeRO 3 == 1 batch of 16: the gradient cache runs
     SLIP's head once on the whole batch, whose batch norm normalises over both ranks' rows (per micro
@@ -230,6 +229,7 @@ def test_two_ranks_zero3_slip_accumulation_matches_one_process(runs, ref_slip):
     assert_grad_norms_close(runs / "z3_slip", runs / "ref_slip")
 
 
+@pytest.mark.slow
 def test_two_ranks_zero2_accumulation_laclip_mt(runs):
     """LaCLIP-MT (all texts, masks): 2 ranks x 4 micro batches of 2 under ZeRO 2 == 1 batch of 16."""
     run_train(runs / "ref_all", "micro_batch=16", "text_mode=all", "stop_after=4")
@@ -239,6 +239,7 @@ def test_two_ranks_zero2_accumulation_laclip_mt(runs):
     assert_grad_norms_close(runs / "z2_all", runs / "ref_all")
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_accumulation_and_export(runs, ref_rewrite):
     """ZeRO 3 with 2 micro batches of 4 per rank and activation checkpointing == 1 batch of 16; the
     consolidated export equals DeepSpeed's own zero_to_fp32 consolidation and loads with
@@ -292,6 +293,7 @@ def _kill_all(proc, tree) -> None:
             p.kill()
 
 
+@pytest.mark.slow
 def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     """SIGTERM to the deepspeed runner (which installs no handler and dies at once) mid-run: the ranks
     notice their launcher is gone, checkpoint at the next step boundary and exit; the resumed run's
@@ -325,6 +327,7 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     assert grad_norms(run_dir) == grad_norms(reference)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
     """SIGTERM to rank 1 only (a scheduler signalling one task): both ranks checkpoint at the same step
     boundary and stop, and rank 0, which prints the status, names the reason it did not see itself."""
@@ -342,6 +345,7 @@ def test_sigterm_to_one_rank_stops_every_rank_and_says_why(runs):
     assert int(tag.split("-")[1]) == len(metrics(run_dir))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
     """lr=1e30: step 1 is fine, its update blows the weights up, step 2's loss is not finite."""
     run_dir = runs / "nan"
@@ -354,6 +358,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
 
 # ----------------------------------------------------------------------------- real data
 
+@pytest.mark.slow
 def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
     """253 real emoji images with their names, packed by loaders.pack, read by the torch loader;
     the tiny model in bf16 memorises them: the loss falls clearly within 60 steps."""
@@ -372,6 +377,7 @@ def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
     assert metrics(run_dir)[-1]["epoch"] >= 1  # crossed epochs (7 batches of 32 per epoch)
 
 
+@pytest.mark.slow
 def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     """caption_p_original / caption_style_weights go from the train config to the loader's draw: with the
     original drawn with probability 1, LaCLIP's run is CLIP's step for step; with 0 it is not."""
@@ -396,6 +402,7 @@ def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     assert bad.returncode == 2 and "caption_style_weights" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     """benchmarks/train.py runs both sides and writes the documented keys (speed is not asserted)."""
     from benchmarks.train import main

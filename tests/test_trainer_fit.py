@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 COMMON = ["model=tiny", "data=synthetic", "synthetic_samples=256", "micro_batch=8", "lr=1e-3", "warmup_steps=1",
           "total_steps=100", "progress=false", "precision=fp32", "seed=0", "zero_stage=1"]
 
@@ -32,6 +33,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(500)
+@pytest.mark.slow
 def test_resume_latest_fresh_refusal_keep_last_eval_and_deepspeed_section(tmp_path):
     run_dir = tmp_path / "run"
     monitor = {"csv_monitor": {"enabled": True, "output_path": str(tmp_path / "ds_csv"), "job_name": "tiny"}}

@@ -112,9 +112,3 @@ def config_dict(cfg: TrainConfig) -> dict:
     return as_dict(cfg)
 
 
-def merged(base: dict, override: dict) -> dict:
-    """Nested dict update: model_overrides={vision_cfg: {qk_norm: true}} keeps the other vision keys."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

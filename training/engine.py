@@ -7,7 +7,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from training.config import TrainConfig, merged
+from common.config import merged
+from training.config import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
