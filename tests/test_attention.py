@@ -10,7 +10,8 @@ import torch
 
 from model import attention as A
 from model import build_model
-from tests.test_train import REPO, _command, _env, metrics
+from tests.conftest import REPO
+from tests.test_train import _command, _env, metrics
 
 
 def qkv(dtype=torch.float32, seed=0):

@@ -11,7 +11,6 @@ import torch
 
 from loaders import augment
 from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss
-from tests.test_loaders import packed  # noqa: F401  (the shared session fixture)
 
 META = torch.device("meta")
 B, S = 4, 32

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from tests.test_train import REPO, _command, _env, metrics, run_train
+from tests.conftest import REPO
+from tests.test_train import _command, _env, metrics, run_train
 
 # the initial logit scale above the clamp's ceiling: after one step (lr 1e-3 moves it by about 1e-3) the
 # clamp must bring the fp32 master to float32(log 100), which no bf16 value equals (bf16 steps there are
@@ -44,7 +45,7 @@ def test_bf16_clamp_and_export_act_on_fp32_masters(tmp_path, stage):
     run_train(run_dir, *BF16_ARGS, f"zero_stage={stage}")
     assert math.isfinite(metrics(run_dir)[0]["loss"])
     log = (run_dir / "train.log").read_text()
-    assert (f"precision: parameters bfloat16, gradients accumulate in float32" in log
+    assert ("precision: parameters bfloat16, gradients accumulate in float32" in log
             and f"ZeRO {stage}" in log), log
     ckpt = run_dir / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()

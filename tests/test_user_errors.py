@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 TRAIN = ["train.py", "--config", "configs/train_tiny.yaml", "--set", "progress=false", "--set", "stop_after=2"]
 
 
@@ -152,11 +152,8 @@ def test_corrupt_record_mid_run_stops_every_rank_with_its_one_line(inputs, tmp_p
     """2 ranks, torch loader with a worker: one rank reads the damaged record at its first batches; every
     rank exits 2 (the launcher reports the exit status of the first rank it sees end) and the only error
     line is the PackError's, naming tar, sample and key."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+    from common.ranks import free_port
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                *TRAIN, "--set", "stop_after=6", "--set", "micro_batch=4", "--set", "checkpoint_every=0",
                "--set", "data=torch", "--set", f"data_root={inputs['damaged']}", "--set", "num_workers=1",
                "--set", f"run_dir={tmp_path / 'run'}"]
