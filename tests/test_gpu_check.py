@@ -35,6 +35,7 @@ def test_without_cuda_one_line_exit_0_and_cuda_false(tmp_path):
     assert json.loads(out.read_text())["cuda"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_prepare_then_every_step_on_cpu(tmp_path):
     data = tmp_path / "gpu-check"

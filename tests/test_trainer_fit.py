@@ -64,6 +64,7 @@ def test_resume_latest_fresh_refusal_keep_last_eval_and_deepspeed_section(tmp_pa
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_in_training_eval_longer_than_the_collective_timeout(tmp_path):
     """2 CPU ranks: rank 0 evaluates the full Fashion-MNIST test set (10,000 images) for longer than the

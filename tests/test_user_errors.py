@@ -147,6 +147,7 @@ def test_user_error_is_one_line_and_exit_2(inputs, tmp_path, name, command, frag
         assert not Path(gone.format(**paths)).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_corrupt_record_mid_run_stops_every_rank_with_its_one_line(inputs, tmp_path):
     """2 ranks, torch loader with a worker: one rank reads the damaged record at its first batches; every
