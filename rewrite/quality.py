@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from difflib import SequenceMatcher
 
-REASONS = ("empty", "identical", "copied_example", "too_long", "non_text")
+# duplicate: says what a rewrite already kept for the same caption says (back-translation is deterministic,
+# so its n > 1 outputs are one text n times): counted once, the repeats rejected like any other
+REASONS = ("empty", "identical", "copied_example", "too_long", "non_text", "duplicate")
 MAX_WORDS = 60     # CLIP's context is 77 tokens; longer rewrites get truncated anyway
 MAX_CHARS = 320
 NEAR_COPY = 0.85   # character similarity to a pool example above which the output counts as a copy
@@ -30,13 +32,16 @@ def same_text(text: str, caption: str) -> bool:
     return _norm(text) == _norm(caption)
 
 
-def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = ()) -> str | None:
-    """None if the rewrite is kept, else the first reason (one of REASONS) it fails."""
+def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = (), kept: list[str] = ()) -> str | None:
+    """None if the rewrite is kept, else the first reason (one of REASONS) it fails. kept: the rewrites
+    already kept for this caption."""
     norm = _norm(text)
     if not norm:
         return "empty"
     if same_text(text, caption):
         return "identical"
+    if any(same_text(text, k) for k in kept):
+        return "duplicate"
     # Small models often echo an example with a word changed; the caption itself never appears there.
     if any(SequenceMatcher(None, norm, _norm(e)).ratio() >= NEAR_COPY for pair in examples for e in pair):
         return "copied_example"
