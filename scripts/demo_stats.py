@@ -33,10 +33,11 @@ def metric_columns(cfg, metric: str) -> list[str]:
 
 
 def metric_value(values: dict, cfg, metric: str) -> float | None:
-    """One seed's (or checkpoint's) headline metric from its column values {header: value}."""
-    heads = metric_columns(cfg, metric)
-    vals = [values.get(h) for h in heads]
-    return float(np.mean(vals)) if heads and None not in vals else None
+    """One seed's (or checkpoint's) headline metric from its column values {header: value}: the mean of
+    its columns that have a value (a held-out set too small to build, e.g. a few dozen emoji's aliases, has
+    none for any method or seed)."""
+    vals = [v for v in (values.get(h) for h in metric_columns(cfg, metric)) if v is not None]
+    return float(np.mean(vals)) if vals else None
 
 
 def metric_chance(chance: dict, cfg, metric: str) -> float | None:

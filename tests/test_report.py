@@ -56,12 +56,11 @@ def test_each_verdict_branch_on_made_up_numbers(shift, call):
     """The verdict reads the primary metric's paired t-test alone, in fixed wording."""
     from scipy import stats as sps
     laclip = [c + d for c, d in zip(CLIP8, shift)]
+    # retrieval (a secondary metric here) is 40 points worse on every seed: it never enters the verdict
     lines = verdict_lines({"clip": method(CLIP8, [50.0] * 8), "laclip": method(laclip, [10.0] * 8)}, seeds=8)
-    assert lines[-1] == f"- {call}" + lines[-1][len(call) + 2:] and lines[-1].startswith(f"- {call}")
+    assert lines[-1].startswith(f"- {call}"), lines
     p = sps.ttest_rel(laclip, CLIP8).pvalue
     assert f"paired t-test p = {p:.4f}" in lines[1] and "n = 8 seeds" in lines[1]
-    # the secondary metric (retrieval, -40 on every seed) never enters the verdict
-    assert all("significant loss" not in line for line in lines) or call.endswith("loss.**")
 
 
 def test_sign_flip_p_is_exact():
