@@ -96,7 +96,7 @@ def plot(data: dict, cfg, methods: dict, path: Path, chance: float | None = None
     if chance is not None:
         ax2.axhline(chance, color="grey", linestyle=":", label="chance")
     ax2.set(xlabel="step", ylabel=f"{cfg.primary_metric} %",
-            title=f"Primary metric ({cfg.primary_metric}), held-out, mean ± sd over seeds")
+            title=f"Held-out {cfg.primary_metric} (primary), mean ± sd")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -268,9 +268,13 @@ def write_report(out: Path, cfg, methods: dict, info: dict) -> str:
           "Columns: ZS = zero-shot top-1 with the category names as classes on the held-out split; I→T / T→I = "
           "retrieval recall@5 on the held-out split with the captions as the texts, and (" + OTHER + ") with each "
           "image's other human text (clip art: its keywords; emoji: an alias), worded unlike the captions every "
-          "method trains on (except 'LaCLIP, human alt texts', which trains on that kind of text for the training "
-          "images, so for it these columns are in-distribution); F-MNIST = Fashion-MNIST "
-          f"({cfg.fmnist_max_per_split} train / test images): zero-shot, 5-way 5-shot prototypes, linear probe.",
+          "method trains on" + (" (except 'LaCLIP, human alt texts', which trains on that kind of text for the "
+                                "training images, so for it these columns are in-distribution)"
+                                if "laclip_human" in cfg.methods else "")
+          + ("; ZS Emoji's classes are Unicode block names, which no caption teaches: left out of the zero-shot "
+             "headline" if "emoji" in cfg.datasets else "")
+          + (f"; F-MNIST = Fashion-MNIST ({cfg.fmnist_max_per_split} train / test images): zero-shot, 5-way 5-shot "
+             "prototypes, linear probe" if cfg.fmnist_max_per_split else "") + ".",
           "",
           "Headline metrics (each the mean of its columns above; its chance level computed the same way) and "
           "the share of original captions each method's loaders drew (counted over every sample of every run):",
