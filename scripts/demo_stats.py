@@ -79,6 +79,20 @@ def sign_flip_p(diffs) -> float:
     return float(np.mean(means >= abs(d.mean()) - 1e-12 * max(1.0, abs(d).max())))
 
 
+def t_power(nc: float, df: int, crit: float) -> float:
+    """P(|T| > crit) for T non-central t (df, nc): scipy's nct, or where it gives NaN (1 df, far tail) the
+    same probability as an integral over the chi-square of T's denominator."""
+    from scipy import integrate, stats
+    power = stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+    if np.isfinite(power):
+        return float(power)
+
+    def density(v):  # T = (Z + nc) / sqrt(V / df), V ~ chi2(df)
+        s = crit * math.sqrt(v / df)
+        return stats.chi2.pdf(v, df) * (stats.norm.sf(s - nc) + stats.norm.cdf(-s - nc))
+    return float(integrate.quad(density, 0, np.inf, limit=200)[0])
+
+
 def detectable_80(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The true mean difference a two-sided paired t-test at `alpha` detects with probability `power`,
     with this sd over n seeds (the non-central t, noncentrality delta / (sd / sqrt n))."""
@@ -86,14 +100,10 @@ def detectable_80(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) ->
     if n < 2 or not sd > 0:
         return float("nan") if n < 2 else 0.0
     df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
-
-    def short(nc):  # power at noncentrality nc, minus the target
-        return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) - power
-
-    hi = 2 * crit + 5  # above it power exceeds 0.8 for n >= 3 (scipy's nct turns NaN far out)
-    while short(hi) < 0:
+    hi = 2 * crit + 5
+    while t_power(hi, df, crit) < power:
         hi *= 2
-    nc = optimize.brentq(short, 0.0, hi)
+    nc = optimize.brentq(lambda x: t_power(x, df, crit) - power, 0.0, hi)
     return float(nc * sd / math.sqrt(n))
 
 
