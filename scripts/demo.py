@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                                                 "other_wording")}
     data_params["build_version"] = BUILD_VERSION
 
-    stages.header(1, n, "data: openclipart + emoji, fixed held-out split")
+    stages.header(1, n, f"data: {' + '.join(cfg.datasets)}, fixed held-out split")
     data = stages.run("data", data_params, lambda: stage_data(cfg, out), clean=[out / "data"])
 
     stages.header(2, n, "rewrite: shipped store, live sample (SmolLM2, live_config), EDA baseline")
