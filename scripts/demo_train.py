@@ -102,9 +102,9 @@ def train_run(cfg: DemoConfig, out: Path, method: str, seed: int, kind: str, max
     label, pack_name, text_mode = METHODS[method]
     run_dir = out / "runs" / f"{method}-seed{seed}"
     sets = {"data": kind, "data_root": str(out / "packed" / pack_name), "text_mode": text_mode,
-            "max_texts": max_texts, "seed": seed,
-            **({"caption_p_original": cfg.caption_p_original}
-               if text_mode == "rewrite" and cfg.caption_p_original is not None else {}), "run_dir": str(run_dir), "total_steps": cfg.steps,
+            "max_texts": max_texts, "seed": seed, "run_dir": str(run_dir), "total_steps": cfg.steps,
+            **({"caption_p_original": cfg.caption_p_original}  # the same for every rewrite arm
+               if text_mode == "rewrite" and cfg.caption_p_original is not None else {}),
             "warmup_steps": cfg.warmup_steps, "checkpoint_every": cfg.checkpoint_every, "progress": False,
             **cfg.train_overrides}
     cmd = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(cfg.ranks), "--master_port", str(free_port()),
