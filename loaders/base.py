@@ -57,8 +57,12 @@ class PackedLoader:
                                     rank=c.rank, world_size=c.world_size, drop_last=c.drop_last,
                                     start_batch=c.start_batch)
         self.text_mode = c.text_mode
-        # float64 [1 + styles] (empty: uniform) that every pipeline's compiled draw reads
-        self.text_weights = caption_weights(c.p_original, c.style_weights)
+        # float64 [1 + styles] (empty: uniform) that every pipeline's compiled draw reads: by the pack's style
+        # ids (its texts carry them, loaders/store.py), or by position in a pack without styles
+        styles = self.packed.meta.get("styles") or None
+        if styles and isinstance(c.style_weights, dict):  # a style this pack lacks has no text to weigh
+            styles = styles + sorted(set(c.style_weights) - set(styles))
+        self.text_weights = caption_weights(c.p_original, c.style_weights, styles)
         self.return_dict = c.return_dict or c.slip_views
 
     def __len__(self):

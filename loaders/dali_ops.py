@@ -47,10 +47,10 @@ def parse_index(digits) -> np.int64:
 
 
 @numba.njit(nogil=True)
-def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
+def unpack_record(dctx, buf, record, starts, lengths, styles) -> np.int64:
     """Decompress one record into buf and find its texts: the text count (texts k at buf[starts[k]:] with
-    lengths[k] ids), or -1 when the record is damaged. Layout: uint16 LE [n, len_1..len_n, ids...]
-    (loaders/store.py)."""
+    lengths[k] ids and style id styles[k], -1 = none), or -1 when the record is damaged. Layout: uint16 LE
+    [n, word_1..word_n, ids...], word = length | (style id + 1) << 8 (loaders/store.py)."""
     got = decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
     if is_error(got) or got < 2:
         return np.int64(-1)
@@ -59,7 +59,8 @@ def unpack_record(dctx, buf, record, starts, lengths) -> np.int64:
         return np.int64(-1)
     at = 2 * (1 + n_texts)
     for k in range(n_texts):
-        lengths[k] = np.int64(buf[2 + 2 * k]) | (np.int64(buf[3 + 2 * k]) << 8)
+        lengths[k] = np.int64(buf[2 + 2 * k])
+        styles[k] = np.int64(buf[3 + 2 * k]) - 1
         starts[k] = at
         at += 2 * lengths[k]
     return n_texts if at == got else np.int64(-1)
@@ -91,6 +92,7 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
         buf = np.empty(RECORD_CAPACITY, dtype=np.uint8)
         starts = np.empty(MAX_TEXTS, dtype=np.int64)
         lengths = np.empty(MAX_TEXTS, dtype=np.int64)
+        styles = np.empty(MAX_TEXTS, dtype=np.int64)
         dctx = create_dctx()
         set_param(dctx, ZSTD_D_FORMAT, ZSTD_F_MAGICLESS)
         if ddict != 0:
@@ -122,14 +124,14 @@ def _compile(mode: str | None, max_texts: int, views: tuple, check: bool, ddict:
                     continue
             if mode_id == 3:
                 continue
-            n_texts = unpack_record(dctx, buf, record_in[s], starts, lengths) if index >= 0 else -1
+            n_texts = unpack_record(dctx, buf, record_in[s], starts, lengths, styles) if index >= 0 else -1
             if n_texts < 0:
                 tokens.reshape(-1)[0] = BAD_RECORD
             elif mode_id == 2:
                 for k in range(min(n_texts, max_texts)):
                     _pad(tokens[k], buf, starts[k], lengths[k], sot, eot)
             elif n_texts > 0:
-                k = _draw(seed, epoch, index, n_texts, weight_table) if mode_id == 0 and n_texts > 1 else 0
+                k = _draw(seed, epoch, index, n_texts, weight_table, styles) if mode_id == 0 and n_texts > 1 else 0
                 _pad(tokens, buf, starts[k], lengths[k], sot, eot)
         free_dctx(dctx)
 

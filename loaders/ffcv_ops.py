@@ -77,16 +77,18 @@ def caption_decoder_class():
                     if is_error(got):  # flagged with -1, raised in Python with the sample index
                         destination[i].reshape(-1)[0] = -1
                         continue
-                    # record = uint16 LE [n, len_1..len_n, ids_1..., ids_n...] (loaders/store.py)
+                    # record = uint16 LE [n, word_1..word_n, ids_1..., ids_n...] (loaders/store.py)
                     n_texts = (np.int64(buf[0]) | (np.int64(buf[1]) << 8)) if got >= 2 else 0
                     if 2 * (1 + n_texts) > got:  # malformed record: flag it
                         destination[i].reshape(-1)[0] = -1
                         continue
                     starts = np.empty(n_texts, dtype=np.int64)
                     lengths = np.empty(n_texts, dtype=np.int64)
+                    styles = np.empty(n_texts, dtype=np.int64)
                     at = 2 * (1 + n_texts)
-                    for k in range(n_texts):
-                        lengths[k] = np.int64(buf[2 + 2 * k]) | (np.int64(buf[3 + 2 * k]) << 8)
+                    for k in range(n_texts):  # length word: length (low byte), style id + 1 (high byte)
+                        lengths[k] = np.int64(buf[2 + 2 * k])
+                        styles[k] = np.int64(buf[3 + 2 * k]) - 1
                         starts[k] = at
                         at += 2 * lengths[k]
                     if at != got:
@@ -100,7 +102,7 @@ def caption_decoder_class():
                     else:
                         k = 0
                         if mode == 0 and n_texts > 1:
-                            k = draw(params[0], params[1], first + np.int64(sid), n_texts, weights)
+                            k = draw(params[0], params[1], first + np.int64(sid), n_texts, weights, styles)
                         if n_texts > 0:
                             _pad(out, buf, starts[k], lengths[k], sot, eot)
                 free_dctx(dctx)

@@ -7,9 +7,11 @@ map-reduce over the W ranks, through files beside the staged shards (join/):
 
   scatter (rank r)   its part of the rewrite input (rewrite-store shards s % W == r, or byte range r of a
                      JSONL) and the samples of the shards it staged go to W bucket files by key hash:
-                     rewrites and lookups by the rewrite key, sample keys (duplicate check) by the key;
+                     rewrites (each with its style: the store's pool, the JSONL's "styles") and lookups by
+                     the rewrite key, sample keys (duplicate check) by the key;
   join (partition r) the buckets sent to r are joined in a SQLite file (memory at its page cache): every
-                     lookup gets [caption] + its rewrites, sent on to the rank that owns the sample's shard;
+                     lookup gets [caption] + its rewrites and their styles ([None] + ...), sent on to the
+                     rank that owns the sample's shard;
   gather (rank r)    the joined texts of each shard it owns, in shard order (loaders.pack writes them as
                      that shard's part of the caption store).
 Every step of a rank reads and writes O(N / W) rows; the only whole-set steps left are O(#shards).
@@ -39,46 +41,52 @@ def iter_rewrite_rows(path: str, error=ValueError) -> Iterator[tuple[str, list[s
             yield key, rewrites
         return
     for line_no, row in read_jsonl(path, error):
-        yield _rewrite_row(row, f"{path}:{line_no}", error)
+        yield _rewrite_row(row, f"{path}:{line_no}", error)[:2]
 
 
 def _rewrite_row(row, where: str, error, min_fidelity: float | None = None,
-                 dropped: dict | None = None) -> tuple[str, list[str]]:
-    """(key, rewrites) of one JSONL row {"key", "rewrites"[, "scores"][, "styles"]}. With `min_fidelity`,
-    rewrites whose score is below it are left out, counted in `dropped` per style ("rewrites" without
-    styles)."""
+                 dropped: dict | None = None) -> tuple[str, list[str], list]:
+    """(key, rewrites, the style of each or None) of one JSONL row {"key", "rewrites"[, "scores"][, "styles"]}.
+    With `min_fidelity`, rewrites whose score is below it are left out, counted in `dropped` per style
+    ("rewrites" without styles)."""
     try:
         key, texts = row["key"], row["rewrites"]
     except (KeyError, TypeError) as e:
         raise error(f"{where}: expected {{\"key\": ..., \"rewrites\": [...]}} ({e!r})") from None
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise error(f"{where}: 'rewrites' must be a list of strings")
+    named = row.get("styles")
+    if named is not None and (not isinstance(named, list) or len(named) != len(texts)
+                              or not all(isinstance(x, str) and x for x in named)):
+        raise error(f"{where}: 'styles' must name the style of each rewrite (one non-empty string each)")
     if min_fidelity is None:
-        return str(key), texts
-    scores, styles = row.get("scores"), row.get("styles") or ["rewrites"] * len(texts)
+        return str(key), texts, named or [None] * len(texts)
+    scores, styles = row.get("scores"), named or ["rewrites"] * len(texts)
     if not isinstance(scores, list) or len(scores) != len(texts) or len(styles) != len(texts):
         raise error(f"{where}: a minimum fidelity needs 'scores' (and 'styles', if given) with one entry per "
                     "rewrite (python -m rewrite.fidelity scores a rewrite store)")
-    kept = [t for t, score in zip(texts, scores) if score >= min_fidelity]
+    keep = [score >= min_fidelity for score in scores]
     if dropped is not None:
-        for style, score in zip(styles, scores):
-            dropped[style] = dropped.get(style, 0) + (score < min_fidelity)
-    return str(key), kept
+        for style, kept in zip(styles, keep):
+            dropped[style] = dropped.get(style, 0) + (not kept)
+    return (str(key), [t for t, k in zip(texts, keep) if k],
+            [s for s, k in zip(named or [None] * len(texts), keep) if k])
 
 
 def iter_rewrite_part(path: str, rank: int, parts: int, error=ValueError, min_fidelity: float | None = None,
-                      dropped: dict | None = None) -> Iterator[tuple[str, list[str]]]:
+                      dropped: dict | None = None) -> Iterator[tuple[str, list[str], list]]:
     """Rank `rank`'s share of the rewrite input: the rewrite-store shards s % parts == rank, or the JSONL
     lines that start in byte range [rank, rank + 1) * size / parts. The shares of all ranks are the input.
     With `min_fidelity`, rewrites scoring below it are left out, counted per pool (store) or style (JSONL)
-    in `dropped`."""
+    in `dropped`. Yields (key, rewrites, the style of each: the store's pool, the JSONL's "styles" or None)."""
     if os.path.isdir(path):
         from rewrite.store import iter_rewrites, read_run
 
         mine = set(range(rank, read_run(path)["num_shards"], parts))
         try:
-            for key, _, rewrites in iter_rewrites(path, shards=mine, min_fidelity=min_fidelity, dropped=dropped):
-                yield key, rewrites
+            for key, _, rewrites, pools in iter_rewrites(path, shards=mine, min_fidelity=min_fidelity,
+                                                         dropped=dropped, with_pools=True):
+                yield key, rewrites, pools
         except ValueError as e:
             raise error(str(e)) from None
         return
@@ -139,10 +147,12 @@ def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: It
             error, min_fidelity: float | None = None) -> dict:
     """Map step of rank `rank`: its rewrite share and its staged shards' samples into bucket files.
     shards: (shard number, staged manifest) of the shards this rank staged. Returns the rewrites left
-    out for a fidelity below `min_fidelity`, per pool."""
-    out, dropped = Buckets(folder, "rewrites", rank, parts), {}
-    for key, texts in (iter_rewrite_part(rewrites, rank, parts, error, min_fidelity, dropped) if rewrites else ()):
-        out.add(partition(key, parts), [key, texts])
+    out for a fidelity below `min_fidelity`, per pool, and the style names its rewrites carry."""
+    out, dropped, styles = Buckets(folder, "rewrites", rank, parts), {}, set()
+    for key, texts, named in (iter_rewrite_part(rewrites, rank, parts, error, min_fidelity, dropped)
+                              if rewrites else ()):
+        styles.update(s for s in named if s is not None)
+        out.add(partition(key, parts), [key, texts, named])
     out.close()
     lookups, keys = Buckets(folder, "lookups", rank, parts), Buckets(folder, "keys", rank, parts)
     for shard, m in shards:
@@ -151,7 +161,7 @@ def scatter(folder: str, rank: int, parts: int, rewrites: str | None, shards: It
             keys.add(partition(key, parts), [key, shard])
     lookups.close()
     keys.close()
-    return dropped
+    return dropped, sorted(styles)
 
 
 def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], int],
@@ -161,7 +171,7 @@ def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], in
     lookups matched, rewrites dropped and the first keys concerned) and example keys for messages."""
     join = CaptionJoin(os.path.join(folder, f"part-{rank:04d}.sqlite"))
     try:
-        join.add_rewrites((key, texts) for key, texts in read_buckets(folder, "rewrites", rank, parts))
+        join.add_rewrites(read_buckets(folder, "rewrites", rank, parts))
         chunk: list = []
         for row in _chained(read_buckets(folder, "keys", rank, parts), [None]):
             if row is not None:
@@ -181,13 +191,14 @@ def join_partition(folder: str, rank: int, parts: int, owner: Callable[[int], in
             rewrites = found or []
             # a "rewrite" that says what the caption says (EDA with nothing to change, a store padded
             # with the original) would only weight the original more in the draw: dropped and counted
-            different = [t for t in rewrites if not same_text(t, caption)]
+            different = [(t, style) for t, style in rewrites if not same_text(t, caption)]
             same += len(rewrites) - len(different)
-            usable = [t for t in different if keep_text(t)]
+            usable = [(t, style) for t, style in different if keep_text(t)]
             if len(usable) < len(different):
                 dropped += len(different) - len(usable)
                 dropped_keys = (dropped_keys + [rkey])[:20]
-            out.add(owner(shard), [shard, pos, [caption] + usable])
+            # each text keeps its style, whatever was dropped before it
+            out.add(owner(shard), [shard, pos, [caption] + [t for t, _ in usable], [None] + [s for _, s in usable]])
         out.close()
         return {"rewrites_given": join.rewrites_given, "rewrites_matched": matched,
                 "empty_rewrites_dropped": dropped, "dropped_keys": dropped_keys, "same_as_original_dropped": same,
@@ -201,15 +212,17 @@ def _chained(rows: Iterator, tail: list) -> Iterator:
     yield from tail
 
 
-def gather(folder: str, rank: int, parts: int, sizes: dict[int, int], error) -> dict[int, list]:
-    """Texts of the shards this rank owns (sizes: shard -> samples), each list in shard order."""
+def gather(folder: str, rank: int, parts: int, sizes: dict[int, int], error) -> tuple[dict[int, list], dict[int, list]]:
+    """Texts of the shards this rank owns (sizes: shard -> samples), each list in shard order, and the
+    style of each text (None: the original, or a rewrite without one), in the same layout."""
     texts = {shard: [None] * n for shard, n in sizes.items()}
-    for shard, pos, row in read_buckets(folder, "joined", rank, parts):
-        texts[shard][pos] = row
+    styles = {shard: [None] * n for shard, n in sizes.items()}
+    for shard, pos, row, named in read_buckets(folder, "joined", rank, parts):
+        texts[shard][pos], styles[shard][pos] = row, named
     for shard, rows in texts.items():
         if any(r is None for r in rows):
             raise error(f"{folder}: joined texts of shard {shard} are incomplete (a partition was lost?)")
-    return texts
+    return texts, styles
 
 
 class CaptionJoin:
@@ -225,14 +238,15 @@ class CaptionJoin:
         for pragma in ("journal_mode = MEMORY", "synchronous = OFF", f"cache_size = -{PAGE_CACHE_KIB}",
                        "temp_store = FILE"):
             self.db.execute(f"PRAGMA {pragma}")
-        self.db.execute("CREATE TABLE rewrites (key TEXT NOT NULL, texts TEXT NOT NULL)")
+        self.db.execute("CREATE TABLE rewrites (key TEXT NOT NULL, texts TEXT NOT NULL)")  # [[text, style], ...]
         self.db.execute("CREATE TABLE samples (key TEXT PRIMARY KEY) WITHOUT ROWID")
         self.rewrites_given = 0
 
-    def add_rewrites(self, rows: Iterable[tuple[str, list[str]]]) -> None:
+    def add_rewrites(self, rows: Iterable[tuple[str, list[str], list]]) -> None:
+        """rows: (key, rewrites, the style of each or None)."""
         chunk = []
-        for key, texts in rows:
-            chunk.append((key, json.dumps(texts, ensure_ascii=False)))
+        for key, texts, styles in rows:
+            chunk.append((key, json.dumps(list(zip(texts, styles)), ensure_ascii=False)))
             if len(chunk) >= BULK_ROWS:
                 self.db.executemany("INSERT INTO rewrites VALUES (?, ?)", chunk)
                 chunk = []
@@ -260,8 +274,8 @@ class CaptionJoin:
         row = self.db.execute("SELECT key FROM rewrites LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def rewrites(self, key: str) -> list[str] | None:
-        """The key's rewrites (lists of repeated rows concatenated), or None when it has none."""
+    def rewrites(self, key: str) -> list[tuple[str, str | None]] | None:
+        """The key's (rewrite, style) pairs (lists of repeated rows concatenated), or None when it has none."""
         rows = self.db.execute("SELECT texts FROM rewrites WHERE key = ? ORDER BY rowid", (key,)).fetchall()
         if not rows:
             return None

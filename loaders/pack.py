@@ -223,7 +223,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
     skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
     from loaders import join
-    from loaders.store import save_dictionary, write_manifest, write_shard
+    from loaders.store import MAX_STYLES, save_dictionary, write_manifest, write_shard
 
     world, rank = cfg.world_size, cfg.rank
     folder = os.path.join(cfg.out, "staging", "join")
@@ -271,12 +271,17 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
                 yield i, m
 
-        low = join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError, cfg.min_fidelity)
+        low, styles = join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError, cfg.min_fidelity)
         finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records,
-                           "low_fidelity_dropped": low})
+                           "low_fidelity_dropped": low, "styles": styles})
     if not done("scatter"):
         return False
     sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
+    # the pack's style names (sorted: the same on every rank); a text carries its style's id + 1, 0 = none
+    style_names = sorted({s for m in load("scatter") for s in m["styles"]})
+    if len(style_names) > MAX_STYLES:
+        raise PackError(f"{cfg.rewrites}: {len(style_names)} rewrite styles, at most {MAX_STYLES} fit a record")
+    style_byte = {name: i + 1 for i, name in enumerate(style_names)}
     if sum(sizes.values()) == 0:
         raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
 
@@ -299,22 +304,25 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                         f"(its keys look like {some!r}, the samples' like {sample!r})")
 
     if not finished("store"):
-        texts = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
+        texts, styles = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
         if rank == 0:  # shard 0 is rank 0's: the dictionary does not depend on the number of ranks
             dictionary = save_dictionary(store_dir, texts[0][:DICTIONARY_SAMPLES])
         elif _wait_for([os.path.join(store_dir, "dictionary.zdict")], cfg, "caption dictionary"):
             dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
         else:
             return False
-        entries, counts = {}, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0}
+        entries, counts = {}, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0, "per_style": {}}
         for i in mine:
             if sizes[i]:  # a shard whose images were all broken gets no files
-                entries[i] = write_shard(store_dir, i, texts[i], dictionary)
-            for row in texts[i]:
+                entries[i] = write_shard(store_dir, i, texts[i], dictionary,
+                                         styles=[[style_byte.get(x, 0) for x in row] for row in styles[i]])
+            for row, named in zip(texts[i], styles[i]):
                 counts["samples"] += 1
                 counts["with_rewrites"] += len(row) > 1
                 counts["texts"] += len(row)
                 counts["max_texts"] = max(counts["max_texts"], len(row))
+                for x in named[1:]:  # the rewrites packed, per style (after every drop)
+                    counts["per_style"][x or "unnamed"] = counts["per_style"].get(x or "unnamed", 0) + 1
         finish("store", {"entries": entries, "counts": counts})
     if rank != 0:
         return True
@@ -325,7 +333,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     stores, scatters = load("store"), load("scatter")
     entries = {int(i): e for m in stores for i, e in m["entries"].items()}
     dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
-    write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12)
+    write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12, styles=style_names)
     shards, first = [], 0
     for i in range(num_shards):
         if sizes[i]:
@@ -338,6 +346,10 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
                 shutil.copyfileobj(f, out)
     counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
     counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
+    counts["per_style"] = {}
+    for m in stores:
+        for name, n in m["counts"]["per_style"].items():
+            counts["per_style"][name] = counts["per_style"].get(name, 0) + n
     counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
     counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
     if cfg.min_fidelity is not None:  # per source (pool of a rewrite store, style of a JSONL)
@@ -360,7 +372,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
         for reason, n in m["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     write_skip_report(cfg.out, [r for m in scatters for r in m.get("skipped_records", [])])
-    plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
+    plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped, "styles": style_names,
             "rewrites_matched": sum(m["rewrites_matched"] for m in joins),
             "rewrites_given": sum(m["rewrites_given"] for m in joins), "dropped_rewrites": dropped,
             "settings": key}
@@ -593,7 +605,8 @@ def pack(cfg: PackConfig) -> dict:
             "shards": shards, "keys_file": "keys.txt",
             "source": {"input": cfg.input, "rewrites": cfg.rewrites, "rewrites_given": plan["rewrites_given"],
                        "rewrites_matched": plan["rewrites_matched"]},
-            "text_counts": plan["text_counts"], "skipped": plan["skipped"], "settings": settings,
+            "text_counts": plan["text_counts"], "styles": plan["styles"], "skipped": plan["skipped"],
+            "settings": settings,
             "files": _other_files(cfg.out)}
     atomic_write_bytes(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1).encode())
     if cfg.rank == 0 and not cfg.keep_staging:

@@ -24,7 +24,8 @@ import numpy as np
 if TYPE_CHECKING:  # (numba, imported with loaders.sampling, stays out of the writer's start-up)
     from loaders.sampling import EpochSampler, ShardTable
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each packed text carries its style id (loaders/store.py), meta.json "styles"
+READ_VERSIONS = (1, 2)  # a format-1 pack reads the same, its rewrites weighed by position
 IDX_VERSION = "v1.2"  # DALI's webdataset index format, as its wds2idx tool writes it
 
 # ffcv.types.HeaderType, copied so that verifying does not import ffcv (numba: seconds)
@@ -74,8 +75,8 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
             meta = json.loads(f.read())
     except ValueError as e:
         raise PackError(f"{meta_path}: not valid JSON ({e}): corrupted?") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format_version") not in READ_VERSIONS:
+        raise PackError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected one of {READ_VERSIONS}")
     n = meta["num_samples"]
     expected_first = 0
     for s in meta["shards"]:
@@ -171,8 +172,8 @@ def read_meta(root: str | os.PathLike) -> PackedMeta:
         meta = json.loads(path.read_bytes())
     except ValueError as e:  # UnicodeDecodeError included
         raise PackError(f"{path}: not valid JSON ({e}): corrupted?") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PackError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("format_version") not in READ_VERSIONS:
+        raise PackError(f"{path}: format_version {meta.get('format_version')!r}, expected one of {READ_VERSIONS}")
     shards = ShardTable.from_meta(meta)
     for shard in meta["shards"]:  # a truncated or half-copied file fails here, before any read
         for rel, info in shard.get("files", {}).items():

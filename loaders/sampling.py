@@ -163,20 +163,32 @@ def _text_hash(mix):
     return text_hash
 
 
-def _draw_from(text_hash):
-    """The caption draw over a compiled text_hash (one source for every pipeline's dispatcher)."""
-    def draw(seed, epoch, index, n_texts, weights):
+def style_weight(weights, styles, j):
+    """Weight of rewrite j (text j + 1) in the caption draw: that of its style, weights[1 + styles[1 + j]]
+    (a style id >= 0, loaders/store.py), else that of its position, weights[1 + j]; 1.0 past the end."""
+    w = 1 + j
+    if 1 + j < styles.shape[0] and styles[1 + j] >= 0:
+        w = 1 + styles[1 + j]
+    return weights[w] if w < weights.shape[0] else 1.0
+
+
+def _draw_from(text_hash, weight):
+    """The caption draw over a compiled text_hash and style_weight (one source for every pipeline's
+    dispatcher)."""
+    def draw(seed, epoch, index, n_texts, weights, styles):
         """Text number (0 = original) of one sample with n_texts texts. weights empty: uniform, h mod n.
         Else weights = caption_weights(...): the original with probability weights[0] (when >= 0; else it
-        weighs 1 like a style), rewrite j (text j + 1) in proportion to weights[1 + j] (1.0 past the
-        end), renormalised over the texts this sample has; one uniform from the same hash picks."""
+        weighs 1 like a style), rewrite j (text j + 1) in proportion to the weight of its style,
+        weights[1 + styles[1 + j]] (styles: int64 style id of each text, -1 or absent = none: then
+        weights[1 + j], its position's), 1.0 past the end; renormalised over the texts this sample has;
+        one uniform from the same hash picks."""
         h = text_hash(seed, epoch, index)
         if weights.shape[0] == 0 or n_texts <= 1:
             return np.int64(h % np.uint64(max(n_texts, 1)))
         u = np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
         total = 0.0
         for j in range(n_texts - 1):
-            total += weights[1 + j] if 1 + j < weights.shape[0] else 1.0
+            total += weight(weights, styles, j)
         p = weights[0]
         if p < 0.0:  # no probability of its own: the original weighs 1, like an unweighted style
             target = u * (1.0 + total)
@@ -189,7 +201,7 @@ def _draw_from(text_hash):
             target = (u - p) / (1.0 - p) * total
         last, acc = np.int64(0), 0.0
         for j in range(n_texts - 1):
-            w = weights[1 + j] if 1 + j < weights.shape[0] else 1.0
+            w = weight(weights, styles, j)
             if w > 0.0:
                 acc += w
                 last = np.int64(1 + j)
@@ -207,20 +219,22 @@ def compiled_text_draw():
     Each compiled pipeline (FFCV's decoder, DALI's operator) takes its own: numba once hung an FFCV
     epoch when DALI had compiled a dispatcher they shared first."""
     jit = numba.njit(nogil=True)
-    return jit(_draw_from(jit(_text_hash(jit(splitmix64)))))
+    return jit(_draw_from(jit(_text_hash(jit(splitmix64))), jit(style_weight)))
 
 
 UNIFORM = np.zeros(0, dtype=np.float64)  # caption_weights() of the default: every text alike
+NO_STYLES = np.zeros(0, dtype=np.int64)  # text styles unknown: rewrites weigh by position
 _hash_array = _text_hash(splitmix64)
 _sample_hash = numba.njit(nogil=True)(_text_hash(_mix))
 _draw_one = compiled_text_draw()
 
 
 @numba.njit(nogil=True)
-def _draw_each(seed, epoch, indices, n_texts, weights):
+def _draw_each(seed, epoch, indices, n_texts, weights, styles):
     out = np.empty(indices.shape[0], dtype=np.int64)
     for i in range(indices.shape[0]):
-        out[i] = _draw_one(seed, epoch, indices[i], n_texts[i], weights)
+        # styles: one row per sample, or a single empty row (no styles: by position)
+        out[i] = _draw_one(seed, epoch, indices[i], n_texts[i], weights, styles[i if styles.shape[0] > 1 else 0])
     return out
 
 
@@ -253,21 +267,26 @@ def _u64(x) -> np.ndarray:
     return np.atleast_1d(np.asarray(x, dtype=np.uint64))
 
 
-def draw_text_index(seed, epoch, sample_index, n_texts, weights=UNIFORM):
+def draw_text_index(seed, epoch, sample_index, n_texts, weights=UNIFORM, styles=None):
     """Which text (0 = original) a sample shows in an epoch. Arrays broadcast; scalars give an int.
-    weights: caption_weights(...) (default: uniform over the sample's texts).
+    weights: caption_weights(...) (default: uniform over the sample's texts). styles: the style id of each
+    text (-1 = none; loaders/store.py record_styles), [n_texts] for one sample, [samples, max texts] for
+    arrays; None: rewrites weigh by position.
 
     Depends only on its arguments, so every loader, worker count and resumed run draws the same text.
     """
     weights = np.ascontiguousarray(weights, dtype=np.float64)
     if np.ndim(sample_index) == 0 and np.ndim(n_texts) == 0:
-        return int(_draw_one(int(seed), int(epoch), int(sample_index), int(n_texts), weights))
+        row = NO_STYLES if styles is None else np.ascontiguousarray(styles, dtype=np.int64)
+        return int(_draw_one(int(seed), int(epoch), int(sample_index), int(n_texts), weights, row))
     if len(weights) == 0:  # vectorised in numpy
         h = _hash_array(_u64(seed), _u64(epoch), _u64(sample_index))
         return (h % np.maximum(_u64(n_texts), np.uint64(1))).astype(np.int64)
     index, n = np.broadcast_arrays(np.asarray(sample_index, dtype=np.int64), np.asarray(n_texts, dtype=np.int64))
+    table = (np.zeros((1, 0), np.int64) if styles is None else
+             np.ascontiguousarray(np.asarray(styles, dtype=np.int64).reshape(index.size, -1)))
     return _draw_each(int(seed), int(epoch), np.ascontiguousarray(index.ravel()), np.ascontiguousarray(n.ravel()),
-                      weights).reshape(index.shape)
+                      weights, table).reshape(index.shape)
 
 
 @numba.njit(nogil=True)

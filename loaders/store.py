@@ -6,9 +6,13 @@ A store is a directory:
     dictionary.zdict     the zstd dictionary, trained on a bounded sample of records
     shard-00000.lcs ...  self-contained shard files (each repeats the dictionary)
 
-A sample's texts form one *record*: uint16 [n_texts, len_1..len_n, ids_1..., ids_n...] (content ids
+A sample's texts form one *record*: uint16 [n_texts, word_1..word_n, ids_1..., ids_n...] (content ids
 without start/end tokens, no padding), compressed on its own with the dictionary (zstd frame without
-magic, with content size and checksum). One record per sample is what the FFCV and DALI files carry as a
+magic, with content size and checksum). Word k holds text k's length in its low byte (texts are cut to 75
+tokens) and, since format 2, its style in the high byte: 0 = none (the original, or a rewrite whose source
+named no style), s + 1 = the store's style s (manifest "styles": the names, e.g. the rewrite pools), so a
+text keeps its style whatever other texts of the sample were dropped. Format-1 stores (high byte always 0)
+read the same way, with no styles. One record per sample is what the FFCV and DALI files carry as a
 bytes field; `RecordCodec` encodes and decodes it anywhere.
 
 Shard file layout (all integers little-endian):
@@ -41,7 +45,10 @@ import zstandard
 from common.io import is_temp, temp_path, write_atomic
 from model.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, SOT_TOKEN_ID, get_tokenizer, tokenizer_identity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2    # 2: style ids in the high byte of each length word (1: none; still read)
+READ_VERSIONS = (1, 2)
+LENGTH_MASK, STYLE_SHIFT = 0xFF, 8
+MAX_STYLES = 255
 MAGIC = b"LACLIPCS"
 FOOTER_MAGIC = b"LCSFOOT1"
 MANIFEST = "manifest.json"
@@ -68,17 +75,32 @@ def pad_tokens(ids: np.ndarray, context_length: int = CONTEXT_LENGTH, out: np.nd
 # One record = one sample's texts
 
 
-def _pack_texts(texts: Sequence[np.ndarray]) -> bytes:
+def _pack_texts(texts: Sequence[np.ndarray], styles: Sequence[int] | None = None) -> bytes:
+    """styles: per text 0 (none) or style id + 1 (at most MAX_STYLES)."""
     if len(texts) > MAX_TEXTS:
         raise ValueError(f"a sample has {len(texts)} texts; at most {MAX_TEXTS} fit a record")
-    head = np.array([len(texts), *map(len, texts)], dtype="<u2")
+    lengths = [len(t) for t in texts]
+    if max(lengths, default=0) > LENGTH_MASK:
+        raise ValueError(f"a text of {max(lengths)} tokens: texts are cut to {CONTEXT_LENGTH - 2} tokens")
+    if styles is not None:
+        if len(styles) != len(texts) or not all(0 <= x <= MAX_STYLES for x in styles):
+            raise ValueError(f"styles {list(styles)}: one per text, each 0 (none) to {MAX_STYLES}")
+        lengths = [n | (x << STYLE_SHIFT) for n, x in zip(lengths, styles)]
+    head = np.array([len(texts), *lengths], dtype="<u2")
     return head.tobytes() + b"".join(np.asarray(t, dtype="<u2").tobytes() for t in texts)
+
+
+def record_styles(raw: bytes) -> list[int]:
+    """Style id of each text of a raw record, -1 for none (the original; a format-1 record's texts)."""
+    words = np.frombuffer(raw, dtype="<u2")
+    n = int(words[0])
+    return ((words[1:n + 1] >> STYLE_SHIFT).astype(np.int64) - 1).tolist()
 
 
 def _unpack_texts(raw: bytes) -> list[np.ndarray]:
     words = np.frombuffer(raw, dtype="<u2")
     n = int(words[0])
-    lengths = words[1:n + 1]
+    lengths = words[1:n + 1] & LENGTH_MASK
     if len(words) != 1 + n + int(lengths.sum(dtype=np.int64)):
         raise ValueError("record length does not match its text lengths")
     ends = np.cumsum(lengths, dtype=np.int64) + 1 + n
@@ -91,7 +113,7 @@ def _unpack_one(raw: bytes, k: int) -> np.ndarray:
     n = int(head[0])
     if not 0 <= k < n:
         raise ValueError(f"text {k} asked of a record with {n} texts")
-    lengths = np.frombuffer(raw, dtype="<u2", count=n, offset=2).tolist()
+    lengths = (np.frombuffer(raw, dtype="<u2", count=n, offset=2) & LENGTH_MASK).tolist()
     start = 1 + n + sum(lengths[:k])
     return np.frombuffer(raw, dtype="<u2", count=lengths[k], offset=2 * start)
 
@@ -109,13 +131,13 @@ class RecordCodec:
     def _params(self):
         return dict(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
 
-    def encode(self, texts: Sequence[np.ndarray]) -> bytes:
+    def encode(self, texts: Sequence[np.ndarray], styles: Sequence[int] | None = None) -> bytes:
         if self._compressor is None:
             params = zstandard.ZstdCompressionParameters.from_level(
                 self.level, write_checksum=True, write_content_size=True, write_dict_id=False,
                 **self._params())
             self._compressor = zstandard.ZstdCompressor(dict_data=self._dict, compression_params=params)
-        return self._compressor.compress(_pack_texts(texts))
+        return self._compressor.compress(_pack_texts(texts, styles))
 
     def decompress(self, record: bytes) -> bytes:
         if self._decompressor is None:
@@ -125,13 +147,18 @@ class RecordCodec:
     def decode(self, record: bytes) -> list[np.ndarray]:
         return _unpack_texts(self.decompress(record))
 
+    def decode_styled(self, record: bytes) -> tuple[list[np.ndarray], list[int]]:
+        """(texts, style id of each, -1 = none)."""
+        raw = self.decompress(record)
+        return _unpack_texts(raw), record_styles(raw)
+
     def draw(self, record: bytes, seed: int, epoch: int, sample_index: int) -> np.ndarray:
         """The text of this record that (seed, epoch, sample_index) draws, padded: int32 [77]."""
         from loaders.sampling import draw_text_index  # (numba: imported by readers only)
 
         raw = self.decompress(record)
         n = int.from_bytes(raw[:2], "little")
-        return pad_tokens(_unpack_one(raw, draw_text_index(seed, epoch, sample_index, n)))
+        return pad_tokens(_unpack_one(raw, draw_text_index(seed, epoch, sample_index, n)))  # uniform: no styles
 
     def __getstate__(self):  # compressor objects do not pickle; workers rebuild them
         return {"dictionary": self.dictionary, "level": self.level}
@@ -282,9 +309,11 @@ def _shard_header(dictionary: bytes, level: int, block_size: int) -> dict:
             "dictionary_sha256": hashlib.sha256(dictionary).hexdigest(), "block_size": block_size}
 
 
-def write_manifest(out_dir: str, shards: list[dict], dictionary: bytes, level: int) -> dict:
-    """manifest.json (last: the store exists from here on) over finished shard entries, in sample order."""
-    manifest = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(),
+def write_manifest(out_dir: str, shards: list[dict], dictionary: bytes, level: int,
+                   styles: Sequence[str] = ()) -> dict:
+    """manifest.json (last: the store exists from here on) over finished shard entries, in sample order.
+    styles: the names of the style ids its records carry."""
+    manifest = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer_identity(), "styles": list(styles),
                 "num_samples": sum(s["num_samples"] for s in shards),
                 "num_texts": sum(s["num_texts"] for s in shards), "shards": shards,
                 "dictionary_sha256": hashlib.sha256(dictionary).hexdigest(), "zstd_level": level}
@@ -306,16 +335,17 @@ def save_dictionary(out_dir: str, records: Iterable[Sequence]) -> bytes:
 
 
 def write_shard(out_dir: str, k: int, records: Iterable[Sequence], dictionary: bytes, *, level: int = 12,
-                block_size: int = 1024) -> dict:
-    """Shard file k of a store from records (strings or id arrays); a finished one is kept."""
+                block_size: int = 1024, styles: Sequence[Sequence[int]] | None = None) -> dict:
+    """Shard file k of a store from records (strings or id arrays); a finished one is kept. styles: per
+    record, per text 0 (none) or style id + 1 in the manifest's "styles"."""
     path = os.path.join(out_dir, _shard_name(k))
     header = _shard_header(dictionary, level, block_size)
     done = _finished_shard(path, header["dictionary_sha256"])
     if done is not None:
         return done
     writer, codec = _ShardWriter(path, header, dictionary, block_size), RecordCodec(dictionary, level)
-    for texts in _tokenized(records):
-        writer.add(codec.encode(texts), len(texts))
+    for i, texts in enumerate(_tokenized(records)):
+        writer.add(codec.encode(texts, None if styles is None else styles[i]), len(texts))
     return writer.close()
 
 
@@ -332,8 +362,8 @@ def _finished_shard(path: str, dictionary_sha256: str) -> dict | None:
         shard = _Shard(path)
     except StoreError:
         return None
-    if shard.header.get("dictionary_sha256") != dictionary_sha256:
-        return None
+    if shard.header.get("dictionary_sha256") != dictionary_sha256 or shard.version != FORMAT_VERSION:
+        return None  # (an older format is read, never extended)
     return {"file": os.path.basename(path), "num_samples": len(shard), "num_texts": shard.footer["num_texts"]}
 
 
@@ -363,8 +393,9 @@ class _Shard:
         if m[-8:] != FOOTER_MAGIC:
             raise StoreError(f"{path}: truncated caption store shard (no footer): was the write interrupted?")
         version, header_len = struct.unpack_from("<II", m, 8)
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path}: format version {version}, this reader reads {FORMAT_VERSION}")
+        if version not in READ_VERSIONS:
+            raise StoreError(f"{path}: format version {version}, this reader reads {READ_VERSIONS}")
+        self.version = version
         try:
             self.header = json.loads(m[16:16 + header_len])
             (footer_len,) = struct.unpack_from("<I", m, len(m) - 12)
@@ -420,9 +451,10 @@ class CaptionStore:
             counts = [int(s["num_samples"]) for s in self.manifest["shards"]]
         except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
             raise StoreError(f"{manifest_path}: corrupted manifest ({type(e).__name__}: {e})") from None
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READ_VERSIONS:
             raise StoreError(f"{manifest_path}: format version {self.manifest.get('format_version')}, "
-                             f"this reader reads {FORMAT_VERSION}")
+                             f"this reader reads {READ_VERSIONS}")
+        self.styles = list(self.manifest.get("styles", []))  # style id -> name (format 1: none)
         if self.manifest["tokenizer"]["vocab_sha256"] != tokenizer_identity()["vocab_sha256"]:
             raise StoreError(f"{manifest_path}: written with another tokenizer vocabulary")
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
@@ -490,6 +522,11 @@ class CaptionStore:
     def texts(self, i: int) -> list[np.ndarray]:
         """Sample i's texts as uint16 content ids: [original, rewrite_1, ...]."""
         return self._decoded(i, self.codec.decode)
+
+    def text_styles(self, i: int) -> list[str | None]:
+        """The style name of each of sample i's texts (None: the original, or no style recorded)."""
+        ids = self._decoded(i, lambda record: record_styles(self.codec.decompress(record)))
+        return [self.styles[s] if 0 <= s < len(self.styles) else None for s in ids]
 
     def draw(self, i: int, seed: int, epoch: int) -> np.ndarray:
         """One text of sample i, chosen uniformly for (seed, epoch, i), padded: int32 [77]."""

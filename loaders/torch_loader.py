@@ -30,14 +30,14 @@ CONTEXT_LENGTH = 77
 def texts_for(codec: RecordCodec, record: bytes, index: int, *, mode: str, seed: int, epoch: int,
               max_texts: int, weights: np.ndarray = UNIFORM) -> tuple[np.ndarray, np.ndarray | None]:
     """The tokens of one sample: int32 [77] (rewrite/original) or ([max_texts,77], mask) in all mode."""
-    texts = codec.decode(record)
+    texts, styles = codec.decode_styled(record)
     if mode == "all":
         tokens = np.zeros((max_texts, CONTEXT_LENGTH), dtype=np.int32)
         mask = np.zeros(max_texts, dtype=bool)
         for k, ids in enumerate(texts[:max_texts]):
             tokens[k], mask[k] = pad_tokens(ids), True
         return tokens, mask
-    k = 0 if mode == "original" else int(draw_text_index(seed, epoch, index, len(texts), weights))
+    k = 0 if mode == "original" else int(draw_text_index(seed, epoch, index, len(texts), weights, styles))
     return pad_tokens(texts[k]), None
 
 

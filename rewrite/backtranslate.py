@@ -2,7 +2,8 @@
 
 One apertium process per direction per batch: captions are joined one per line (Apertium keeps line
 breaks), so a batch of thousands of captions costs two process starts, not two per caption. The
-round trip is deterministic, so n > 1 repeats the same text (the filter then counts it once per sample).
+round trip is deterministic, so n > 1 repeats the same text: the pipeline keeps it once per caption and
+rejects the repeats as "duplicate" (rewrite/quality.py), so it never weighs more in the caption draw.
 """
 from __future__ import annotations
 

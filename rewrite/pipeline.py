@@ -81,7 +81,7 @@ def rewrite_chunk(engine, chunk, pool, cfg: RewriteConfig, counts: dict) -> list
         for i, outs in zip(todo, engine.generate(reqs, n)):
             for text in outs:
                 text = clean_output(text)
-                reason = reject_reason(text, chunk[i][1], examples[i])
+                reason = reject_reason(text, chunk[i][1], examples[i], results[i])
                 if reason:
                     counts[reason] += 1
                 elif len(results[i]) < n:

@@ -8,7 +8,9 @@ from difflib import SequenceMatcher
 
 from common.text import normalize_words
 
-REASONS = ("empty", "identical", "copied_example", "too_long", "non_text")
+# duplicate: says what a rewrite already kept for the same caption says (back-translation is deterministic,
+# so its n > 1 outputs are one text n times): counted once, the repeats rejected like any other
+REASONS = ("empty", "identical", "copied_example", "too_long", "non_text", "duplicate")
 MAX_WORDS = 60     # CLIP's context is 77 tokens; longer rewrites get truncated anyway
 MAX_CHARS = 320
 NEAR_COPY = 0.85   # character similarity to a pool example above which the output counts as a copy
@@ -28,13 +30,17 @@ def same_text(text: str, caption: str) -> bool:
     return normalize_words(text) == normalize_words(caption)
 
 
-def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = ()) -> str | None:
-    """None if the rewrite is kept, else the first reason (one of REASONS) it fails."""
+def reject_reason(text: str, caption: str, examples: list[tuple[str, str]] = (),
+                  kept: list[str] = ()) -> str | None:
+    """None if the rewrite is kept, else the first reason (one of REASONS) it fails. kept: the rewrites
+    already kept for this caption."""
     norm = normalize_words(text)
     if not norm:
         return "empty"
     if same_text(text, caption):
         return "identical"
+    if any(same_text(text, k) for k in kept):
+        return "duplicate"
     # Small models often echo an example with a word changed; the caption itself never appears there.
     if any(SequenceMatcher(None, norm, normalize_words(e)).ratio() >= NEAR_COPY
            for pair in examples for e in pair):

@@ -69,11 +69,12 @@ def missing_shards(out_dir) -> list[Path]:
             if not shard_path(out_dir, p, s).is_file()]
 
 
-def iter_rewrites(out_dir, shards=None, min_fidelity: float | None = None,
-                  dropped: dict | None = None) -> Iterator[tuple[str, str, list[str]]]:
+def iter_rewrites(out_dir, shards=None, min_fidelity: float | None = None, dropped: dict | None = None,
+                  with_pools: bool = False) -> Iterator[tuple]:
     """(key, original caption, rewrites in pool order) for every caption, in input order (of the given
     shard numbers only, when `shards` is a collection of them). With `min_fidelity`, rewrites whose
-    fidelity score (rewrite/fidelity.py) is below it are left out and counted per pool in `dropped`."""
+    fidelity score (rewrite/fidelity.py) is below it are left out and counted per pool in `dropped`.
+    with_pools: a fourth item, the pool of each rewrite."""
     run = read_run(out_dir)
     missing = missing_shards(out_dir)
     if missing:
@@ -88,7 +89,7 @@ def iter_rewrites(out_dir, shards=None, min_fidelity: float | None = None,
             key = rows[0]["key"]
             if any(r["key"] != key for r in rows):
                 raise ValueError(f"{out_dir} shard {s}: pools disagree on key order at {key!r}")
-            texts = []
+            texts, pools = [], []
             for pool, path, row in zip(run["pools"], paths, rows):
                 kept = row["rewrites"]
                 if min_fidelity is not None:
@@ -99,7 +100,8 @@ def iter_rewrites(out_dir, shards=None, min_fidelity: float | None = None,
                     if dropped is not None:
                         dropped[pool] = dropped.get(pool, 0) + len(row["rewrites"]) - len(kept)
                 texts += kept
-            yield key, rows[0]["caption"], texts
+                pools += [pool] * len(kept)
+            yield (key, rows[0]["caption"], texts, pools) if with_pools else (key, rows[0]["caption"], texts)
 
 
 def load_rewrites(out_dir) -> dict[str, list[str]]:

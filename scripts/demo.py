@@ -4,6 +4,7 @@
     .venv/bin/python scripts/demo.py --seeds 3            # mean +- std over 3 seeds per method
     .venv/bin/python scripts/demo.py --quick --out /tmp/q # a few dozen samples, a few minutes
     .venv/bin/python scripts/demo.py --set steps=600 --set live_rewrites=0
+    .venv/bin/python scripts/demo.py --preset experiment  # the pre-registered experiment (configs/experiment.yaml)
 
 Stages (each writes <out>/stages/<name>.json atomically when it has finished; a re-run skips finished
 stages, and redoes a stage whose settings changed):
@@ -46,14 +47,37 @@ from scripts.demo_rewrite import fingerprint, stage_rewrite  # noqa: E402
 from scripts.demo_train import PACKS, eval_run, measure_loader, pick_loader, stage_pack, train_run  # noqa: E402
 
 
+# preset -> (config, its --quick form)
+PRESETS = {"demo": ("demo.yaml", "demo_quick.yaml"), "experiment": ("experiment.yaml", "experiment_quick.yaml")}
+
+
+def preset_header(path: Path) -> str:
+    """The leading comment block of a preset's config: for the experiment, its pre-registration."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines)
+
+
 def load_config(argv=None) -> DemoConfig:
-    """configs/demo.yaml (--quick: demo_quick.yaml, or --config FILE) <- the flags <- --set key=value."""
-    p = build_parser(DemoConfig, "scripts/demo.py", __doc__, flags=["out", "seeds", "steps", "max_samples",
-                                                                    "live_rewrites"],
-                     config_help="YAML of DemoConfig keys (default configs/demo.yaml)")
-    p.add_argument("--quick", action="store_true", help="configs/demo_quick.yaml: a few dozen samples")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    path = args.config or str(REPO / "configs" / ("demo_quick.yaml" if args.quick else "demo.yaml"))
+    """configs/<preset>.yaml (--quick: its quick form, or --config FILE) <- the flags <- --set key=value."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    chosen = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), chosen)
+    header = preset_header(REPO / "configs" / PRESETS[chosen][0]) if chosen in PRESETS else ""
+    p = build_parser(DemoConfig, "scripts/demo.py", __doc__ + (f"\nPreset '{chosen}':\n{header}" if header else ""),
+                     flags=["out", "seeds", "steps", "max_samples", "live_rewrites"],
+                     config_help="YAML of DemoConfig keys (default: the preset's, configs/demo.yaml)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="demo",
+                   help="demo: configs/demo.yaml, the system end to end | experiment: configs/experiment.yaml, the "
+                        "pre-registered CLIP vs LaCLIP experiment (its hypothesis, metric, arms, seeds and analysis: "
+                        "scripts/demo.py --preset experiment --help)")
+    p.add_argument("--quick", action="store_true", help="the preset's quick form (configs/demo_quick.yaml, "
+                                                       "experiment_quick.yaml): a few dozen samples")
+    args = p.parse_args(argv)
+    path = args.config or str(REPO / "configs" / PRESETS[args.preset][1 if args.quick else 0])
     try:
         return load(DemoConfig, path, args.set, flag_values(DemoConfig, args))
     except ConfigError as err:
@@ -109,12 +133,13 @@ def main(argv=None) -> int:
                                                 "other_wording")}
     data_params["build_version"] = BUILD_VERSION
 
-    stages.header(1, n, "data: openclipart + emoji, fixed held-out split")
+    stages.header(1, n, f"data: {' + '.join(cfg.datasets)}, fixed held-out split")
     data = stages.run("data", data_params, lambda: stage_data(cfg, out), clean=[out / "data"])
 
     stages.header(2, n, "rewrite: shipped store, live sample (SmolLM2, live_config), EDA baseline")
     rw_params = {**data_params, **{k: getattr(cfg, k) for k in
-                                   ("shipped_rewrites", "train_on", "min_rewritten", "live_rewrites", "live_config",
+                                   ("shipped_rewrites", "train_require", "train_min_rewrites", "train_max_images", "train_on",
+                                    "min_rewritten", "live_rewrites", "live_config",
                                     "live_pools", "eda_config")},
                  "shipped": fingerprint(REPO / cfg.shipped_rewrites)}
     # (the live store is kept: its folder name carries its settings, and the rewrite pipeline resumes it)
@@ -143,7 +168,7 @@ def main(argv=None) -> int:
     stages.header(4, n, f"train: {len(cfg.methods)} methods x {cfg.seeds} seed(s), {cfg.steps} steps, "
                   f"{cfg.ranks} ranks on CPU (deepspeed)")
     train_params = {**pack_params, "train_config": yaml.safe_load((REPO / cfg.train_config).read_text()),
-                    **{k: getattr(cfg, k) for k in ("train_overrides", "steps", "warmup_steps",
+                    **{k: getattr(cfg, k) for k in ("train_overrides", "caption_p_original", "steps", "warmup_steps",
                                                     "checkpoint_every", "ranks")}, "kind": kind}
     runs = {}
     for seed in range(cfg.seeds):

@@ -7,9 +7,12 @@ import dataclasses
 from common.config import option
 
 # method -> (label in the report, which pack, train.py text_mode). Every pack holds the same images and
-# original captions; only the other texts differ: the LLM rewrites (all, or those scoring at least
-# min_fidelity), the datasets' own human alt texts (the faithful oracle), or EDA's word edits.
+# original captions; only the other texts differ: the LLM rewrites (all, k of them per image, or those
+# scoring at least min_fidelity), the datasets' own human alt texts (the faithful oracle), or EDA's word
+# edits. Every text_mode=rewrite method draws the original with the same probability (caption_p_original).
 METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rewrite"),
+           "laclip_1": ("LaCLIP, 1 rewrite", "llm_1", "rewrite"),
+           "laclip_2": ("LaCLIP, 2 rewrites", "llm_2", "rewrite"),
            "laclip_filtered": ("LaCLIP, faithful rewrites", "llm_filtered", "rewrite"),
            "laclip_human": ("LaCLIP, human alt texts", "human", "rewrite"),
            "laclip_mt": ("LaCLIP-MT", "llm", "all"), "eda": ("EDA", "eda", "rewrite")}
@@ -27,6 +30,12 @@ class DemoConfig:
     shipped_rewrites: str = option("data/rewrites", help="the shipped rewrite store (make rewrites)")
     shipped_sample: str = option("data/rewrites/demo/input.jsonl", help="shipped rewrites are used for this fixed "
                                  "sample of training captions only; '' = every caption")
+    train_require: list = option(factory=list, help="train only on the images that have these human texts "
+                                 "(alt_texts fields, e.g. [description]: the caption-rich clip art); [] = all")
+    train_min_rewrites: int = option(0, help="train only on the images with at least this many LLM rewrites "
+                                     "(besides their caption), so that the k-rewrite packs give every image k")
+    train_max_images: int | None = option(None, help="train on a fixed random subset of at most this many of "
+                                          "the images left (seed 0); null = all")
     train_on: str = option("rewritten", help="rewritten: the images whose captions have LLM rewrites | all: every image",
                            choices=("rewritten", "all"))
     min_rewritten: int = option(256, help="fewest rewritten training captions the demo accepts")
@@ -47,13 +56,23 @@ class DemoConfig:
     loader: str = option("auto", help="train.py loader kind: auto (the fastest present) | ffcv | dali | torch",
                          choices=("auto", "ffcv", "dali", "torch"))
     loader_bench_batches: int = option(40, help="batches of the loader throughput check")
+    caption_p_original: float | None = option(0.2, help="text_mode=rewrite methods draw the original caption "
+                                              "with this probability whatever the number of texts an image "
+                                              "has (null: uniform over its texts, the paper's draw)")
     train_config: str = option("configs/demo_train.yaml", help="train.py config of every run")
     train_overrides: dict = option(factory=dict, help="train.py keys set over train_config")
-    methods: list = option(factory=lambda: list(METHODS), help="methods trained", choices=tuple(METHODS))
+    methods: list = option(factory=lambda: ["clip", "laclip", "laclip_filtered", "laclip_human", "laclip_mt", "eda"],
+                           help="methods trained", choices=tuple(METHODS))
     seeds: int = option(1, help="seeds per method (>= 3 gives mean +- std)")
     steps: int = option(300, help="optimizer steps per training run")
     warmup_steps: int = option(30, help="warmup steps per training run")
     checkpoint_every: int = option(50, help="steps between the checkpoints the curves evaluate")
     ranks: int = option(2, help="deepspeed CPU ranks per training run")
-    fmnist_max_per_split: int = option(2000, help="Fashion-MNIST samples per split (few-shot, linear probe)")
+    fmnist_max_per_split: int = option(2000, help="Fashion-MNIST samples per split (few-shot, linear probe); "
+                                       "0 = no Fashion-MNIST evaluation")
     fewshot_episodes: int = option(1000, help="few-shot episodes on Fashion-MNIST")
+    primary_method: str = option("laclip", help="the pre-registered comparison: this method minus CLIP",
+                                 choices=tuple(METHODS))
+    primary_metric: str = option("retrieval_other", help="the pre-registered primary metric (scripts/demo_stats.py "
+                                 "METRICS), at the final step", choices=("zeroshot", "retrieval", "retrieval_other"))
+    alpha: float = option(0.05, help="two-sided level of the primary test and of Holm's correction")

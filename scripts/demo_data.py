@@ -43,6 +43,7 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
         write_rows(out / "data" / f"heldout-{name}" / "captions.jsonl", held)
         result["sets"][name] = {"folder": str(folder), "train": len(train), "heldout": len(held),
                                 "categories": len({r["category"] for r in rows}),
+                                "heldout_categories": len({r["category"] for r in held}),
                                 "seconds": round(time.time() - t, 1)}
         print(f"  {name}: {len(train)} train + {len(held)} held-out samples, "
               f"{result['sets'][name]['categories']} categories ({folder})")

@@ -71,6 +71,9 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
 
     rw = out / "rewrites"
     train = read_rows(out / "data" / "train" / "captions.jsonl")
+    if cfg.train_require:  # e.g. the caption-rich clip art: title and description
+        train = [r for r in train if all(f in (r.get("alt_texts") or {}) for f in cfg.train_require)]
+        print(f"  training images with {' + '.join(cfg.train_require)}: {len(train)}")
     train_keys = {r["key"] for r in train}
     result: dict = {"train_captions": len(train)}
 
@@ -146,6 +149,13 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
         if cfg.train_on == "rewritten":
             print(f"  NOTE: only {len(llm)} captions have LLM rewrites (< min_rewritten={cfg.min_rewritten}): "
                   f"training on all {len(train)} images, most of which have no rewrite")
+    if cfg.train_min_rewrites:  # every image keeps at least k rewrites after packing drops repeats
+        rows = [r for r in rows if len(usable_rewrites(llm.get(r["key"]), r["caption"])) >= cfg.train_min_rewrites]
+        print(f"  training images with >= {cfg.train_min_rewrites} LLM rewrites (none repeating its caption): "
+              f"{len(rows)}")
+    if cfg.train_max_images and len(rows) > cfg.train_max_images:  # a fixed subset: more epochs per hour
+        rows = sorted(random.Random(0).sample(rows, cfg.train_max_images), key=lambda r: r["key"])
+        print(f"  training set: a fixed random {len(rows)} of them (train_max_images)")
     write_rows(rw / "train" / "captions.jsonl", rows)
     result["train_set"] = {"samples": len(rows), "with_llm_rewrites": sum(r["key"] in llm for r in rows),
                            "train_on": cfg.train_on if rows is not train else "all"}
@@ -162,3 +172,23 @@ def stage_rewrite(cfg: DemoConfig, out: Path) -> dict:
     result["eda"] = {"captions": len(rows), "captions_per_s": summary.get("captions_per_s"),
                      "seconds": summary.get("seconds"), "counts": summary.get("counts")}
     return result
+
+
+def usable_rewrites(row: dict | None, caption: str) -> list[int]:
+    """Positions of the LLM rewrites of `row` that packing keeps (not empty, not the caption again)."""
+    from rewrite.quality import same_text
+    return [i for i, t in enumerate((row or {}).get("rewrites", [])) if t.strip() and not same_text(t, caption)]
+
+
+def subsample_rewrites(src: Path, dest: Path, captions: dict[str, str], k: int) -> None:
+    """The rows of rewrite JSONL `src` with k of each image's usable rewrites, picked by a hash of the key
+    (fixed, independent of the rewrites' fidelity and style), so packs of 1, 2, ... rewrites differ only in
+    how many rewrites each image has; styles and scores travel with the texts."""
+    rows = []
+    for row in read_rows(src):
+        keep = usable_rewrites(row, captions.get(row["key"], ""))
+        rng = random.Random(hashlib.sha1(row["key"].encode()).hexdigest())
+        keep = sorted(rng.sample(keep, min(k, len(keep))))
+        rows.append({"key": row["key"], **{f: [row[f][i] for i in keep] for f in ("rewrites", "scores", "styles")
+                                          if f in row}})
+    write_rows(dest, rows)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from common.ranks import free_port
@@ -61,17 +62,24 @@ def measure_loader(kind: str, root: Path, batch_size: int, image_size: int, batc
             "samples_per_s": round(n / seconds, 1) if seconds > 0 else None, "first_batch_s": round(first, 1)}
 
 
-# pack -> (its rewrites, relative to <out>/rewrites; whether it keeps only rewrites scoring >= min_fidelity)
-PACKS = {"llm": ("llm.jsonl", False), "llm_filtered": ("llm.jsonl", True), "human": ("human.jsonl", False),
-         "eda": ("eda", False)}
+# pack -> (its rewrites, relative to <out>/rewrites; whether it keeps only rewrites scoring >= min_fidelity;
+# how many rewrites per image it keeps, None = all)
+PACKS = {"llm": ("llm.jsonl", False, None), "llm_1": ("llm.jsonl", False, 1), "llm_2": ("llm.jsonl", False, 2),
+         "llm_filtered": ("llm.jsonl", True, None), "human": ("human.jsonl", False, None), "eda": ("eda", False, None)}
 
 
 def stage_pack(cfg: DemoConfig, out: Path, name: str) -> dict:
     from loaders.pack import PackConfig, pack
+    from scripts.demo_rewrite import subsample_rewrites
 
-    rewrites, filtered = PACKS[name]
+    rewrites, filtered, k = PACKS[name]
+    source = out / "rewrites" / rewrites
+    if k is not None:
+        captions = {r["key"]: r["caption"] for r in read_rows(out / "rewrites" / "train" / "captions.jsonl")}
+        source = out / "rewrites" / f"{Path(rewrites).stem}-{k}.jsonl"
+        subsample_rewrites(out / "rewrites" / rewrites, source, captions, k)
     summary = pack(PackConfig(input=str(out / "rewrites" / "train"), out=str(out / "packed" / name),
-                              rewrites=str(out / "rewrites" / rewrites), max_side=cfg.pack_max_side,
+                              rewrites=str(source), max_side=cfg.pack_max_side,
                               min_fidelity=cfg.min_fidelity if filtered else None,
                               quality=cfg.pack_quality, samples_per_shard=cfg.samples_per_shard, workers=2))
     meta = json.loads((out / "packed" / name / "meta.json").read_text())
@@ -89,6 +97,8 @@ def train_run(cfg: DemoConfig, out: Path, method: str, seed: int, kind: str, max
     run_dir = out / "runs" / f"{method}-seed{seed}"
     sets = {"data": kind, "data_root": str(out / "packed" / pack_name), "text_mode": text_mode,
             "max_texts": max_texts, "seed": seed, "run_dir": str(run_dir), "total_steps": cfg.steps,
+            **({"caption_p_original": cfg.caption_p_original}  # the same for every rewrite arm
+               if text_mode == "rewrite" and cfg.caption_p_original is not None else {}),
             "warmup_steps": cfg.warmup_steps, "checkpoint_every": cfg.checkpoint_every, "progress": False,
             **cfg.train_overrides}
     cmd = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(cfg.ranks), "--master_port", str(free_port()),
@@ -117,9 +127,43 @@ def train_run(cfg: DemoConfig, out: Path, method: str, seed: int, kind: str, max
     rows = read_rows(metrics)
     steady = [r["samples_per_s"] for r in rows[min(5, len(rows) - 1):]]
     steady.sort()
-    return {"run_dir": str(run_dir), "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"],
+    import yaml
+    recipe = {**yaml.safe_load((REPO / cfg.train_config).read_text()), **cfg.train_overrides}
+    texts = original_share(out / "packed" / pack_name, text_mode, seed, cfg.steps * recipe.get("accumulation", 1),
+                           cfg.ranks, recipe.get("micro_batch", 64), sets.get("caption_p_original"))
+    return {"run_dir": str(run_dir), "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"], "texts_drawn": texts,
             "samples_per_s_median": steady[len(steady) // 2], "wall_s": round(time.time() - t0, 1),
             "command": " ".join(cmd)}
+
+
+def original_share(pack: Path, text_mode: str, seed: int, batches: int, ranks: int, micro_batch: int,
+                   p_original: float | None) -> dict:
+    """Which texts the run's loaders drew, counted: every rank's sample indices of every batch the run read
+    (loaders.sampling.EpochSampler, drop_last as training/data.py), each drawn with the loaders' caption
+    draw (draw_text_index over the packed texts per sample). {"samples", "original", "original_share"}."""
+    from loaders.packed import read_meta
+    from loaders.sampling import EpochSampler, caption_weights, draw_text_index
+    from loaders.store import CaptionStore
+
+    meta = read_meta(pack)
+    store = CaptionStore(str(pack / "captions"))
+    n_texts = np.array([len(store.texts(i)) for i in range(len(store))], dtype=np.int64)
+    weights = caption_weights(p_original)
+    drawn = original = 0
+    for rank in range(ranks):
+        left, epoch = batches, 0  # micro batches per rank: steps x accumulation
+        while left > 0:
+            sampler = EpochSampler(meta.shards, seed=seed, epoch=epoch, batch_size=micro_batch,
+                                   rank=rank, world_size=ranks, drop_last=True)
+            for b in range(min(left, sampler.num_batches)):
+                idx = sampler.batch_indices(b)
+                k = (np.zeros(len(idx), np.int64) if text_mode == "original" else
+                     draw_text_index(seed, epoch, idx, n_texts[idx], weights))
+                drawn, original = drawn + len(idx), original + int((k == 0).sum())
+            left -= min(left, sampler.num_batches)
+            epoch += 1
+    return {"samples": drawn, "original": original, "original_share": original / drawn if drawn else None,
+            "mean_texts": float(n_texts.mean())}
 
 
 # ----------------------------------------------------------------------------- 5. eval
@@ -142,9 +186,10 @@ def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:
     common = dict(data_root=str(out / "data"), cache_dir=str(out / "eval" / "cache"), workers=0, seed=0)
     jobs = [(c, dest / f"heldout-{c.name}.json", dict(datasets=heldout, protocols=["zeroshot", "retrieval"]))
             for c in ckpts]
-    jobs.append((ckpts[-1], dest / "fashion_mnist.json",
-                 dict(datasets=["fashion_mnist"], protocols=["zeroshot", "fewshot", "linear_probe"],
-                      max_per_split=cfg.fmnist_max_per_split, fewshot_episodes=cfg.fewshot_episodes)))
+    if cfg.fmnist_max_per_split:
+        jobs.append((ckpts[-1], dest / "fashion_mnist.json",
+                     dict(datasets=["fashion_mnist"], protocols=["zeroshot", "fewshot", "linear_probe"],
+                          max_per_split=cfg.fmnist_max_per_split, fewshot_episodes=cfg.fewshot_episodes)))
     for ckpt, path, kw in tqdm(jobs, desc=f"eval {METHODS[method][0]} seed {seed}", unit="eval", dynamic_ncols=True):
         if not path.is_file():  # eval.py writes its JSON atomically: present = finished
             ev.run(ev.EvalConfig(checkpoint=str(ckpt / "export"), out=str(path), **common, **kw))

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from scripts.demo_config import METHODS
+from scripts.demo_config import METHODS, DemoConfig
 from tests.conftest import REPO
 
+DEMO_METHODS = DemoConfig().methods
 METHOD_ROWS = tuple(label for label, *_ in METHODS.values())
 
 
-def _demo(out: Path, data: Path, shipped: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "scripts/demo.py", "--quick", "--out", str(out), "--set", f"data_cache={data}",
+def _demo(out: Path, data: Path, shipped: Path, *preset: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/demo.py", *preset, "--quick", "--out", str(out), "--set", f"data_cache={data}",
            "--set", f"shipped_rewrites={shipped}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -50,7 +51,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
 
     report = (out / "report.md").read_text()
     rows = _table_rows(report)
-    assert set(rows) == set(METHOD_ROWS), report
+    assert set(rows) == {METHODS[m][0] for m in DEMO_METHODS}, report
     for method, cells in rows.items():
         # 2 zero-shot + 4 retrieval + 3 Fashion-MNIST columns, + 2 retrieval columns per set with other
         # wording: the clip art always has keywords; a few dozen emoji may hold too few aliases ('-')
@@ -60,11 +61,11 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
                 continue
             value = float(re.match(r"\**([0-9.]+)", cell).group(1))
             assert 0.0 <= value <= 100.0, (method, head, cell)
-    assert "## Does LaCLIP beat CLIP here?" in report and "LaCLIP - CLIP =" in report
+    assert "## Does LaCLIP beat CLIP here?" in report and "LaCLIP − CLIP =" in report
     assert "| LaCLIP, human alt texts | " in report and "**Fidelity filter**" in report
     assert "samples/s" in report and "captions/s" in report
     assert (out / "curves.png").stat().st_size > 10_000
-    for method in METHODS:
+    for method in DEMO_METHODS:
         run = out / "runs" / f"{method}-seed0"
         assert (run / "checkpoints" / "step-0000006" / "export" / "model.safetensors").is_file()
         assert len(list((out / "eval" / f"{method}-seed0").glob("heldout-step-*.json"))) == 2  # steps 3, 6
@@ -79,3 +80,25 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert "done in" not in second.stdout.split("== [6/6]")[0]
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/launcher.log")} == logs
     assert _table_rows((out / "report.md").read_text()) == rows
+
+
+@pytest.mark.slow
+def test_experiment_preset_states_its_design_and_runs_end_to_end(tmp_path):
+    """--preset experiment --help states the pre-registration; its quick form runs every stage on a few
+    dozen clip-art images with 2 seeds and reports the primary test, its fixed-wording verdict, the Holm
+    table and each arm's measured share of original captions."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    help_text = subprocess.run([sys.executable, "scripts/demo.py", "--preset", "experiment", "--help"], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=120).stdout
+    for part in ("HYPOTHESIS", "PRIMARY", "ARMS", "SEEDS", "ANALYSIS", "sign-flip", "Holm", "80% power"):
+        assert part in help_text, part
+    out = tmp_path / "exp"
+    _demo(out, tmp_path / "data", REPO / "data" / "rewrites" / "embedded", "--preset", "experiment")
+    report = (out / "report.md").read_text()
+    assert re.search(r"\*\*Verdict: (significant gain|significant loss|inconclusive)\.\*\*", report), report
+    assert "n = 2 seeds; paired t-test p = " in report and "exact sign-flip p = " in report
+    assert "detectable with 80% power" in report and "| Holm p |" in report
+    shares = dict(re.findall(r"\| (LaCLIP[^|]*) \|[^\n]*\| ([0-9.]+)% \| [0-9.]+ \|", report))
+    assert set(shares) == {"LaCLIP", "LaCLIP, 1 rewrite"}, report
+    assert "| CLIP |" in report and "100.00% |" in report
+    assert (out / "curves.png").stat().st_size > 10_000

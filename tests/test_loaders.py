@@ -239,6 +239,72 @@ def test_weighted_draw_is_identical_in_every_loader_and_on_resume(packed, store)
     assert not torch.equal(cat(uniform, "tokens"), cat(ref, "tokens"))
 
 
+STYLES = ["chatbot_a", "chatbot_b", "coco", "human"]
+
+
+@pytest.fixture(scope="session")
+def styled(tmp_path_factory):
+    """36 emoji with one rewrite per style, packed with a fidelity filter that drops every third sample's
+    chatbot_a rewrite: in those records the later rewrites move up one position."""
+    root = tmp_path_factory.mktemp("styled")
+    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=36, workers=1)
+    with open(os.path.join(folder, "captions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    expected = {}
+    with open(root / "rewrites.jsonl", "w") as f:
+        for i, row in enumerate(rows):
+            texts = [f"{style} says {row['caption'].lower()}" for style in STYLES]
+            scores = [0.1 if i % 3 == 0 and style == "chatbot_a" else 0.9 for style in STYLES]
+            f.write(json.dumps({"key": row["key"], "rewrites": texts, "scores": scores, "styles": STYLES}) + "\n")
+            expected[row["key"]] = [None] + [s for s, score in zip(STYLES, scores) if score >= 0.5]
+    out = str(root / "packed")
+    pack(PackConfig(input=folder, out=out, rewrites=str(root / "rewrites.jsonl"), samples_per_shard=16,
+                    min_fidelity=0.5, workers=1))
+    return {"out": out, "expected": expected}
+
+
+def test_packed_texts_carry_their_style_after_a_drop(styled):
+    """Style weights by name mean the style whatever was dropped before it: weight only chatbot_b and
+    every loader draws the chatbot_b text of every sample, also where the filter dropped chatbot_a (a
+    weight by position would land on coco there)."""
+    out = styled["out"]
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["format_version"] == 2 and meta["styles"] == STYLES
+    with open(os.path.join(out, "keys.txt")) as f:
+        keys = f.read().split()
+    store = CaptionStore(os.path.join(out, "captions"))
+    assert [store.text_styles(i) for i in range(len(keys))] == [styled["expected"][k] for k in keys]
+    shifted = sum(1 for k in keys if styled["expected"][k][1] != "chatbot_a")
+    assert shifted >= 10  # (of the 36 emoji drawn, the build may skip one that does not render)
+    assert meta["text_counts"]["per_style"] == {s: len(keys) - shifted * (s == "chatbot_a") for s in STYLES}
+    weights = dict(p_original=0.0, style_weights={"chatbot_a": 0.0, "chatbot_b": 1.0, "coco": 0.0, "human": 0.0})
+    ref = run("torch", out, num_workers=0, drop_last=False, **weights)
+    for row, i in zip(cat(ref, "tokens").numpy(), cat(ref, "index").tolist()):
+        texts, mask = store.all_texts(i, MAX_TEXTS)
+        assert np.array_equal(row, texts[store.text_styles(i).index("chatbot_b")])
+    for kind in ("ffcv", "dali"):
+        other = run(kind, out, drop_last=False, **weights)
+        assert torch.equal(cat(other, "index"), cat(ref, "index")) and torch.equal(
+            cat(other, "tokens"), cat(ref, "tokens")), kind
+
+
+def test_records_without_styles_read_as_before():
+    """A format-1 record (no style byte) decodes to the same texts, every style 'none', and its rewrites
+    weigh by position, as they did."""
+    from loaders.store import RecordCodec, record_styles
+    codec = RecordCodec()
+    texts = [np.array([5, 6, 7], np.uint16), np.array([8], np.uint16), np.array([9, 10], np.uint16)]
+    old, new = codec.encode(texts), codec.encode(texts, [0, 3, 1])
+    for record in (old, new):
+        assert [t.tolist() for t in codec.decode(record)] == [t.tolist() for t in texts]
+    assert record_styles(codec.decompress(old)) == [-1, -1, -1]
+    assert record_styles(codec.decompress(new)) == [-1, 2, 0]
+    weights = caption_weights(0.0, [0.0, 1.0])  # by position: always the second rewrite
+    assert draw_text_index(0, 0, 11, 3, weights, [-1, -1, -1]) == draw_text_index(0, 0, 11, 3, weights) == 2
+    assert draw_text_index(0, 0, 11, 3, weights, [-1, 1, 0]) == 1  # by style: rewrite 1 is style 1
+
+
 def test_image_matches_its_index_across_loaders(packed):
     """Center crops (no augmentation) of the same index agree between decoders and resizers; so do the
     random crops of FFCV and torch, which draw the same box for a (seed, epoch, index)."""

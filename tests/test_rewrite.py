@@ -95,6 +95,19 @@ def test_backtranslate_engine_one_process_per_batch():
     assert out[0][0] != caps[0]  # the round trip changes the wording
 
 
+@pytest.mark.skipif(shutil.which("apertium") is None, reason="Debian apertium apertium-eng-spa not installed")
+def test_backtranslation_repeats_are_kept_once(tmp_path):
+    """Asked for 3 rewrites, back-translation gives one text 3 times: the store keeps it once, counts the
+    2 repeats as duplicates, and leaves the other 2 slots unfilled."""
+    inp = write_lines(tmp_path / "caps.txt", ["a dog running on the beach", "a cat sleeping on a sofa"])
+    summary = run(RewriteConfig(input=str(inp), out=str(tmp_path / "bt"), engine="backtranslate",
+                                rewrites_per_pool=3, shard_size=5, max_retries=0, progress=False))
+    rows = list(load_rewrites(tmp_path / "bt").values())
+    assert [len(r) for r in rows] == [1, 1]
+    assert summary["counts"]["duplicate"] == 4 and summary["counts"]["unfilled"] == 4
+    assert reject_reason("A dog, running on the beach!", "dogs", kept=["a dog running on the beach"]) == "duplicate"
+
+
 @needs_vllm
 @pytest.mark.timeout(600)
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def test_record_codec_carries_records_between_formats(store_dir):
     record = bytes(store.record(42))
     assert [t.tolist() for t in codec.decode(record)] == [t.tolist() for t in store.texts(42)]
     assert codec.encode(store.texts(42)) == record
-    assert json.loads(open(os.path.join(path, "manifest.json")).read())["format_version"] == 1
+    assert json.loads(open(os.path.join(path, "manifest.json")).read())["format_version"] == 2
     assert pad_tokens(np.array([5, 6], dtype=np.uint16))[:4].tolist() == [49406, 5, 6, 49407]
 
 
