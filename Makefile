@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast benchmarks rewrites
+.PHONY: setup demo lint test test-fast benchmarks rewrites
 
 setup:
 	@bash scripts/setup.sh
@@ -12,11 +12,15 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
+# ruff (pyproject.toml's rules) before the tests: seconds, so a lint error fails CI at once.
+lint: setup
+	$(PY) -m ruff check .
+
 # Everything but the tests marked slow (tests/conftest.py says which): for the edit-test loop.
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -m "not slow"
 
 benchmarks: setup

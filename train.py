@@ -67,7 +67,7 @@ EXIT_USAGE = 2
 # ----------------------------------------------------------------------------- config
 
 def parse_args(argv):
-    from common.config import build_parser  # noqa: PLC0415
+    from common.config import build_parser
     p = build_parser(TrainConfig, "train.py", __doc__.split("\n")[0])
     p.add_argument("--resume", help="'latest' (this run_dir's newest checkpoint) or a checkpoint path")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
@@ -79,7 +79,7 @@ def parse_args(argv):
 def init_distributed(timeout_s: float | None = None):
     """Ranks from the launcher (deepspeed, torchrun or srun: common/ranks.py); plain `python train.py` is
     one rank. timeout_s: every collective's timeout (None: DeepSpeed's default)."""
-    from common.ranks import RankError, export_torch_env, free_port, resolve_ranks  # noqa: PLC0415
+    from common.ranks import RankError, export_torch_env, free_port, resolve_ranks
     try:
         ranks = resolve_ranks()
         if ranks.source != "single":
@@ -89,8 +89,8 @@ def init_distributed(timeout_s: float | None = None):
     if ranks.source == "single":
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    import deepspeed  # noqa: PLC0415
-    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     if accel.device_name() == "cpu":
@@ -102,7 +102,7 @@ def init_distributed(timeout_s: float | None = None):
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
-    from datetime import timedelta  # noqa: PLC0415
+    from datetime import timedelta
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     deepspeed.init_distributed(**timeout)  # gloo on CPU, nccl on CUDA
     if accel.device_name() == "cpu":
@@ -154,7 +154,7 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[s
     """This rank's problems that would otherwise surface mid-run (at the first save, the first batch)."""
     problems = []
     if cfg.attention == "xformers":
-        from model.attention import xformers_problem  # noqa: PLC0415
+        from model.attention import xformers_problem
         problem = xformers_problem(device)
         if problem:
             problems.append(f"attention=xformers: {problem}; attention=auto or sdpa runs SDPA")
@@ -169,7 +169,7 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[s
     if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
         problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
     elif cfg.data != "synthetic":
-        from loaders.packed import PackError, read_meta  # noqa: PLC0415
+        from loaders.packed import PackError, read_meta
         try:  # meta.json and file sizes only: cheap
             read_meta(cfg.data_root)
         except PackError as err:
@@ -201,8 +201,8 @@ def preflight_all_ranks(cfg: TrainConfig, resume: str | None, rank: int, device)
 def step_batches(data: MicroBatches, cfg: TrainConfig, device, dtype) -> tuple[list | None, str | None]:
     """(this step's micro batches, None), or (None, the one line of the data error this rank met: a
     corrupt record's PackError names tar, sample and key)."""
-    from loaders.packed import PackError  # noqa: PLC0415
-    from loaders.store import StoreError  # noqa: PLC0415
+    from loaders.packed import PackError
+    from loaders.store import StoreError
     try:
         return [data.next(device, dtype) for _ in range(cfg.accumulation)], None
     except (PackError, StoreError, DataError) as err:
@@ -330,7 +330,7 @@ def eval_wait_group(cfg: TrainConfig):
     """A gloo group for the other ranks to wait in while rank 0 evaluates, with its own timeout
     (eval_timeout_s): a long evaluation must not hit the collective timeout of the main group (every
     rank calls this, once)."""
-    from datetime import timedelta  # noqa: PLC0415
+    from datetime import timedelta
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.eval_timeout_s))
 
 
@@ -339,12 +339,12 @@ def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank
     """Zero-shot top-1 / top-5 / mean per-class of the current weights on `sets`, through eval.py's
     evaluation code (collective: every rank gathers the weights; rank 0 evaluates while the others wait
     in `wait_group`, outside the collective timeout)."""
-    from model import build_model  # noqa: PLC0415
+    from model import build_model
     sd = full_fp32_state_dict(engine)
     out = {}
     start = time.perf_counter()
     if rank == 0:
-        from evaluation import runner as E  # noqa: PLC0415
+        from evaluation import runner as E
         model = build_model(model_config)
         model.load_state_dict(sd)
         model = model.to(device).eval()
@@ -377,8 +377,8 @@ def main(argv=None) -> int:
     rank, world, device = init_distributed(cfg.collective_timeout_s)
     preflight_all_ranks(cfg, args.resume, rank, device)
     run_dir = Path(cfg.run_dir)
-    from model import get_model_config  # noqa: PLC0415
-    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss  # noqa: PLC0415
+    from model import get_model_config
+    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss
     model_config = merged(get_model_config(cfg.model), cfg.model_overrides)
     model_config["grad_checkpointing"] = cfg.grad_checkpointing
     if cfg.image_loss == "slip":
@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
     eval_sets = []
     if cfg.eval_every:  # open the sets now: a missing one fails before the build and before config.yaml
-        from evaluation.datasets import DatasetError, open_eval_set  # noqa: PLC0415
+        from evaluation.datasets import DatasetError, open_eval_set
         try:
             eval_sets = [open_eval_set(n, cfg.eval_data_root) for n in cfg.eval_datasets.split(",") if n.strip()]
         except DatasetError as err:
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
                 status, exit_code = msg, EXIT_NONFINITE
                 break
             if not attention_noted:  # which kernel each tower ran, and why: once per run
-                from model.attention import describe  # noqa: PLC0415
+                from model.attention import describe
                 logger.note(f"attention: {describe()}")
                 attention_noted = True
             grad_norm = engine.get_global_grad_norm()  # before clipping; None at ZeRO 0

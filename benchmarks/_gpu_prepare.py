@@ -1,7 +1,7 @@
 """`python -m benchmarks gpu --prepare DIR`: what the GPU acceptance check needs, made on a CPU machine.
 
-DIR/emoji/     real emoji images with their names (loaders.datasets), a held-out split: the eval set
-DIR/pack/      the training split packed by loaders.pack: train.py's data on the GPU node
+DIR/emoji/     real emoji images with their names (packing.builders), a held-out split: the eval set
+DIR/pack/      the training split packed by packing.pack: train.py's data on the GPU node
 DIR/cpu_export the export of the CPU run of the check's own train.py procedure (N/2 steps, checkpoint,
                --resume latest to N), and DIR/manifest.json: that run's losses, eval.py's zero-shot result on
                its export (CPU), and the wheel list
@@ -30,11 +30,11 @@ WHEEL_BUDGET_MIB = 64
 
 
 def prepare(out: Path, train_steps: int, samples: int, wheels: bool) -> dict:
-    from loaders import datasets  # noqa: PLC0415
-    from loaders.pack import PackConfig, pack  # noqa: PLC0415
+    from packing import builders
+    from packing.pack import PackConfig, pack
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    emoji = Path(datasets.build_dataset("emoji", str(out / "emoji"), max_samples=samples, image_size=56,
+    emoji = Path(builders.build_dataset("emoji", str(out / "emoji"), max_samples=samples, image_size=56,
                                         heldout_fraction=0.3))
     pack(PackConfig(input=str(emoji), out=str(out / "pack"), max_side=48, quality=90, workers=2))
     run_dir = out / "cpu_run"
@@ -55,7 +55,7 @@ def prepare(out: Path, train_steps: int, samples: int, wheels: bool) -> dict:
                 "wheels": packages, "prepare_seconds": round(time.perf_counter() - start, 1)}
     if wheels:
         manifest["wheelhouse"] = download_wheels(packages, out / "wheels")
-    from common.io import write_json_atomic  # noqa: PLC0415
+    from common.io import write_json_atomic
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 

@@ -1,5 +1,6 @@
 """Evaluation throughput: feature extraction images/s (tiny model, Fashion-MNIST) and the linear probe
-(ours: evaluation/probe.py, scipy's L-BFGS-B on a numpy objective) against scikit-learn's LogisticRegression(lbfgs) running the
+(ours: evaluation/probe.py, scipy's L-BFGS-B on a numpy objective) against scikit-learn's LogisticRegression(lbfgs)
+running the
 same split, standardisation, C mapping and coarse-to-fine search on the same features. scikit-learn is
 timed at 1 thread and at all threads and the faster counts as the baseline.
 

@@ -3,7 +3,8 @@
     python -m benchmarks gpu --prepare .cache/gpu-check            # on a CPU machine, beforehand
     python -m benchmarks gpu --data .cache/gpu-check --out gpu.json  # on one H100/H200: about 5 minutes
 
---prepare makes what the node needs and cannot make without network (benchmarks/_gpu_prepare.py, with the runs in benchmarks/gpu_runs.py: a small
+--prepare makes what the node needs and cannot make without network (benchmarks/_gpu_prepare.py, with the runs in
+benchmarks/gpu_runs.py: a small
 real pack, the CPU run's export and results, the wheel list; --wheels downloads the wheels). Steps, each
 recorded as ok, skipped (with the reason: a package or the prepared data absent) or failed (with the error,
 the other steps still run):
@@ -58,7 +59,7 @@ class GpuOptions:
 # ----------------------------------------------------------------------------- the steps
 
 def step_device(torch) -> dict:
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
     versions = {}
     for dist in ("deepspeed", "xformers", "numba", "open-clip-torch", "nvidia-dali-cuda120", "ffcv", "vllm"):
         try:
@@ -92,7 +93,7 @@ def _us_per_call(torch, fn, device, calls: int = 50) -> float:
 
 
 def step_attention(torch, device, batch: int) -> dict:
-    from model.attention import attention, xformers_problem  # noqa: PLC0415
+    from model.attention import attention, xformers_problem
     g = torch.Generator(device=device).manual_seed(0)
     problem = xformers_problem(device)
     out = {"xformers_runs": problem is None, "batch": batch}
@@ -118,9 +119,9 @@ def step_attention(torch, device, batch: int) -> dict:
 
 def training_flops_per_sample(torch, model_name: str, device) -> float:
     """FLOPs of one sample's forward and backward through the CLIP model (both towers), counted."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-    from model import build_model, get_model_config  # noqa: PLC0415
-    from benchmarks.train import _fixed_batch  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import build_model, get_model_config
+    from benchmarks.train import _fixed_batch
     cfg = get_model_config(model_name)
     model = build_model(cfg).to(device, torch.bfloat16)
     images, tokens = _fixed_batch(cfg, 2, device, torch.bfloat16)
@@ -131,8 +132,8 @@ def training_flops_per_sample(torch, model_name: str, device) -> float:
 
 
 def step_train(torch, opts: GpuOptions, device) -> dict:
-    import importlib.util  # noqa: PLC0415
-    from benchmarks import train as bench  # noqa: PLC0415
+    import importlib.util
+    from benchmarks import train as bench
     model = opts.train_model
     args = bench.parse_args(["--model", model, "--precision", "bf16", "--zero-stage", "2",
                              "--steps", str(opts.steps), "--warmup", "3", "--repeats", "1"])
@@ -203,10 +204,10 @@ class SkipStep(Exception):
 def main(argv: list[str]) -> dict:
     opts = parse_config(GpuOptions, "gpu", argv, __doc__)
     if opts.prepare:
-        from benchmarks._gpu_prepare import main as prepare  # noqa: PLC0415
+        from benchmarks._gpu_prepare import main as prepare
         return prepare(opts.prepare, opts.train_steps, opts.samples, opts.wheels)
-    import torch  # noqa: PLC0415
-    from common.io import write_json_atomic  # noqa: PLC0415
+    import torch
+    from common.io import write_json_atomic
     cuda = torch.cuda.is_available()
     result = {"benchmark": "gpu", "cuda": cuda, "steps": {}}
     if not cuda:
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> dict:
     data = Path(opts.data)
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").is_file() else None
     work = Path(opts.out or "gpu.json").resolve().with_suffix(".work")
-    import shutil  # noqa: PLC0415
+    import shutil
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 

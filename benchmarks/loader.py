@@ -52,8 +52,8 @@ KINDS = ("ffcv", "dali", "torch")
 
 def prepare(samples: int, samples_per_shard: int) -> tuple[str, str, dict]:
     """(image folder, packed root, pack summary): openclipart at 256 px with keyword-built rewrites."""
-    from loaders.datasets import build_dataset
-    from loaders.pack import PackConfig, pack
+    from packing.builders import build_dataset
+    from packing.pack import PackConfig, pack
 
     folder = build_dataset("openclipart", os.path.join(".cache", f"openclipart-{samples // 1000}k"),
                            max_samples=samples, image_size=256, workers=2)
@@ -102,7 +102,8 @@ def epoch_rate(kind: str, root: str, workers: int, draw: bool, batch_size: int, 
     # Where the time goes (in-process loaders): CPU per sample of all threads and of the consumer thread,
     # and the share of the requested cores the process got (below 1: the cores were busy elsewhere).
     LAST_PROFILE.clear()
-    LAST_PROFILE.update({"cpu_us_per_sample": round(cpu / n * 1e6, 1), "consumer_us_per_sample": round(main / n * 1e6, 1),
+    LAST_PROFILE.update({"cpu_us_per_sample": round(cpu / n * 1e6, 1),
+                         "consumer_us_per_sample": round(main / n * 1e6, 1),
                          "core_share": round(cpu / wall / max(1, workers), 3), "load_avg_1min": os.getloadavg()[0]})
     return n / wall
 
@@ -328,7 +329,8 @@ def measure(args) -> dict:
     epoch = scaling["epoch"]
     for kind in ("ffcv", "dali"):  # the per-loader tables keep each configuration's best epoch
         for w in map(str, workers):
-            result[f"{kind}_samples_per_s"][w] = max(result[f"{kind}_samples_per_s"][w], scaling["rates"][kind]["on"][w])
+            result[f"{kind}_samples_per_s"][w] = max(result[f"{kind}_samples_per_s"][w],
+                                                     scaling["rates"][kind]["on"][w])
             no_draw[kind][w] = max(no_draw[kind][w], scaling["rates"][kind]["off"][w])
     best = max(KINDS, key=lambda k: result[f"{k}_samples_per_s"]["1"])
     # The machine is shared: rates swing +-10% between epochs. So the fastest loader (draw on, off) and

@@ -1,6 +1,6 @@
-"""`python -m benchmarks pack --out pack.json`: packing throughput (samples/s) of `python -m loaders.pack`.
+"""`python -m benchmarks pack --out pack.json`: packing throughput (samples/s) of `python -m packing`.
 
-Packs a real image set (emoji or openclipart from loaders.datasets, built once and cached) into both
+Packs a real image set (emoji or openclipart from packing.builders, built once and cached) into both
 formats at 1 and 2 workers, and measures in the same run a baseline: a one-core loop that does the same
 image work the simple way (Pillow decode, Pillow resize, Pillow JPEG encode), as most packing scripts do.
 Keys: pack_samples_per_s (by worker count), pack_seconds, baseline_pil_per_core, bytes_per_sample_both_formats,
@@ -58,7 +58,7 @@ def pack_by_ranks(folder: str, rewrites: str, out: str, ranks: int, a) -> float:
     process so that none of them pays the imports (ffcv, numba, the tokenizer) inside the timing."""
     import multiprocessing
 
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
 
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=pack, args=(PackConfig(
@@ -106,8 +106,8 @@ class PackBenchOptions:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from loaders.datasets import build_dataset, default_cache
-    from loaders.pack import PackConfig, pack
+    from packing.builders import build_dataset, default_cache
+    from packing.pack import PackConfig, pack
 
     a = parse_config(PackBenchOptions, "pack", argv, __doc__)
 

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "hf" in engines:
         result["speedup_vs_hf"] = round(engines[default]["captions_per_s"] / engines["hf"]["captions_per_s"], 3)
     result["engines"] = engines
-    result["setup"] = {"model": args.model, "captions": len(captions), "pools": len(args.pools or RewriteConfig().pools),
+    result["setup"] = {"model": args.model, "captions": len(captions),
+                       "pools": len(args.pools or RewriteConfig().pools),
                        "rewrites_per_pool": 1, "repeats": args.repeats, "threads_hf": args.threads, "seed": 0}
     from benchmarks.common import write_json
     return write_json(result, args.out)

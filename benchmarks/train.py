@@ -68,7 +68,7 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- inside a worker
 
 def _fixed_batch(model_config: dict, batch: int, device, dtype):
-    import torch  # noqa: PLC0415
+    import torch
     g = torch.Generator().manual_seed(0)
     size = model_config["vision_cfg"]["image_size"]
     images = torch.randn(batch, 3, size, size, generator=g)
@@ -82,7 +82,7 @@ class _Meter:
     """Step times and peak memory of this process."""
 
     def __init__(self, device):
-        import torch  # noqa: PLC0415
+        import torch
         self.torch, self.cuda = torch, device.type == "cuda"
         self.base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         if self.cuda:
@@ -112,12 +112,13 @@ class _Meter:
 
 
 def _ours_engine(args, model_name, batch, extra=()):
-    import train  # noqa: PLC0415
+    import train
     cfg = train.load_config(None, ["data=synthetic", f"model={model_name}", f"micro_batch={batch}",
                                    f"zero_stage={args.zero_stage}", f"precision={args.precision}",
-                                   f"attention={args.attention}", "lr=1e-4", "warmup_steps=1", "total_steps=1000000", *extra])
+                                   f"attention={args.attention}", "lr=1e-4", "warmup_steps=1",
+                                   "total_steps=1000000", *extra])
     rank, world, device = train.init_distributed()
-    from model import get_model_config  # noqa: PLC0415
+    from model import get_model_config
     model_config = get_model_config(model_name)
     meter = _Meter(device)
     engine = train.build_engine(cfg, model_config)
@@ -126,9 +127,9 @@ def _ours_engine(args, model_name, batch, extra=()):
 
 def ours_step(args, batch: int):
     """Our trainer's step (DeepSpeed engine, train.train_step, logit-scale clamp) on a fixed batch."""
-    import torch  # noqa: PLC0415
+    import torch
     train, cfg, engine, model_config, device, meter = _ours_engine(args, args.model, batch)
-    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss  # noqa: PLC0415
+    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(), "simclr": SimClrLoss()}
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     images, tokens = _fixed_batch(model_config, batch, device, dtype)
@@ -145,15 +146,15 @@ def _import_open_clip():
     # Python side. Benchmark-only, like the tests: never in library code.
     sys.modules.setdefault("torchvision._meta_registrations",
                            types.ModuleType("torchvision._meta_registrations"))
-    import open_clip  # noqa: PLC0415
+    import open_clip
     return open_clip
 
 
 def open_clip_step(args, batch: int):
     """open_clip's CLIP, its ClipLoss and torch AdamW in a plain loop, on the same fixed batch."""
-    import torch  # noqa: PLC0415
+    import torch
     open_clip = _import_open_clip()
-    from model import get_model_config  # noqa: PLC0415
+    from model import get_model_config
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meter = _Meter(device)
     cfg = get_model_config(args.model)
@@ -188,7 +189,7 @@ def worker_side(args, batch: int) -> dict:
     seconds = meter.time(step, args.warmup, args.steps)
     out = {"samples_per_s": batch / seconds, "step_s": seconds, **meter.peak()}
     if args.worker == "ours":
-        from model.attention import kernels_used  # noqa: PLC0415
+        from model.attention import kernels_used
         out["attention"] = kernels_used()  # what our model's towers ran, and why
     return out
 
@@ -196,7 +197,7 @@ def worker_side(args, batch: int) -> dict:
 def worker_paired(args, batch: int) -> dict:
     """Both sides in one process, steps interleaved (ours, open_clip, ours, ...): load on a shared
     machine drifts over seconds, so alternating single steps hits both sides alike."""
-    import statistics  # noqa: PLC0415
+    import statistics
     sides = {"ours": ours_step(args, batch), "open_clip": open_clip_step(args, batch)}
     times = {name: [] for name in sides}
     for i in range(args.warmup + args.steps * args.repeats):
@@ -204,7 +205,7 @@ def worker_paired(args, batch: int) -> dict:
             seconds = meter.time(step, 0, 1)
             if i >= args.warmup:
                 times[name].append(seconds)
-    from model.attention import kernels_used  # noqa: PLC0415
+    from model.attention import kernels_used
     return {f"{name}_step_s": t for name, t in times.items()} | {
         f"{name}_median_step_s": statistics.median(t) for name, t in times.items()} | {
         "attention": kernels_used()}
@@ -212,11 +213,11 @@ def worker_paired(args, batch: int) -> dict:
 
 def worker_data(args, batch: int) -> dict:
     """Our trainer fed by a real loader: the fraction of step time spent waiting for batches."""
-    import torch  # noqa: PLC0415
+    import torch
     train, cfg, engine, model_config, device, meter = _ours_engine(
         args, args.model, batch, [f"data={args.loader}", f"data_root={args.data_root}",
                                   f"num_workers={max(1, (os.cpu_count() or 2) - 1)}"])
-    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss  # noqa: PLC0415
+    from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(), "simclr": SimClrLoss()}
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     data = train.MicroBatches(cfg, 0, 1, engine.module.image_size)
@@ -268,9 +269,9 @@ def _auto_batch(args) -> int:
 
 
 def _packed_emoji(tmp: str, image_size: int) -> str:
-    from loaders import datasets  # noqa: PLC0415
-    from loaders.pack import PackConfig, pack  # noqa: PLC0415
-    folder = datasets.build_dataset("emoji", os.path.join(tmp, "emoji"), max_samples=512,
+    from packing import builders
+    from packing.pack import PackConfig, pack
+    folder = builders.build_dataset("emoji", os.path.join(tmp, "emoji"), max_samples=512,
                                     image_size=max(64, image_size + image_size // 8))
     out = os.path.join(tmp, "packed")
     pack(PackConfig(input=folder, out=out, max_side=image_size + image_size // 8, workers=2))
@@ -278,7 +279,7 @@ def _packed_emoji(tmp: str, image_size: int) -> str:
 
 
 def _loader_rate(kind: str, root: str, batch: int, image_size: int, batches: int = 8) -> float:
-    from loaders import build_loader  # noqa: PLC0415
+    from loaders import build_loader
     loader = build_loader(kind, root, batch_size=batch, seed=0, epoch=0, image_size=image_size,
                           num_workers=max(1, (os.cpu_count() or 2) - 1))
     it = iter(loader)
@@ -292,7 +293,7 @@ def _loader_rate(kind: str, root: str, batch: int, image_size: int, batches: int
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
-    import torch  # noqa: PLC0415
+    import torch
     on_gpu = torch.cuda.is_available()
     args.model = args.model or ("ViT-B-16" if on_gpu else "ViT-S-16")
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
@@ -305,7 +306,7 @@ def main(argv: list[str]) -> dict:
                   "data": worker_data}[args.worker](args, batch)
         print("RESULT " + json.dumps(result), flush=True)
         if args.worker != "open_clip":
-            import torch.distributed as dist  # noqa: PLC0415
+            import torch.distributed as dist
             dist.destroy_process_group()
         return result
 
@@ -331,7 +332,7 @@ def main(argv: list[str]) -> dict:
     }
     if not args.no_data:
         with tempfile.TemporaryDirectory() as tmp:
-            from model import get_model_config  # noqa: PLC0415
+            from model import get_model_config
             image_size = get_model_config(args.model)["vision_cfg"]["image_size"]
             root = args.data_root or _packed_emoji(tmp, image_size)
             rates = {}
@@ -346,7 +347,7 @@ def main(argv: list[str]) -> dict:
             result.update(loader=fastest, loader_samples_per_s=rates,
                           data_wait_fraction=fed["data_wait_fraction"],
                           ours_fed_samples_per_s=fed["samples_per_s"])
-    from benchmarks.common import write_json  # noqa: PLC0415
+    from benchmarks.common import write_json
     return write_json(result, args.out)
 
 

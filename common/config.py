@@ -1,4 +1,4 @@
-"""The one config layer of every entry point (train.py, eval.py, loaders.pack, rewrite, scripts/demo.py,
+"""The one config layer of every entry point (train.py, eval.py, packing.pack, rewrite, scripts/demo.py,
 benchmarks): a typed dataclass per CLI, read from defaults <- a YAML file (`--config FILE`) <- alias flags
 (`--out X`, where a CLI keeps them) <- repeated `--set key=value`.
 

@@ -16,7 +16,7 @@ def is_launcher(cmdline: list[str]) -> bool:
 
 def launcher_chain() -> list:
     """The launcher processes above this rank (deepspeed's runner and launch.py, torchrun), nearest first."""
-    import psutil  # noqa: PLC0415
+    import psutil
     chain, proc = [], psutil.Process().parent()
     while proc is not None and proc.pid > 1:
         try:
@@ -30,7 +30,7 @@ def launcher_chain() -> list:
 
 
 def _alive(proc) -> bool:
-    import psutil  # noqa: PLC0415
+    import psutil
     try:  # is_running also compares the start time, so a reused pid counts as dead
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -48,7 +48,7 @@ def watch_launcher(on_death, interval: float = 0.5):
     if not chain:
         return
     if sys.platform.startswith("linux"):
-        import ctypes  # noqa: PLC0415
+        import ctypes
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 

@@ -86,7 +86,7 @@ def export_torch_env(ranks: Ranks, env: dict | None = None) -> None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a one-machine rendezvous or a local server)."""
-    import socket  # noqa: PLC0415
+    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -54,7 +54,8 @@ def markdown_table(results: dict, runs: list[tuple[str, dict]] | None = None) ->
             lines.append("| " + " | ".join([f"{label} {run_name}".strip()] + [fmt(v) for v in row]) + " |")
         if len(vals_by_run) == 2:
             delta = [None if a is None or b is None else b - a for a, b in zip(*vals_by_run)]
-            lines.append("| " + " | ".join([f"{label} delta"] + ["-" if d is None else f"{d:+.1f}" for d in delta]) + " |")
+            lines.append("| " + " | ".join([f"{label} delta"] + ["-" if d is None else f"{d:+.1f}" for d in delta])
+                         + " |")
     retr = [(n, d, r["retrieval"]) for n, res in runs for d, r in res.items() if "retrieval" in r]
     if retr:
         keys = list(retr[0][2])

@@ -1,4 +1,5 @@
-"""loaders/: data on disk (ingest, pack) and the loader pipelines (FFCV, DALI, plain torch).
+"""loaders/: the read side of packed data: the loader pipelines (FFCV, DALI, plain torch) over what
+packing/ wrote, the caption draw and the augmentations.
 
 build_loader() is the one entry point of the training loop; docs/packed-format.md describes the packed
 layout. Batches:

@@ -44,7 +44,8 @@ def _gpu_id() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
-def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_workers, image_size, slip_views, seed, epoch,
+def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_workers, image_size, slip_views, seed,
+                   epoch,
                    device_id, normalize=True):
     """device_id: the GPU that decodes ("mixed"; images and crops come out on it), or None (CPU only).
     resize: a CPU resize operator (dali_ops.resize_op), or None for DALI's fn.resize (GPU images)."""

@@ -1,7 +1,7 @@
 """The read side of the packed format (docs/packed-format.md): names, meta.json, the tar and index readers,
 verification and the error every reader raises.
 
-The writer (loaders/pack.py) and the three loaders all import from here, so a reader never needs the
+The writer (packing/pack.py) and the three loaders all import from here, so a reader never needs the
 writer's code (or its ingest dependencies) and the two sides share one definition of each file.
 """
 from __future__ import annotations

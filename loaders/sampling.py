@@ -127,7 +127,8 @@ class EpochSampler:
 # Per-sample draws: caption, crop box and flip as pure functions of (seed, epoch, index[, view]).
 #
 # Every draw hashes (seed, epoch, index) with splitmix64's finaliser. The caption draw takes that hash
-# modulo the sample's text count (weighted: as a uniform in [0, 1) over the cumulative weights); the crop, flip and SLIP colour draws mix in a salt, so their streams
+# modulo the sample's text count (weighted: as a uniform in [0, 1) over the cumulative weights); the crop, flip and
+# SLIP colour draws mix in a salt, so their streams
 # are independent of it and of each other, and a view number, so SLIP's two views (and the main image,
 # view 0) get independent crops. They are numba-compiled, so the same code serves Python callers (torch
 # loader), FFCV's compiled ops and numba code in a DALI pipeline; every loader, worker count and resumed

@@ -104,7 +104,7 @@ def _unpack_texts(raw: bytes) -> list[np.ndarray]:
     if len(words) != 1 + n + int(lengths.sum(dtype=np.int64)):
         raise ValueError("record length does not match its text lengths")
     ends = np.cumsum(lengths, dtype=np.int64) + 1 + n
-    return [words[e - l:e] for e, l in zip(ends.tolist(), lengths.tolist())]
+    return [words[end - length:end] for end, length in zip(ends.tolist(), lengths.tolist())]
 
 
 def _unpack_one(raw: bytes, k: int) -> np.ndarray:

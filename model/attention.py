@@ -33,7 +33,7 @@ def _xformers_ops():
     global _XFORMERS, _XFORMERS_ERROR
     if _XFORMERS is None:
         try:
-            import xformers.ops as xops  # noqa: PLC0415 (optional GPU dependency)
+            import xformers.ops as xops  # optional GPU dependency: imported on first use
             _XFORMERS = xops
         except Exception as err:  # ImportError, or a build that does not match this torch
             _XFORMERS, _XFORMERS_ERROR = False, f"{type(err).__name__}: {err}".splitlines()[0]

@@ -10,7 +10,8 @@ Formats load_checkpoint(path, model_name=None) accepts:
              directory holding `latest`. If <tag>/export/ exists (train.py writes one) it is used;
              otherwise the fp32 weights are consolidated with DeepSpeed's own
              get_fp32_state_dict_from_zero_checkpoint, and the model config is taken from
-             <tag>/export/config.json, <tag>/config.json (train.py writes both) or model_name. (DeepSpeed's consolidation unpickles its own files; for checkpoints from
+             <tag>/export/config.json, <tag>/config.json (train.py writes both) or model_name. (DeepSpeed's
+             consolidation unpickles its own files; for checkpoints from
              elsewhere prefer the export, which is safetensors with a checksum.)
   open_clip  an open_clip state dict: .pt/.pth/.bin (torch.load(weights_only=True): plain dict or
              {"state_dict": ...}, "module." prefixes allowed) or .safetensors; needs model_name (a
@@ -47,7 +48,7 @@ class CheckpointReadError(ValueError):
 def reading(path, role: str):
     """Re-raise a reader's low-level failure (torch's zip error, safetensors' header error, a short
     read) as one line naming the file and what it is."""
-    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors import SafetensorError
     try:
         yield
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
@@ -131,7 +132,7 @@ def _atomic_write(path: Path, write):
 def save_export(model: CLIP, config: dict | None, out_dir) -> Path:
     """Write <out_dir>/model.safetensors (fp32, our names) and <out_dir>/config.json atomically.
     Returns the safetensors path."""
-    import safetensors.torch  # noqa: PLC0415
+    import safetensors.torch
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = resolve_config(config if config is not None else model.config)
@@ -159,7 +160,7 @@ def open_clip_hub_config(config: dict) -> dict:
 def save_open_clip_hub(sd: dict, config: dict, out_dir: Path) -> None:
     """open_clip's hub layout in out_dir: open_clip_model.safetensors (open_clip names, logit_scale []) and
     open_clip_config.json, written atomically."""
-    import safetensors.torch  # noqa: PLC0415
+    import safetensors.torch
     oc = {k: v.contiguous() for k, v in to_open_clip_state_dict(sd).items()}
     _atomic_write(out_dir / OPEN_CLIP_WEIGHTS, lambda p: safetensors.torch.save_file(oc, str(p)))
     text = json.dumps(open_clip_hub_config(config), indent=2) + "\n"
@@ -167,8 +168,8 @@ def save_open_clip_hub(sd: dict, config: dict, out_dir: Path) -> None:
 
 
 def _load_export(path: Path):
-    from safetensors import safe_open  # noqa: PLC0415
-    import safetensors.torch  # noqa: PLC0415
+    from safetensors import safe_open
+    import safetensors.torch
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     with reading(weights, "exported weights (safetensors)"):
         with safe_open(str(weights), "pt") as f:
@@ -212,7 +213,7 @@ def _load_deepspeed(path: Path, model_name):
     if (path / "export" / WEIGHTS_NAME).is_file():  # train.py's consolidated copy: safe and fast
         model, info = _load_export(path / "export")
         return model, {**info, "format": "deepspeed", "deepspeed_tag_dir": str(path), "via": "export"}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     config = _deepspeed_config(path, model_name)
     if list(path.glob("*zero_pp_rank_*optim_states.pt")):
         with reading(path, "DeepSpeed ZeRO checkpoint (model and optimizer state shards)"):
@@ -230,7 +231,7 @@ def _load_deepspeed(path: Path, model_name):
 # ---------------------------------------------------------------- entry point
 
 def get_config(model_name) -> dict:
-    from model.clip import get_model_config  # noqa: PLC0415
+    from model.clip import get_model_config
     return get_model_config(model_name) if isinstance(model_name, str) else dict(model_name)
 
 
@@ -285,7 +286,7 @@ def _load_open_clip(path: Path, model_name):
         raise ValueError(f"{path}: an open_clip state dict carries no config; pass model_name "
                          "(one of model/configs) or a config dict")
     if path.suffix == ".safetensors":
-        import safetensors.torch  # noqa: PLC0415
+        import safetensors.torch
         with reading(path, "open_clip state dict (safetensors)"):
             sd = safetensors.torch.load_file(str(path))
     else:

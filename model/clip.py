@@ -161,7 +161,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x):
-        from model.losses import all_reduce_sum, world_size  # noqa: PLC0415 (avoid a cycle)
+        from model.losses import all_reduce_sum, world_size  # here: a module-level import is a cycle
         dtype = x.dtype
         x, weight, bias = x.float(), self.weight.float(), self.bias.float()  # no-ops in fp32
         if not self.training or world_size() == 1:
@@ -243,7 +243,7 @@ class CLIP(nn.Module):
     def set_attention(self, mode: str = "auto"):
         """The attention kernel of every block: auto | xformers | sdpa (model/attention.py). A run-time
         choice like the device, so not part of the config that exports save."""
-        from model.attention import MODES  # noqa: PLC0415
+        from model.attention import MODES
         if mode not in MODES:
             raise ValueError(f"attention mode {mode!r}, expected one of {MODES}")
         for attn in self.modules():

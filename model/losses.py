@@ -31,7 +31,7 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 with gradients (functional collectives: traceable by torch.compile)."""
     if world_size() == 1:
         return x
-    from torch.distributed import _functional_collectives as funcol  # noqa: PLC0415
+    from torch.distributed import _functional_collectives as funcol
     out = funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
@@ -40,7 +40,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks with gradients (backward: sum of the ranks' gradients)."""
     if world_size() == 1:
         return x
-    from torch.distributed import _functional_collectives as funcol  # noqa: PLC0415
+    from torch.distributed import _functional_collectives as funcol
     out = funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD)
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 

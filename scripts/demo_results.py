@@ -77,7 +77,8 @@ def collect(out: Path, cfg, methods: dict) -> dict:
             ev = out / "eval" / f"{method}-seed{seed}"
             steps_files = sorted(ev.glob("heldout-step-*.json"))
             final = {"heldout": load_json(steps_files[-1])["results"] if steps_files else {},
-                     "fmnist": load_json(ev / "fashion_mnist.json")["results"] if (ev / "fashion_mnist.json").is_file() else {}}
+                     "fmnist": load_json(ev / "fashion_mnist.json")["results"]
+                               if (ev / "fashion_mnist.json").is_file() else {}}
             for head, kind, ds, path in cols:
                 m["final"][head].append(_get(final[kind], ds, path))
             m["curves"].append([(int(f.stem.split("-")[-1]),

@@ -1,4 +1,4 @@
-"""Demo stages 3-5: pack each method's texts with the same images (loaders.pack) and time the loader,
+"""Demo stages 3-5: pack each method's texts with the same images (packing.pack) and time the loader,
 train one tiny CLIP per method and seed with `deepspeed train.py` on CPU, and evaluate every checkpoint
 with eval.py's runner."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def pick_loader(kind: str) -> str:
         try:
             importlib.import_module(module)
             return name
-        except Exception:  # noqa: BLE001 (a broken GPU package counts as missing)
+        except Exception:  # a broken GPU package counts as missing
             continue
     return "torch"
 
@@ -69,7 +69,7 @@ PACKS = {"llm": ("llm.jsonl", False, None), "llm_1": ("llm.jsonl", False, 1), "l
 
 
 def stage_pack(cfg: DemoConfig, out: Path, name: str) -> dict:
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
     from scripts.demo_rewrite import subsample_rewrites
 
     rewrites, filtered, k = PACKS[name]

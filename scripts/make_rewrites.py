@@ -1,8 +1,9 @@
 """Rewrite every training caption of the embedded datasets (`make rewrites`): the shipped store.
 
-Writes the training captions of openclipart and emoji (built into ~/.cache/laclip by loaders.datasets)
+Writes the training captions of openclipart and emoji (built into ~/.cache/laclip by packing.builders)
 to data/rewrites/embedded/input.jsonl (the demo's fixed sample, data/rewrites/demo/input.jsonl, first, so
-that a store still under way already serves the demo; then the others by key) and runs the project's rewrite pipeline on them with the default
+that a store still under way already serves the demo; then the others by key) and runs the project's rewrite pipeline on
+them with the default
 engine and model (configs/rewrite.yaml: vLLM's CPU build serving SmolLM2-135M-Instruct, 4 meta pools,
 seed 0) into data/rewrites/embedded/. Re-running resumes: finished shard files are kept, the rest is
 redone. `--ranks N` splits the shards over N processes, each with its own engine.
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.config import option  # noqa: E402
+from common.config import option
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "data", "rewrites", "embedded")
@@ -28,7 +29,7 @@ DEMO_SAMPLE = os.path.join(REPO, "data", "rewrites", "demo", "input.jsonl")
 
 def captions_file() -> str:
     """data/rewrites/embedded/input.jsonl: every training caption, the demo's sample first."""
-    from loaders.datasets import build_dataset, default_cache
+    from packing.builders import build_dataset, default_cache
     from common.io import read_jsonl
     from rewrite.store import write_atomic
 
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
     parser = build_parser(MakeRewritesConfig, "scripts/make_rewrites.py", __doc__, flags="all")
     args, _ = parse(MakeRewritesConfig, parser, argv)  # a bad key or value: one line, exit 2
     inputs = captions_file()
-    command = [sys.executable, "-m", "rewrite", "--config", args.rewrite_config, "--input", os.path.relpath(inputs, REPO),
+    command = [sys.executable, "-m", "rewrite", "--config", args.rewrite_config,
+               "--input", os.path.relpath(inputs, REPO),
                "--out", os.path.relpath(OUT, REPO), "--world-size", str(args.ranks)]
     print("rewrite command:", " ".join(command[1:]), "--rank R", flush=True)
     start = time.time()

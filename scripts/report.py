@@ -15,10 +15,10 @@ import numpy as np
 
 if __name__ == "__main__":  # run as a script: the repository's packages come from its root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.io import write_atomic, write_with  # noqa: E402
-from scripts.demo_results import (OTHER, cfg_columns, chance_levels, collect, jsonl_rows, load_json,  # noqa: E402
+from common.io import write_atomic, write_with
+from scripts.demo_results import (OTHER, cfg_columns, chance_levels, collect, jsonl_rows, load_json,
                                   mean_std)
-from scripts.demo_stats import (METRIC_LABELS, metric_chance, metric_value, noise_floor, per_seed,  # noqa: E402
+from scripts.demo_stats import (METRIC_LABELS, metric_chance, metric_value, noise_floor, per_seed,
                                 secondary_table, verdict)
 
 
@@ -40,7 +40,8 @@ def table(data: dict, cfg, methods: dict, chance: dict | None = None) -> str:
             cells.append(f"**{text}**" if s[h][0] is not None and s[h][0] == best[h] else text)
         lines.append(f"| {methods[m][0]} | " + " | ".join(cells) + " |")
     if chance:
-        lines.append("| *chance* | " + " | ".join(f"*{chance[h]:.1f}*" if h in chance else "-" for h, *_ in cols) + " |")
+        lines.append("| *chance* | " + " | ".join(f"*{chance[h]:.1f}*" if h in chance else "-" for h, *_ in cols)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -122,7 +123,8 @@ def diagnosis(data: dict, cfg, info: dict) -> list[str]:
         dropped = filtered.get("low_fidelity_dropped") or {}
         kept = filtered.get("with_rewrites", 0)
         lines.append(f"- **Fidelity filter** (LaCLIP, faithful rewrites: fidelity >= {cfg.min_fidelity}, fixed in "
-                     f"advance): {sum(dropped.values())} LLM rewrites dropped ({', '.join(f'{k} {v}' for k, v in dropped.items())}); "
+                     f"advance): {sum(dropped.values())} LLM rewrites dropped "
+                     f"({', '.join(f'{k} {v}' for k, v in dropped.items())}); "
                      f"{kept} of {filtered.get('samples')} training images keep at least one rewrite (mean "
                      f"fidelity of the LLM rewrites {rw.get('llm_fidelity', {}).get('mean')}).")
     human = info["packs"].get("human", {}).get("text_counts")
@@ -132,7 +134,8 @@ def diagnosis(data: dict, cfg, info: dict) -> list[str]:
                      f"aliases); {human.get('texts', 0) - human.get('samples', 0)} texts besides the captions.")
     for s in rw.get("shipped", []):
         lines.append(f"- Shipped store {s['path']}: {s['engine']} / {s['model']} seed {s['seed']}, pools "
-                     f"{', '.join(s['pools'])}, {s['shard_files']} shard files, {s['matched_train']} training captions.")
+                     f"{', '.join(s['pools'])}, {s['shard_files']} shard files, "
+                     f"{s['matched_train']} training captions.")
         if s.get("filter_counts"):
             fc = s["filter_counts"]
             # "fallback" in stores written before unfilled slots were left empty (they repeat the original)
@@ -218,13 +221,14 @@ def throughput(info: dict, data: dict, methods: dict) -> str:
     if rw.get("live"):
         live = rw["live"]
         pools = live.get("pools") or "the config's pools"
-        rows.append(f"| rewrite, live ({live.get('engine', 'hf')} + SmolLM2, CPU) | {live.get('captions_per_s')} captions/s | "
+        rows.append(f"| rewrite, live ({live.get('engine', 'hf')} + SmolLM2, CPU) | "
+                    f"{live.get('captions_per_s')} captions/s | "
                     f"{live['captions']} captions x pools {pools} ({live.get('seconds')} s) |")
     if rw.get("eda"):
         rows.append(f"| rewrite, EDA baseline | {rw['eda'].get('captions_per_s')} captions/s | "
                     f"{rw['eda'].get('captions')} captions ({rw['eda'].get('seconds')} s) |")
     for name, p in info["packs"].items():
-        rows.append(f"| pack '{name}' (loaders.pack, FFCV + DALI files) | {p.get('samples_per_s')} samples/s | "
+        rows.append(f"| pack '{name}' (packing.pack, FFCV + DALI files) | {p.get('samples_per_s')} samples/s | "
                     f"{p['samples']} samples ({p.get('seconds')} s) |")
     lb = info.get("loader") or {}
     rows.append(f"| loader ({lb.get('kind')}, 1 rank, {lb.get('image_size')} px, batch {lb.get('batch_size')}) | "

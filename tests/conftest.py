@@ -27,14 +27,14 @@ def emoji_source(tmp_path_factory):
     """emoji_source(samples, rewrites, image_size=256) -> {root, folder, rows, rewrites}: `samples` real emoji
     images with their names as captions, and a rewrites JSONL holding rewrites(i, row) for row i (a list,
     maybe empty; None leaves the row out of the file). Built once per session per arguments."""
-    from loaders import datasets
+    from packing import builders
     built: dict = {}
 
     def make(samples: int, rewrites: Callable[[int, dict], list[str] | None], image_size: int = 256) -> dict:
         key = (samples, image_size, rewrites.__module__, rewrites.__qualname__)
         if key not in built:
             root = tmp_path_factory.mktemp("emoji")
-            folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=samples,
+            folder = builders.build_dataset("emoji", str(root / "emoji"), max_samples=samples,
                                             image_size=image_size, workers=1)
             rows = [json.loads(line) for line in Path(folder, "captions.jsonl").read_text().splitlines()]
             with open(root / "rewrites.jsonl", "w") as f:
@@ -51,7 +51,7 @@ def emoji_source(tmp_path_factory):
 def make_pack(tmp_path_factory):
     """make_pack(**PackConfig fields but out) -> {out, cfg, summary}: a real pack in a session folder, built
     once per session per arguments (tests that damage a pack copy it first)."""
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
     built: dict = {}
 
     def make(**fields) -> dict:

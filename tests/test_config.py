@@ -19,13 +19,13 @@ CLIS = {
     "train": (["train.py"], "micro_batch=abc", ["micro_batch = 8  (int)", "lr = 0.0005  (float)",
                                                  "text_mode = rewrite  (str) [original|rewrite|all]"]),
     "eval": (["eval.py"], "batch_size=big", ["batch_size = 256  (int)", "format = laclip  (str)"]),
-    "pack": (["-m", "loaders.pack"], "max_side=big", ["max_side = 256  (int)", "keep_images = false  (bool)"]),
+    "pack": (["-m", "packing"], "max_side=big", ["max_side = 256  (int)", "keep_images = false  (bool)"]),
     "rewrite": (["-m", "rewrite"], "engine=gpt", ["engine = vllm  (str)", "shard_size = 1000  (int)"]),
     "demo": (["scripts/demo.py"], "seeds=many", ["seeds = 1  (int)", "steps = 300  (int)"]),
     "benchmarks": (["-m", "benchmarks", "store"], "level=high", ["level = 12  (int)", "seconds = 1.0  (float)"]),
     "fidelity": (["-m", "rewrite.fidelity"], "batch_size=big", ["batch_size = 256  (int)", "progress = true  (bool)"]),
     "make_rewrites": (["scripts/make_rewrites.py"], "ranks=two", ["ranks = 1  (int)"]),
-    "datasets": (["-m", "loaders.datasets"], "name=cifar", ["image_size = 256  (int)", "workers = 2  (int)"]),
+    "datasets": (["-m", "packing.builders"], "name=cifar", ["image_size = 256  (int)", "workers = 2  (int)"]),
 }
 
 

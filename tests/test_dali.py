@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from loaders.pack import PackError
+from packing.pack import PackError
 from tests.test_loaders import cat, run
 
 

@@ -95,7 +95,7 @@ def test_trainer_batch_to_device_normalises_uint8_on_the_device():
     assert torch.equal(to_device({"images": already}, torch.device("cpu"), torch.float32)["images"], already)
 
 
-def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):  # noqa: F811
+def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):
     """On a GPU the DALI pipeline decodes with device="mixed": images and SLIP crops come out of
     DALI's iterator on the GPU, tokens and indices on the CPU. The loader's code after the pipeline
     (flags, mask, SLIP's colour views) runs here on such outputs, the image outputs moved to meta."""
@@ -117,7 +117,7 @@ def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):  # noqa:
 # ----------------------------------------------------------------------------- the loaders' GPU paths
 
 @pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
-def test_gpu_path_uint8_then_normalise_on_the_device_equals_the_cpu_path(kind, packed):  # noqa: F811
+def test_gpu_path_uint8_then_normalise_on_the_device_equals_the_cpu_path(kind, packed):
     """What the trainer does on a GPU (loader normalize=False and pin_memory=True, then to_device) gives
     the batches of the CPU path (the loader normalises): same indices, tokens and masks, SLIP views
     bit for bit, images within one float32 rounding (torch ops here, a compiled kernel in the loader)."""
@@ -142,7 +142,7 @@ def test_gpu_path_uint8_then_normalise_on_the_device_equals_the_cpu_path(kind, p
         assert all(on_meta[k].device == META for k in ("images", "view1", "view2", "tokens", "mask"))
 
 
-def test_dali_mixed_branch_settings_give_the_cpu_indices_and_tokens(packed):  # noqa: F811
+def test_dali_mixed_branch_settings_give_the_cpu_indices_and_tokens(packed):
     """The DALI pipeline as a GPU builds it (DALI's resize, which GPU-decoded images need) except that
     the JPEGs are decoded on the CPU: indices, tokens and masks equal the CPU pipeline's, batch by batch;
     only the resize filter (so the pixels) differs."""
@@ -163,7 +163,7 @@ def test_dali_mixed_branch_settings_give_the_cpu_indices_and_tokens(packed):  # 
     assert any(not torch.equal(x["images"], y["images"]) for x, y in zip(a, b))  # another resize ran
 
 
-def test_ffcv_allocates_buffers_once_per_shard_not_per_visit(packed, monkeypatch):  # noqa: F811
+def test_ffcv_allocates_buffers_once_per_shard_not_per_visit(packed, monkeypatch):
     """FFCV's Loader allocates (on a CUDA host: pins) its buffers at every iter(); this loader opens one
     iter() per shard visit, so each shard's buffers are allocated once and reused by every later visit,
     across epochs too. Batches stay those of a fresh process (test_loaders compares them to torch's)."""

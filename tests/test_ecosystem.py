@@ -127,7 +127,7 @@ def _mnist_layout(root: Path) -> None:
 def _flickr_layout(root: Path, n: int = 40) -> None:
     """Real emoji pictures with their names, two captions each, at non-square sizes, in CLIP_benchmark's
     Flickr8k layout (images + flickr8k_test_karpathy.txt)."""
-    from loaders.datasets import _emoji_image, emoji_records
+    from packing.builders import _emoji_image, emoji_records
     records = emoji_records()[0][::97][:n]
     d = root / "flickr8k"
     d.mkdir(parents=True)

@@ -169,7 +169,8 @@ def test_end_to_end_export_and_open_clip_same_results(checkpoints, tmp_path, cap
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a["checkpoint"]["sha256"] != b["checkpoint"]["sha256"]          # different files ...
     for proto in ("zeroshot", "fewshot", "linear_probe"):                   # ... same weights
-        assert a["results"]["digits"][proto]["accuracy"] == pytest.approx(b["results"]["digits"][proto]["accuracy"], abs=1e-4)
+        assert a["results"]["digits"][proto]["accuracy"] == pytest.approx(
+            b["results"]["digits"][proto]["accuracy"], abs=1e-4)
     assert "| Digits | Average |" in a["table"]
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 4              # 2 checkpoints x 2 splits
     E.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])

@@ -22,7 +22,7 @@ import torch
 from benchmarks.corpus import varied_captions
 from common.io import is_temp
 from loaders import build_loader
-from loaders.pack import PackConfig, PackError, pack, verify_pack
+from packing.pack import PackConfig, PackError, pack, verify_pack
 from loaders.store import CaptionStore, StoreError, write_store
 from model.tokenizer import ClipTokenizer, get_tokenizer
 
@@ -223,7 +223,7 @@ def files_digest(out) -> dict:
     return {**files, **{rel: f["sha256"] for rel, f in meta["files"].items()}}
 
 
-PACK_SCRIPT = "from loaders.pack import cli; cli()"
+PACK_SCRIPT = "from packing.pack import cli; cli()"
 
 
 @pytest.mark.timeout(240)

@@ -41,8 +41,8 @@ def test_store_scores_min_fidelity_pack_and_report(tmp_path, scorer, capsys):
     its distribution and plot; pack drops rewrites below a minimum, counted per source."""
     import json
 
-    from loaders.datasets import build_dataset
-    from loaders.pack import PackConfig, PackError, pack, verify_pack
+    from packing.builders import build_dataset
+    from packing.pack import PackConfig, PackError, pack, verify_pack
     from loaders.store import CaptionStore
     from rewrite.config import RewriteConfig
     from rewrite.fidelity import main as fidelity_main

@@ -9,15 +9,15 @@ import pytest
 from PIL import Image
 
 from common.text import normalize_words
-from loaders import datasets
-from loaders.datasets import open_source
-from loaders.ingest import IngestError, IngestReport, iter_image_folder, iter_laclip_csv, iter_webdataset
+from packing import builders
+from packing.builders import open_source
+from packing.ingest import IngestError, IngestReport, iter_image_folder, iter_laclip_csv, iter_webdataset
 
 
 @pytest.fixture(scope="module")
 def clipart(tmp_path_factory):
     root = tmp_path_factory.mktemp("oc")
-    return datasets.build_dataset("openclipart", str(root), max_samples=24, image_size=96, seed=1)
+    return builders.build_dataset("openclipart", str(root), max_samples=24, image_size=96, seed=1)
 
 
 def _rows(root):
@@ -28,10 +28,10 @@ def _rows(root):
 def test_openclipart_builder(clipart):
     rows = _rows(clipart)
     assert len(rows) == 24
-    categories = set(os.listdir(os.path.join(datasets.OPENCLIPART_ROOT, "png")))
+    categories = set(os.listdir(os.path.join(builders.OPENCLIPART_ROOT, "png")))
     for r in rows:
         assert r["caption"].strip() and r["category"] in categories
-        expected = datasets.heldout_split(r["key"], 0.1)
+        expected = builders.heldout_split(r["key"], 0.1)
         assert r["split"] == expected or (expected, r["split"]) == ("test", "duplicate")
         with Image.open(os.path.join(clipart, r["file"])) as im:
             assert im.mode == "RGB" and max(im.size) <= 96
@@ -40,12 +40,12 @@ def test_openclipart_builder(clipart):
     assert info["available"] > 8000  # the Debian package has 8121 PNGs, ~60 without title/description
     # cache: same arguments -> nothing rewritten
     before = os.path.getmtime(os.path.join(clipart, "captions.jsonl"))
-    datasets.build_dataset("openclipart", clipart, max_samples=24, image_size=96, seed=1)
+    builders.build_dataset("openclipart", clipart, max_samples=24, image_size=96, seed=1)
     assert os.path.getmtime(os.path.join(clipart, "captions.jsonl")) == before
 
 
 def test_emoji_builder(tmp_path):
-    root = datasets.build_dataset("emoji", str(tmp_path), max_samples=10, image_size=64)
+    root = builders.build_dataset("emoji", str(tmp_path), max_samples=10, image_size=64)
     rows = _rows(root)
     assert len(rows) >= 9  # a sampled emoji may lack a glyph and be reported
     for r in rows:
@@ -53,7 +53,7 @@ def test_emoji_builder(tmp_path):
         with Image.open(os.path.join(root, r["file"])) as im:
             assert im.size == (64, 64)
             assert im.getextrema() != ((255, 255),) * 3  # something was drawn on the white
-    samples = list(datasets.iter_samples("emoji", str(tmp_path), max_samples=10, image_size=64, split="train"))
+    samples = list(builders.iter_samples("emoji", str(tmp_path), max_samples=10, image_size=64, split="train"))
     assert {s.key for s in samples} == {r["key"] for r in rows if r["split"] == "train"}
 
 
@@ -69,9 +69,9 @@ def test_alt_texts_are_other_human_texts_never_the_caption(clipart):
         assert len(set(words)) == len(words), r
         if "keywords" in r["alt_texts"]:
             assert r["alt_texts"]["keywords"] == ", ".join(r["keywords"])
-    assert datasets.alt_texts("Thumbs up", {"alias 0": "thumbs_up", "alias 1": "+1", "alias 2": "thumbs UP!"}) == \
+    assert builders.alt_texts("Thumbs up", {"alias 0": "thumbs_up", "alias 1": "+1", "alias 2": "thumbs UP!"}) == \
         {"alias 1": "+1"}
-    assert datasets.alt_texts("A frog. Green", {"title": "A frog", "description": "", "keywords": "frog"}) == \
+    assert builders.alt_texts("A frog. Green", {"title": "A frog", "description": "", "keywords": "frog"}) == \
         {"title": "A frog", "keywords": "frog"}
 
 
@@ -83,15 +83,15 @@ def test_heldout_duplicates_of_training_or_earlier_heldout_rows_are_set_aside():
             {"key": "e", "caption": "a tree", "split": "test", "image": "w"},       # repeats held-out d
             {"key": "f", "caption": "a house", "split": "test", "image": "z"},      # repeats d's image
             {"key": "g", "caption": "a cat", "split": "test", "image": "v"}]
-    assert datasets.mark_heldout_duplicates(rows, lambda r: r["image"]) == 4
+    assert builders.mark_heldout_duplicates(rows, lambda r: r["image"]) == 4
     assert [r["split"] for r in rows] == ["train", "duplicate", "duplicate", "test", "duplicate", "duplicate",
                                           "test"]
 
 
 def test_heldout_split_is_fixed():
     keys = [f"{i:09d}" for i in range(4000)]
-    splits = [datasets.heldout_split(k, 0.1) for k in keys]
-    assert splits == [datasets.heldout_split(k, 0.1) for k in keys]
+    splits = [builders.heldout_split(k, 0.1) for k in keys]
+    assert splits == [builders.heldout_split(k, 0.1) for k in keys]
     assert 0.08 < splits.count("test") / len(keys) < 0.12
 
 
@@ -177,7 +177,7 @@ def test_webdataset_reader(clipart, tmp_path):
 
 
 def test_prepare_jpeg(clipart):
-    from loaders.images import BrokenImage, decode_rgb, prepare_jpeg
+    from packing.images import BrokenImage, decode_rgb, prepare_jpeg
 
     row = _rows(clipart)[0]
     with open(os.path.join(clipart, row["file"]), "rb") as f:

@@ -1,5 +1,6 @@
 """The repository's layering, checked on the source: no import cycle between project modules, the first
-stage (rewrite/) and eval.py independent of loaders/, and no file citing notes a clone does not have.
+stage (rewrite/) and eval.py independent of loaders/, loaders/ (the read side) independent of packing/
+(the write side), and no file citing notes a clone does not have.
 
 Imports are read with `ast`, function-level ones included (a lazy import is still a dependency).
 `from pkg import name` counts as an import of pkg.name when that is a module, else of pkg; importing
@@ -112,6 +113,15 @@ def test_rewrite_and_eval_do_not_import_loaders():
     graph = import_graph()
     for name in ["eval"] + [m for m in graph if m == "rewrite" or m.startswith("rewrite.")]:
         bad = sorted(m for m in graph[name] if m == "loaders" or m.startswith("loaders."))
+        assert not bad, f"{name} imports {bad}"
+
+
+def test_loaders_read_side_imports_nothing_from_the_write_side():
+    """loaders/ reads packed data; packing/ writes it. The write side may use the read side's format
+    module and store reader, never the other way round."""
+    graph = import_graph()
+    for name in [m for m in graph if m == "loaders" or m.startswith("loaders.")]:
+        bad = sorted(m for m in graph[name] if m == "packing" or m.startswith("packing."))
         assert not bad, f"{name} imports {bad}"
 
 

@@ -3,6 +3,7 @@
 One pack per session; FFCV Loaders are cached per shard and config inside the process, so numba compiles
 each configuration once. The torch loader with num_workers=0 is the reference the others must equal.
 """
+import json
 import os
 import shutil
 
@@ -12,9 +13,10 @@ import torch
 from scipy import stats
 
 from loaders import build_loader
-from loaders.pack import PackError
 from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
 from loaders.store import CaptionStore
+from packing import builders
+from packing.pack import PackConfig, PackError, pack
 
 KINDS = ["torch", "ffcv", "dali"]
 MAX_TEXTS = 5
@@ -247,7 +249,7 @@ def styled(tmp_path_factory):
     """36 emoji with one rewrite per style, packed with a fidelity filter that drops every third sample's
     chatbot_a rewrite: in those records the later rewrites move up one position."""
     root = tmp_path_factory.mktemp("styled")
-    folder = datasets.build_dataset("emoji", str(root / "emoji"), max_samples=36, workers=1)
+    folder = builders.build_dataset("emoji", str(root / "emoji"), max_samples=36, workers=1)
     with open(os.path.join(folder, "captions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     expected = {}
@@ -374,5 +376,6 @@ def test_corrupted_caption_record_in_beton_names_the_sample(packed, tmp_path):
         byte = f.read(1)
         f.seek(ptr + size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(PackError, match=r"part-00000\.beton: sample 7 \(key emoji-\w+\): caption record does not decompress"):
+    with pytest.raises(PackError,
+                       match=r"part-00000\.beton: sample 7 \(key emoji-\w+\): caption record does not decompress"):
         run("ffcv", str(copy), drop_last=False)

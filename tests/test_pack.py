@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from loaders import datasets
-from loaders.pack import PackConfig, PackError, load_rewrites, pack, verify_pack
+from packing import builders
+from packing.pack import PackConfig, PackError, load_rewrites, pack, verify_pack
 from loaders.store import CaptionStore
 from model.tokenizer import get_tokenizer
 
@@ -24,7 +24,7 @@ N_SOURCE = 50  # one of them is a corrupted JPEG
 def source(tmp_path_factory):
     """img2dataset-style tars from 50 real openclipart images (one truncated) + a rewrites JSONL."""
     root = tmp_path_factory.mktemp("src")
-    folder = datasets.build_dataset("openclipart", str(root / "oc"), max_samples=N_SOURCE, image_size=300, seed=3)
+    folder = builders.build_dataset("openclipart", str(root / "oc"), max_samples=N_SOURCE, image_size=300, seed=3)
     with open(os.path.join(folder, "captions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == N_SOURCE
@@ -227,7 +227,8 @@ def test_two_ranks_equal_one(source, tmp_path):
             w.writerow([r["file"], r["caption"]])
     with open(tmp_path / "rw.jsonl", "w") as f:
         for i, r in enumerate(source["rows"][:30:2]):
-            f.write(json.dumps({"key": r["file"], "rewrites": [f"rewrite {j} of {r['caption']}" for j in range(i % 3)]}) + "\n")
+            f.write(json.dumps({"key": r["file"],
+                                "rewrites": [f"rewrite {j} of {r['caption']}" for j in range(i % 3)]}) + "\n")
     common = dict(input=str(tmp_path / "train.csv"), image_root=source["folder"], samples_per_shard=12,
                   max_side=64, workers=1, rewrites=str(tmp_path / "rw.jsonl"))
     single = pack(PackConfig(out=str(tmp_path / "one"), **common))

@@ -73,9 +73,9 @@ def _run_tasks(args: list[str], ntasks: int = 2, timeout: int = 240, **extra_env
 @pytest.mark.timeout(400)
 @pytest.mark.slow
 def test_pack_under_two_slurm_tasks_equals_one_process(tmp_path):
-    from loaders import datasets
-    from loaders.pack import PackConfig, pack
-    folder = datasets.build_dataset("openclipart", str(tmp_path / "oc"), max_samples=20, image_size=96, seed=1)
+    from packing import builders
+    from packing.pack import PackConfig, pack
+    folder = builders.build_dataset("openclipart", str(tmp_path / "oc"), max_samples=20, image_size=96, seed=1)
     rows = [json.loads(line) for line in open(os.path.join(folder, "captions.jsonl"))]
     with open(tmp_path / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -85,7 +85,7 @@ def test_pack_under_two_slurm_tasks_equals_one_process(tmp_path):
               "--max-side", "64", "--workers", "1"]
     single = pack(PackConfig(input=common[1], image_root=folder, samples_per_shard=7, max_side=64, workers=1,
                              out=str(tmp_path / "one")))
-    tasks = _run_tasks(["-m", "loaders.pack", *common, "--out", str(tmp_path / "two"), "--wait-s", "200"])
+    tasks = _run_tasks(["-m", "packing", *common, "--out", str(tmp_path / "two"), "--wait-s", "200"])
     for t in tasks:
         assert t.returncode == 0, t.stdout[-3000:]
     staged = [max(int(n) for n in re.findall(r"stage images: (\d+)img", t.stdout)) for t in tasks]

@@ -67,9 +67,9 @@ def _copy_repository(dest: Path) -> None:
 
 
 def _tiny_real_set(work: Path) -> None:
-    from loaders import datasets
+    from packing import builders
     from tests.test_ecosystem import _flickr_layout, _mnist_layout
-    built = Path(datasets.build_dataset("emoji", str(work / ".emoji"), max_samples=12, image_size=64))
+    built = Path(builders.build_dataset("emoji", str(work / ".emoji"), max_samples=12, image_size=64))
     rows = [json.loads(line) for line in (built / "captions.jsonl").read_text().splitlines()]
     shutil.copytree(built / "images-64", work / "images-64")
     (work / "captions.jsonl").write_text("".join(

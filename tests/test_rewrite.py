@@ -56,8 +56,9 @@ def test_prompt_structure_and_seeded_examples():
     prompt = build_prompt("a dog\non the  beach", ex)
     lines = prompt.split("\n")
     assert lines[0] == TASK
-    assert [l for l in lines if l.startswith("Input:")] == [f"Input: {a}" for a, _ in ex] + ["Input: a dog on the beach"]
-    assert [l for l in lines if l.startswith("Output:")] == [f"Output: {b}" for _, b in ex] + ["Output:"]
+    inputs = [line for line in lines if line.startswith("Input:")]
+    assert inputs == [f"Input: {a}" for a, _ in ex] + ["Input: a dog on the beach"]
+    assert [line for line in lines if line.startswith("Output:")] == [f"Output: {b}" for _, b in ex] + ["Output:"]
     assert prompt.endswith("Input: a dog on the beach\nOutput:")        # the model answers on this line
     assert len(build_prompt("word " * 500, ex)) < 1500                 # long captions are cut
 
@@ -66,7 +67,8 @@ def test_prompt_structure_and_seeded_examples():
 
 def test_hf_engine_samples_n_lines_deterministically(hf_engine):
     pool = load_pool("human")
-    reqs = [Request(str(i), c, build_prompt(c, draw_examples(pool, 0, str(i))), seed=i) for i, c in enumerate(CAPTIONS[:5])]
+    reqs = [Request(str(i), c, build_prompt(c, draw_examples(pool, 0, str(i))), seed=i)
+            for i, c in enumerate(CAPTIONS[:5])]
     a = hf_engine.generate(reqs, 2)
     assert len(a) == 5 and all(len(x) == 2 and all("\n" not in t for t in x) for x in a)
     assert hf_engine.generate(reqs, 2) == a
@@ -151,7 +153,7 @@ def test_filter_reasons():
 def test_underscores_separate_words_in_the_filter_and_in_alt_texts():
     """One normaliser (common/text.py): a file-name caption says what its spelled-out rewrite says (the
     shipped store kept 19 such rewrites under the old rule, "bosnia_and_herzegovina" among them)."""
-    from loaders.datasets import alt_texts
+    from packing.builders import alt_texts
     assert reject_reason("Bosnia and Herzegovina.", "bosnia_and_herzegovina") == "identical"
     assert reject_reason("___", "a dog") == "empty"
     assert alt_texts("grinning face", {"name": "grinning_face", "title": "Grinning  face!", "other": "smile"}) \
@@ -220,7 +222,8 @@ def test_outputs_do_not_depend_on_batch_size(tmp_path, tiny_model, hf_engine):
     with another one is refused."""
     stores = []
     for batch in (2, 5):
-        cfg = cfg_for(tmp_path, None, engine="eda", rewrites_per_pool=2, batch_size=batch, out=str(tmp_path / f"eda{batch}"))
+        cfg = cfg_for(tmp_path, None, engine="eda", rewrites_per_pool=2, batch_size=batch,
+                      out=str(tmp_path / f"eda{batch}"))
         run(cfg)
         stores.append(store_contents(cfg.out))
     assert stores[0] == stores[1]

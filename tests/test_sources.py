@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from loaders.ingest import IngestError, IngestReport, expand_shards, iter_webdataset
+from packing.ingest import IngestError, IngestReport, expand_shards, iter_webdataset
 from rewrite.inputs import read_captions
 from tests.conftest import REPO
 
@@ -56,7 +56,7 @@ def test_brace_lists_expand_like_webdataset(tmp_path):
 
 
 def test_pack_reads_a_brace_list(tmp_path):
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
     d = img2dataset_tars(tmp_path / "shards", shards=3)
     out = pack(PackConfig(input=str(d / "{00000..00001}.tar"), out=str(tmp_path / "packed"), max_side=32,
                           workers=1))
@@ -104,7 +104,7 @@ def test_unreadable_tar_names_the_file(tmp_path):
 def test_pack_lists_skipped_samples_in_a_report(tmp_path):
     """A truncated JPEG and a sample without a caption are listed in skipped.jsonl with key, file, reason;
     the report stays after the staging files are gone."""
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
     d = img2dataset_tars(tmp_path / "shards", shards=2, per_shard=3)
     with tarfile.open(d / "00001.tar") as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
@@ -134,7 +134,7 @@ def test_pack_cli_folder_without_captions_is_one_line(tmp_path):
     from PIL import Image
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.jpg")
-    proc = subprocess.run([sys.executable, "-m", "loaders.pack", "--input", str(tmp_path / "imgs"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "packing", "--input", str(tmp_path / "imgs"), "--out",
                            str(tmp_path / "out")], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0

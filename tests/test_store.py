@@ -74,7 +74,6 @@ def test_empty_rewrite_lists_and_the_77_cut(tmp_path):
 
 def test_draws_are_deterministic_and_independent_of_worker_split(store_dir):
     path, records = store_dir
-    store = CaptionStore(path)
     n = np.array([len(r) for r in records])
     idx = np.arange(len(records))
     full = draw_text_index(5, 2, idx, n)

@@ -360,11 +360,11 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(runs):
 
 @pytest.mark.slow
 def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
-    """253 real emoji images with their names, packed by loaders.pack, read by the torch loader;
+    """253 real emoji images with their names, packed by packing.pack, read by the torch loader;
     the tiny model in bf16 memorises them: the loss falls clearly within 60 steps."""
-    from loaders import datasets
-    from loaders.pack import PackConfig, pack
-    folder = datasets.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=256, image_size=64)
+    from packing import builders
+    from packing.pack import PackConfig, pack
+    folder = builders.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=256, image_size=64)
     packed = tmp_path / "packed"
     pack(PackConfig(input=folder, out=str(packed), max_side=48, quality=90, workers=2))
     run_dir = tmp_path / "run"
@@ -381,9 +381,9 @@ def test_short_run_on_real_packed_data_lowers_the_loss(tmp_path):
 def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     """caption_p_original / caption_style_weights go from the train config to the loader's draw: with the
     original drawn with probability 1, LaCLIP's run is CLIP's step for step; with 0 it is not."""
-    from loaders import datasets
-    from loaders.pack import PackConfig, pack
-    folder = datasets.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=64, image_size=48)
+    from packing import builders
+    from packing.pack import PackConfig, pack
+    folder = builders.build_dataset("emoji", str(tmp_path / "emoji"), max_samples=64, image_size=48)
     rows = [json.loads(line) for line in open(Path(folder) / "captions.jsonl")]
     rewrites = tmp_path / "rw.jsonl"
     rewrites.write_text("".join(json.dumps({"key": r["key"], "rewrites": [f"an emoji: {r['caption']}",
@@ -394,7 +394,8 @@ def test_weighted_caption_draw_reaches_the_loader(tmp_path):
     common = ["data=torch", f"data_root={packed}", "num_workers=0", "micro_batch=16", "total_steps=3"]
     run_train(tmp_path / "clip", *common, "text_mode=original")
     run_train(tmp_path / "always", *common, "caption_p_original=1.0")
-    run_train(tmp_path / "never", *common, "caption_p_original=0.0", "caption_style_weights={chatbot_a: 1, chatbot_b: 3}")
+    run_train(tmp_path / "never", *common, "caption_p_original=0.0",
+              "caption_style_weights={chatbot_a: 1, chatbot_b: 3}")
     assert losses(tmp_path / "always") == losses(tmp_path / "clip")
     assert losses(tmp_path / "never") != losses(tmp_path / "clip")
     bad = subprocess.run(_command(tmp_path / "bad", [*common, "caption_style_weights={poetry: 2}"], 1, None),

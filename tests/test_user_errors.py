@@ -25,7 +25,7 @@ def inputs(tmp_path_factory) -> dict:
     """Paths the rows name: an image folder (not a pack), its pack, a copy of the pack with one caption
     record damaged, an export, empty caption files, an empty step-* folder, a run_dir holding a run."""
     from PIL import Image
-    from loaders.pack import PackConfig, pack
+    from packing.pack import PackConfig, pack
     from model.checkpoint import save_export
     from model.clip import build_model
 
@@ -94,21 +94,21 @@ ROWS = [
     ("eval-compare-not-a-result", ["eval.py", "--compare", "{folder}/captions.jsonl", "{folder}/captions.jsonl"],
      "eval.py: error: {folder}/captions.jsonl: not JSON", None, {}),
     ("eval-no-checkpoint", ["eval.py", "--datasets", "digits"], "eval.py: error: --checkpoint is required", None, {}),
-    # python -m loaders.pack
-    ("pack-missing-jsonl", ["-m", "loaders.pack", "--input", "{root}/missing.jsonl", "--out", "{out}"],
+    # python -m packing
+    ("pack-missing-jsonl", ["-m", "packing", "--input", "{root}/missing.jsonl", "--out", "{out}"],
      "pack: error: {root}/missing.jsonl: no such file", "{out}", {}),
-    ("pack-https", ["-m", "loaders.pack", "--input", "https://example.com/shards/{{000..003}}.tar", "--out", "{out}"],
+    ("pack-https", ["-m", "packing", "--input", "https://example.com/shards/{{000..003}}.tar", "--out", "{out}"],
      "remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported", "{out}", {}),
-    ("pack-pipe", ["-m", "loaders.pack", "--input", "pipe:curl -s https://example.com/a.tar", "--out", "{out}"],
+    ("pack-pipe", ["-m", "packing", "--input", "pipe:curl -s https://example.com/a.tar", "--out", "{out}"],
      "remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported", "{out}", {}),
-    ("pack-unknown-builder", ["-m", "loaders.pack", "--input", "opnclipart", "--out", "{out}"],
+    ("pack-unknown-builder", ["-m", "packing", "--input", "opnclipart", "--out", "{out}"],
      "opnclipart: no such file or folder, and not a builder name (did you mean 'openclipart'? builders: emoji, "
      "openclipart)", "{out}", {}),
-    ("pack-missing-shards", ["-m", "loaders.pack", "--input", "{root}/shards/{{0..2}}.tar", "--out", "{out}"],
+    ("pack-missing-shards", ["-m", "packing", "--input", "{root}/shards/{{0..2}}.tar", "--out", "{out}"],
      "3 of 3 shards do not exist", "{out}", {}),
-    ("pack-empty-captions", ["-m", "loaders.pack", "--input", "{root}/empty_folder", "--out", "{out}"],
+    ("pack-empty-captions", ["-m", "packing", "--input", "{root}/empty_folder", "--out", "{out}"],
      "{root}/empty_folder/captions.jsonl: empty file (no captions)", "{out}", {}),
-    ("pack-broken-tar", ["-m", "loaders.pack", "--input", "{folder}/captions.jsonl.tar", "--out", "{out}"],
+    ("pack-broken-tar", ["-m", "packing", "--input", "{folder}/captions.jsonl.tar", "--out", "{out}"],
      "no usable samples", "{out}", {}),
     # python -m rewrite
     ("rewrite-empty-captions", ["-m", "rewrite", "--engine", "eda", "--input", "{root}/empty.txt", "--out", "{out}",

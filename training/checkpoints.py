@@ -37,7 +37,7 @@ def set_rng_state(state: dict):
 
 def full_fp32_state_dict(engine) -> dict:
     """Consolidated fp32 weights (collective: every rank calls it; the values are on every rank)."""
-    from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
+    from deepspeed.utils import safe_get_full_fp32_param
     sd = {}
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
@@ -51,8 +51,8 @@ def save_checkpoint(engine, cfg, model_config: dict, step: int, data, rank: int)
     """DeepSpeed's files, the model config beside them (<tag>/config.json) and export/ (fp32 weights and
     config.json); `latest` moves to the tag only when all are written (collective: every rank calls it).
     `data` is the MicroBatches stream: the checkpoint stores the position of its next batch."""
-    from model import build_model  # noqa: PLC0415
-    from model.checkpoint import save_export  # noqa: PLC0415
+    from model import build_model
+    from model.checkpoint import save_export
     root = Path(cfg.run_dir) / "checkpoints"
     tag = f"step-{step:07d}"
     rngs = [None] * dist.get_world_size()
@@ -83,7 +83,7 @@ def write_latest(root: Path, tag: str):
 
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` step-XXXXXXX checkpoints (never the one `latest` names)."""
-    import shutil  # noqa: PLC0415
+    import shutil
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     tags = sorted(p for p in root.glob("step-*") if p.is_dir())
     doomed = [p for p in tags[:-keep] if p.name != latest]

@@ -12,11 +12,12 @@ DATA_KINDS = ("synthetic", "torch", "ffcv", "dali")
 class TrainConfig:
     # model
     model: str = option("tiny", help="a model/configs/<name>.json")
-    model_overrides: dict = option(factory=dict, help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
+    model_overrides: dict = option(factory=dict,
+                                   help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
     # data
     data: str = option("", help="required: torch | ffcv | dali read data_root (loaders.build_loader); synthetic: "
                        "seeded random data, only when asked for", choices=DATA_KINDS)
-    data_root: str = option("", help="packed dataset directory (loaders.pack); needed unless data=synthetic")
+    data_root: str = option("", help="packed dataset directory (packing.pack); needed unless data=synthetic")
     text_mode: str = option("rewrite", help="original (CLIP) | rewrite (LaCLIP) | all (LaCLIP-MT)",
                             choices=("original", "rewrite", "all"))
     max_texts: int = option(5, help="text slots per sample in text_mode=all")

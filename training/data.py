@@ -38,7 +38,7 @@ class MicroBatches:
         if cfg.data == "synthetic":
             loader = SyntheticLoader(cfg, self.rank, self.world, self.image_size, self.epoch, self.batch)
         else:
-            from loaders import build_loader  # noqa: PLC0415
+            from loaders import build_loader
             loader = build_loader(cfg.data, cfg.data_root, batch_size=cfg.micro_batch,
                                   text_mode=cfg.text_mode, seed=cfg.seed, epoch=self.epoch,
                                   rank=self.rank, world_size=self.world, num_workers=cfg.num_workers,
@@ -75,7 +75,7 @@ def to_device(batch: dict, device, dtype, seed: int = 0, epoch: int = 0) -> dict
         if key in ("images", "view1", "view2"):
             value = value.to(device, non_blocking=True)
             if value.dtype == torch.uint8:
-                from loaders import augment  # noqa: PLC0415 (cv2, numba: only with a loader)
+                from loaders import augment  # cv2, numba: only with a loader
                 value = augment.normalize(value) if key == "images" else augment.simclr_view_seeded(
                     value, seed, epoch, batch["index"].numpy(), int(key[-1]))
             out[key] = value.to(dtype)

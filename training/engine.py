@@ -58,9 +58,9 @@ def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
 
 
 def build_engine(cfg: TrainConfig, model_config: dict):
-    import deepspeed  # noqa: PLC0415
-    from model import build_model  # noqa: PLC0415
-    from torch.optim.lr_scheduler import LambdaLR  # noqa: PLC0415
+    import deepspeed
+    from model import build_model
+    from torch.optim.lr_scheduler import LambdaLR
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(model_config)
     model.set_attention(cfg.attention)
@@ -98,7 +98,7 @@ LOGIT_SCALE_MAX = math.log(100)
 
 def clamp_logit_scale(engine):
     """logit_scale in [0, log 100] after every step, in the model copy and the fp32 master copy."""
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,  # noqa: PLC0415
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
                                  safe_set_full_fp32_param, safe_set_local_fp32_param)
     p = engine.module.logit_scale
     with torch.no_grad():

@@ -23,10 +23,10 @@ class Logger:
             write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.text = open(run_dir / "train.log", "a")
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+        from torch.utils.tensorboard import SummaryWriter
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         end = cfg.stop_after or cfg.total_steps
-        from tqdm import tqdm  # noqa: PLC0415
+        from tqdm import tqdm
         self.bar = tqdm(total=end, initial=start_step, desc="train", unit="step",
                         disable=not cfg.progress, dynamic_ncols=True)
 

@@ -22,7 +22,7 @@ inside itself. Re-running with the same arguments reuses the result; images alre
 written are kept.
 
 `open_source(spec, report)` is the one entry point for any input: a builder name above, or what
-loaders/ingest.py reads (an image folder with a captions file, LaCLIP's CSV, a captions JSONL, tar shards).
+packing/ingest.py reads (an image folder with a captions file, LaCLIP's CSV, a captions JSONL, tar shards).
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from tqdm import tqdm
 from common.config import ConfigError, option
 from common.text import normalize_words
 
-from loaders.images import atomic_write_bytes, encode_jpeg_pil
-from loaders.ingest import (IngestError, IngestReport, Sample, find_captions_file, iter_image_folder,
+from packing.images import atomic_write_bytes, encode_jpeg_pil
+from packing.ingest import (IngestError, IngestReport, Sample, find_captions_file, iter_image_folder,
                             iter_laclip_csv, iter_webdataset)
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
@@ -379,9 +379,9 @@ class BuildConfig:
 
 
 def main(argv=None) -> None:
-    """python -m loaders.datasets NAME --out DIR: build an offline image-text set as an image folder."""
+    """python -m packing.builders NAME --out DIR: build an offline image-text set as an image folder."""
     from common.config import build_parser, parse
-    parser = build_parser(BuildConfig, "python -m loaders.datasets", main.__doc__, flags="all")
+    parser = build_parser(BuildConfig, "python -m packing.builders", main.__doc__, flags="all")
     parser.add_argument("set_name", nargs="?", choices=sorted(BUILDERS), help="= --name")
     cfg, args = parse(BuildConfig, parser, argv)  # a bad key or value: one line, exit 2
     name = args.set_name or cfg.name

@@ -1,6 +1,6 @@
 """Pack an image-text source into FFCV .beton and DALI webdataset shards (layout: docs/packed-format.md).
 
-    python -m loaders.pack --input <dataset name | image folder | laclip.csv | tars> --out <dir>
+    python -m packing --input <dataset name | image folder | laclip.csv | tars> --out <dir>
         [--rewrites <rewrite store dir or rewrites.jsonl>] [--max-side 256] [--quality 90] [--keep-images]
         [--samples-per-shard 5000] [--workers 2] [--rank R --world-size W] [--config configs/pack.yaml]
 
@@ -8,7 +8,7 @@ Three stages, each resumable (a finished file is never redone, a half-written on
   1. stage (per shard, spread over ranks): decode, resize, JPEG-encode in a process pool; broken images are
      reported with key and file and skipped. Writes staging/part-XXXXX.tar (+ .json manifest, last).
   2. captions (every rank, once every shard is staged): the join of samples and rewrites by key, sharded
-     over the ranks by key hash (loaders.join), and one caption-store shard per pack shard, written by the
+     over the ranks by key hash (packing.join), and one caption-store shard per pack shard, written by the
      rank that owns it; rank 0 then writes the store manifest, keys.txt and plan.json (global indices, last).
   3. finalize (per shard, spread over ranks): ffcv/part-XXXXX.beton and dali/part-XXXXX.tar + .idx, both
      carrying the store's compressed record of each sample; shards/part-XXXXX.json (sizes, sha256) last.
@@ -35,9 +35,9 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from loaders.images import BrokenImage, atomic_write_bytes, prepare_jpeg
-from loaders.datasets import check_source, open_source
-from loaders.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
+from packing.images import BrokenImage, atomic_write_bytes, prepare_jpeg
+from packing.builders import check_source, open_source
+from packing.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
 from common.config import option
@@ -181,7 +181,7 @@ class _RoutingReport(IngestReport):
 
 
 def _builders():
-    from loaders.datasets import BUILDERS
+    from packing.builders import BUILDERS
 
     return BUILDERS
 
@@ -218,7 +218,7 @@ DICTIONARY_SAMPLES = 100_000  # caption-store dictionary: trained on shard 0's f
 
 
 def build_captions(cfg: PackConfig, num_shards: int) -> bool:
-    """This rank's share of the caption join (loaders.join: scatter by key hash, join its partition, gather
+    """This rank's share of the caption join (packing.join: scatter by key hash, join its partition, gather
     its shards' texts) and of the caption store (one store shard per pack shard it owns); then rank 0
     writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
     skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
@@ -510,8 +510,8 @@ def write_ffcv_shard(out: str, name: str, staged: dict, records: list[bytes], fi
 
 def load_rewrites(path: str) -> dict[str, list[str]]:
     """key -> rewrites in memory (small sets, inspection). A JSONL of {"key": ..., "rewrites": [...]}
-    lines, or a rewrite store directory. Packing itself joins on disk (loaders.join)."""
-    from loaders.join import iter_rewrite_rows
+    lines, or a rewrite store directory. Packing itself joins on disk (packing.join)."""
+    from packing.join import iter_rewrite_rows
 
     out: dict[str, list[str]] = {}
     for key, texts in iter_rewrite_rows(path, PackError):
@@ -551,7 +551,8 @@ def pack(cfg: PackConfig) -> dict:
     if os.path.exists(os.path.join(cfg.out, "meta.json")):
         meta = verify_pack(cfg.out)
         if meta.get("settings") not in (None, settings):  # packs from before settings were recorded: trusted
-            raise PackError(f"{cfg.out}: already packed with other settings ({_differences(meta['settings'], settings)});"
+            raise PackError(f"{cfg.out}: already packed with other settings "
+                            f"({_differences(meta['settings'], settings)});"
                             " pack into a new --out, or delete it to repack")
         print(f"pack: {cfg.out} is complete ({meta['num_samples']} samples); nothing to do")
         return {"num_samples": meta["num_samples"], "skipped": meta.get("skipped", {}), "new_samples": 0,
@@ -616,7 +617,8 @@ def pack(cfg: PackConfig) -> dict:
         _remove_other_shards(cfg.out, {s["name"] for s in shards})
     elapsed = time.time() - t0
     nbytes = sum(f["bytes"] for s in shards for f in s["files"].values())
-    summary = {"complete": True, "num_samples": plan["num_samples"], "new_samples": staged_new, "finalized_samples": finalized,
+    summary = {"complete": True, "num_samples": plan["num_samples"], "new_samples": staged_new,
+               "finalized_samples": finalized,
                "skipped": plan["skipped"], "skipped_this_run": dict(reports.counts), "bytes": nbytes,
                "seconds": round(elapsed, 2), "samples_per_s": round(max(staged_new, finalized) / max(elapsed, 1e-9), 1),
                "skipped_examples": reports.records[:20]}
@@ -633,7 +635,7 @@ def parse_args(argv=None) -> PackConfig:
     """--config FILE, --set key=value and a --kebab-case flag per key; a bad key or value: one line, exit 2."""
     from common.config import build_parser, parse
 
-    parser = build_parser(PackConfig, "python -m loaders.pack", __doc__.split("\n")[0], flags="all")
+    parser = build_parser(PackConfig, "python -m packing", __doc__.split("\n")[0], flags="all")
     return parse(PackConfig, parser, argv)[0]
 
 
@@ -642,9 +644,8 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> None:
-    """`python -m loaders.pack`: a bad input or a damaged file is one line on stderr and exit status 2; an
+    """`python -m packing`: a bad input or a damaged file is one line on stderr and exit status 2; an
     --out folder this run created and left empty is removed."""
-    from loaders.ingest import IngestError
     from loaders.store import StoreError
 
     from common.config import fail

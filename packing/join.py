@@ -1,4 +1,4 @@
-"""The caption join of `loaders.pack`, on disk and sharded over the packing ranks by key hash.
+"""The caption join of `packing.pack`, on disk and sharded over the packing ranks by key hash.
 
 Packing joins every sample with its rewrites by key and refuses duplicate keys. Held in Python dicts and
 sets, that costs memory in proportion to the set (LAION-400M: 400M keys and ~2e9 rewrites, far past any
@@ -12,7 +12,7 @@ map-reduce over the W ranks, through files beside the staged shards (join/):
   join (partition r) the buckets sent to r are joined in a SQLite file (memory at its page cache): every
                      lookup gets [caption] + its rewrites and their styles ([None] + ...), sent on to the
                      rank that owns the sample's shard;
-  gather (rank r)    the joined texts of each shard it owns, in shard order (loaders.pack writes them as
+  gather (rank r)    the joined texts of each shard it owns, in shard order (packing.pack writes them as
                      that shard's part of the caption store).
 Every step of a rank reads and writes O(N / W) rows; the only whole-set steps left are O(#shards).
 """
