@@ -222,7 +222,7 @@ def build_captions(cfg: PackConfig, num_shards: int) -> bool:
     its shards' texts) and of the caption store (one store shard per pack shard it owns); then rank 0
     writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
     skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
-    from loaders import join
+    from packing import join
     from loaders.store import MAX_STYLES, save_dictionary, write_manifest, write_shard
 
     world, rank = cfg.world_size, cfg.rank
