@@ -44,8 +44,7 @@ def prepare(out: Path, train_steps: int, samples: int, wheels: bool) -> dict:
     export = out / "cpu_export"
     shutil.rmtree(export, ignore_errors=True)
     export.mkdir()
-    for name in ("model.safetensors", "config.json"):  # the open_clip copy is not needed: half the bytes
-        shutil.copy2(trained["export"] / name, export / name)
+    shutil.copytree(trained["export"], export, dirs_exist_ok=True)  # one weights file and its configs
     shutil.rmtree(run_dir)  # DeepSpeed's optimizer files: megabytes the GPU node does not need
     result = run_eval(export, emoji, out / "cpu_eval.json", trace=trace)
     packages = imported_packages(trace.read_text())

@@ -33,8 +33,9 @@ def checkpoint_identity(path: str) -> dict:
     p = Path(path)
     if p.is_file():
         return {"path": str(p.resolve()), "sha256": sha256_file(p)}
-    weights = p / "model.safetensors"
-    if weights.is_file():
+    from model.checkpoint import export_weights
+    weights = export_weights(p)
+    if weights is not None:
         return {"path": str(p.resolve()), "sha256": sha256_file(weights)}
     lines = sorted(f"{f.relative_to(p)}\t{f.stat().st_size}\t{f.stat().st_mtime_ns}"
                    for f in p.rglob("*") if f.is_file())

@@ -1,11 +1,13 @@
 """Reading and writing model weights.
 
 Formats load_checkpoint(path, model_name=None) accepts:
-  export     a directory (or its model.safetensors) written by save_export: safetensors with
-             format/format_version/sha256/config in the metadata, config.json beside it. The same
-             directory is also in open_clip's hub layout (open_clip_config.json with model_cfg and
-             preprocess_cfg, open_clip_model.safetensors), so open_clip loads it as
-             create_model_and_transforms("local-dir:DIR").
+  export     a directory (or its weights file) written by save_export, in open_clip's hub layout:
+             open_clip_model.safetensors (the one weights file: open_clip's names, fp32, with
+             format/format_version/sha256/config in its metadata), open_clip_config.json (model_cfg and
+             preprocess_cfg), config.json (our model config) and, for a SLIP model only,
+             slip_head.safetensors (the head open_clip has no place for). open_clip loads the directory as
+             create_model_and_transforms("local-dir:DIR"). Exports of format_version 1 (model.safetensors
+             in our names beside an open_clip copy) still load.
   deepspeed  a DeepSpeed checkpoint: the tag directory (holding *mp_rank_00_model_states.pt), or the
              directory holding `latest`. If <tag>/export/ exists (train.py writes one) it is used;
              otherwise the fp32 weights are consolidated with DeepSpeed's own
@@ -13,6 +15,8 @@ Formats load_checkpoint(path, model_name=None) accepts:
              <tag>/export/config.json, <tag>/config.json (train.py writes both) or model_name. (DeepSpeed's
              consolidation unpickles its own files; for checkpoints from
              elsewhere prefer the export, which is safetensors with a checksum.)
+  hub        open_clip's hub layout from elsewhere (open_clip_config.json + open_clip_model.safetensors or
+             open_clip_pytorch_model.bin), or hf-hub:ORG/REPO (downloaded by model.hub).
   open_clip  an open_clip state dict: .pt/.pth/.bin (torch.load(weights_only=True): plain dict or
              {"state_dict": ...}, "module." prefixes allowed) or .safetensors; needs model_name (a
              model/configs name) since the file carries no config.
@@ -31,13 +35,28 @@ from common.io import write_with
 from model.clip import CLIP, IMAGE_MEAN, IMAGE_STD, build_model, resolve_config
 
 EXPORT_FORMAT = "laclip-export"
-EXPORT_VERSION = 1
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+EXPORT_VERSION = 2  # 1: model.safetensors (our names) and an open_clip copy; 2: the open_clip file only
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # WEIGHTS_NAME: version 1 exports only
 OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
+SLIP_HEAD_WEIGHTS = "slip_head.safetensors"
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes do not match the model architecture."""
+    """The checkpoint's keys or shapes do not match the model architecture. str(): every key, one per line;
+    one_line(): the source and the first few, for a command's single error line."""
+
+    def __init__(self, source: str, model_name: str, missing: list, unexpected: list, shapes: list):
+        self.source, self.model_name = source, model_name
+        self.parts = [(t, items) for t, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                  ("shape mismatches", shapes)) if items]
+        super().__init__(f"{source} does not match model {model_name!r}:" + "".join(
+            f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:20])
+            + (f"\n    ... {len(items) - 20} more" if len(items) > 20 else "") for title, items in self.parts))
+
+    def one_line(self, first: int = 3) -> str:
+        return f"{self.source} does not match model {self.model_name!r}: " + "; ".join(
+            f"{title} ({len(items)}): " + ", ".join(items[:first]) + (", ..." if len(items) > first else "")
+            for title, items in self.parts)
 
 
 class CheckpointReadError(ValueError):
@@ -101,14 +120,8 @@ def load_strict(model: torch.nn.Module, sd: dict, source: str):
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        def show(title, items):
-            head = "\n    ".join(items[:20]) + (f"\n    ... {len(items) - 20} more" if len(items) > 20 else "")
-            return f"\n  {title} ({len(items)}):\n    {head}" if items else ""
         name = model.config.get("name", "?") if hasattr(model, "config") else type(model).__name__
-        raise CheckpointMismatchError(
-            f"{source} does not match model {name!r}:"
-            + show("missing keys", missing) + show("unexpected keys", unexpected)
-            + show("shape mismatches", shapes))
+        raise CheckpointMismatchError(source, name, missing, unexpected, shapes)
     model.load_state_dict(sd, strict=True)
 
 
@@ -129,21 +142,31 @@ def _atomic_write(path: Path, write):
     write_with(path, lambda tmp: write(Path(tmp)), sync_dir=True)
 
 
-def save_export(model: CLIP, config: dict | None, out_dir) -> Path:
-    """Write <out_dir>/model.safetensors (fp32, our names) and <out_dir>/config.json atomically.
-    Returns the safetensors path."""
+def _save_checked(sd: dict, path: Path, config: dict) -> None:
+    """safetensors with our metadata (format, version, checksum of its tensors, model config), atomically."""
     import safetensors.torch
+    meta = {"format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION),
+            "sha256": tensors_sha256(sd), "config": json.dumps(config, sort_keys=True)}
+    _atomic_write(path, lambda p: safetensors.torch.save_file(sd, str(p), metadata=meta))
+
+
+def save_export(model: CLIP, config: dict | None, out_dir) -> Path:
+    """Write the export (module docstring) atomically: one weights file, open_clip_model.safetensors, in
+    fp32 with open_clip's names, which open_clip, CLIP_benchmark and load_checkpoint all read; a SLIP head
+    goes to slip_head.safetensors. Returns the weights file's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = resolve_config(config if config is not None else model.config)
     sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
           for k, v in _strip_prefixes(model.state_dict()).items()}
-    meta = {"format": EXPORT_FORMAT, "format_version": str(EXPORT_VERSION),
-            "sha256": tensors_sha256(sd), "config": json.dumps(config, sort_keys=True)}
-    weights = out_dir / WEIGHTS_NAME
-    _atomic_write(weights, lambda p: safetensors.torch.save_file(sd, str(p), metadata=meta))
+    weights = out_dir / OPEN_CLIP_WEIGHTS
+    _save_checked({k: v.contiguous() for k, v in to_open_clip_state_dict(sd).items()}, weights, config)
+    head = {k: v for k, v in sd.items() if k.startswith("image_mlp.")}
+    if head:
+        _save_checked(head, out_dir / SLIP_HEAD_WEIGHTS, config)
+    hub = json.dumps(open_clip_hub_config(config), indent=2) + "\n"
+    _atomic_write(out_dir / OPEN_CLIP_CONFIG, lambda p: p.write_text(hub))
     _atomic_write(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    save_open_clip_hub(sd, config, out_dir)
     return weights
 
 
@@ -157,40 +180,56 @@ def open_clip_hub_config(config: dict) -> dict:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def save_open_clip_hub(sd: dict, config: dict, out_dir: Path) -> None:
-    """open_clip's hub layout in out_dir: open_clip_model.safetensors (open_clip names, logit_scale []) and
-    open_clip_config.json, written atomically."""
-    import safetensors.torch
-    oc = {k: v.contiguous() for k, v in to_open_clip_state_dict(sd).items()}
-    _atomic_write(out_dir / OPEN_CLIP_WEIGHTS, lambda p: safetensors.torch.save_file(oc, str(p)))
-    text = json.dumps(open_clip_hub_config(config), indent=2) + "\n"
-    _atomic_write(out_dir / OPEN_CLIP_CONFIG, lambda p: p.write_text(text))
-
-
-def _load_export(path: Path):
+def _export_metadata(weights: Path) -> dict:
+    """The safetensors header's metadata ({} for a file save_export did not write)."""
     from safetensors import safe_open
-    import safetensors.torch
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
     with reading(weights, "exported weights (safetensors)"):
         with safe_open(str(weights), "pt") as f:
             meta = f.metadata() or {}
-    if meta.get("format") != EXPORT_FORMAT:
-        return None
-    if int(meta.get("format_version", -1)) > EXPORT_VERSION:
-        raise ValueError(f"{weights}: format_version {meta['format_version']} is newer than "
-                         f"this code ({EXPORT_VERSION})")
+    return meta if meta.get("format") == EXPORT_FORMAT else {}
+
+
+def export_weights(path: Path) -> Path | None:
+    """An export directory's weights file: open_clip_model.safetensors with our metadata (version 2), else
+    model.safetensors (version 1); None when the directory is not our export."""
+    if (path / OPEN_CLIP_WEIGHTS).is_file() and _export_metadata(path / OPEN_CLIP_WEIGHTS):
+        return path / OPEN_CLIP_WEIGHTS
+    return path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else None
+
+
+def _load_checked(weights: Path, meta: dict) -> dict:
+    import safetensors.torch
     with reading(weights, "exported weights (safetensors)"):
         sd = safetensors.torch.load_file(str(weights))
     digest = tensors_sha256(sd)
     if digest != meta.get("sha256"):
         raise ValueError(f"{weights}: checksum mismatch (stored {meta.get('sha256')}, "
                          f"computed {digest}): the file is corrupt or was modified")
+    return sd
+
+
+def _load_export(path: Path):
+    """An export directory or weights file -> (model, info); None for a safetensors file without our
+    metadata (a plain open_clip file)."""
+    weights = export_weights(path) if path.is_dir() else path
+    meta = _export_metadata(weights)
+    if not meta:
+        return None
+    version = int(meta.get("format_version", -1))
+    if version > EXPORT_VERSION:
+        raise ValueError(f"{weights}: format_version {version} is newer than this code ({EXPORT_VERSION})")
+    sd = _load_checked(weights, meta)
     config_file = weights.with_name(CONFIG_NAME)
     config = json.loads(config_file.read_text()) if config_file.is_file() else json.loads(meta["config"])
     model = build_model(config)
+    if version >= 2:  # open_clip's names and logit_scale shape; the SLIP head sits beside
+        head_file = weights.with_name(SLIP_HEAD_WEIGHTS)
+        if head_file.is_file():
+            sd.update(_load_checked(head_file, _export_metadata(head_file)))
+        sd = from_open_clip_state_dict(sd)
     load_strict(model, sd, str(weights))
     return model, {"format": "export", "path": str(weights), "config": model.config,
-                   "format_version": int(meta["format_version"]), "sha256": digest}
+                   "format_version": version, "sha256": meta["sha256"]}
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -210,7 +249,7 @@ def _load_deepspeed(path: Path, model_name):
         path = path / (path / "latest").read_text().strip()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: DeepSpeed tag directory does not exist")
-    if (path / "export" / WEIGHTS_NAME).is_file():  # train.py's consolidated copy: safe and fast
+    if (path / "export").is_dir() and export_weights(path / "export"):  # train.py's copy: safe and fast
         model, info = _load_export(path / "export")
         return model, {**info, "format": "deepspeed", "deepspeed_tag_dir": str(path), "via": "export"}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -239,24 +278,37 @@ def _is_deepspeed_dir(path: Path) -> bool:
     return (path / "latest").is_file() or any(path.glob("*mp_rank_00_model_states.pt"))
 
 
+def resolve_location(spec) -> Path:
+    """open_clip's model locations as paths: local-dir:PATH -> PATH; hf-hub:ORG/REPO[@REVISION] -> the
+    downloaded hub-layout folder (model.hub.download); anything else is a path."""
+    spec = str(spec)
+    if spec.startswith("local-dir:"):
+        return Path(spec[len("local-dir:"):])
+    if spec.startswith("hf-hub:"):
+        from model.hub import download
+        repo, _, revision = spec[len("hf-hub:"):].partition("@")
+        return download(repo, revision or None)
+    return Path(spec)
+
+
 def load_checkpoint(path, model_name: str | dict | None = None):
     """Load any supported checkpoint (module docstring) -> (model on CPU in fp32, eval mode, info)."""
-    path = Path(path)
+    path = resolve_location(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and _is_deepspeed_dir(path):
         model, info = _load_deepspeed(path, model_name)
-    elif path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / OPEN_CLIP_CONFIG).is_file():
-        model, info = _load_open_clip_hub(path)
-    elif path.is_dir():
-        if not (path / WEIGHTS_NAME).is_file():
-            raise ValueError(f"{path}: neither an export ({WEIGHTS_NAME}) nor a DeepSpeed checkpoint "
-                             "(latest / mp_rank_00_model_states.pt)")
+    elif path.is_dir() and export_weights(path) is not None:
         loaded = _load_export(path)
         if loaded is None:
             raise ValueError(f"{path / WEIGHTS_NAME}: not written by save_export (no {EXPORT_FORMAT} "
                              "metadata); load it as an open_clip file with model_name")
         model, info = loaded
+    elif path.is_dir() and (path / OPEN_CLIP_CONFIG).is_file():
+        model, info = _load_open_clip_hub(path)
+    elif path.is_dir():
+        raise ValueError(f"{path}: neither an export ({OPEN_CLIP_WEIGHTS} with {OPEN_CLIP_CONFIG}), an "
+                         "open_clip hub folder nor a DeepSpeed checkpoint (latest / mp_rank_00_model_states.pt)")
     elif path.suffix == ".safetensors":
         loaded = _load_export(path)  # an export carries its own config; model_name is not needed
         if loaded is None:

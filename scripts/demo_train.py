@@ -169,7 +169,8 @@ def original_share(pack: Path, text_mode: str, seed: int, batches: int, ranks: i
 # ----------------------------------------------------------------------------- 5. eval
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "export" / "model.safetensors").is_file())
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*")
+                  if (p / "export" / "open_clip_model.safetensors").is_file())
 
 
 def eval_run(cfg: DemoConfig, out: Path, method: str, seed: int) -> dict:

@@ -67,7 +67,7 @@ def test_demo_quick_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     for method in DEMO_METHODS:
         run = out / "runs" / f"{method}-seed0"
-        assert (run / "checkpoints" / "step-0000006" / "export" / "model.safetensors").is_file()
+        assert (run / "checkpoints" / "step-0000006" / "export" / "open_clip_model.safetensors").is_file()
         assert len(list((out / "eval" / f"{method}-seed0").glob("heldout-step-*.json"))) == 2  # steps 3, 6
     assert "| CLIP |" in first.stdout  # the table is printed at the end
 

@@ -133,7 +133,7 @@ def test_truncated_checkpoint_names_the_file_and_its_role(truncated, path, model
         load_checkpoint(truncated / path, model)
     message = str(err.value)
     assert "\n" not in message and f"cannot read the {role}" in message and "truncated" in message
-    named = {"export": "export/model.safetensors", "ds": "ds/step-0000001/mp_rank_00_model_states.pt"}
+    named = {"export": "export/open_clip_model.safetensors", "ds": "ds/step-0000001/mp_rank_00_model_states.pt"}
     assert message.startswith(str(truncated / named.get(path, path)))
 
 
@@ -143,7 +143,7 @@ def test_eval_cli_truncated_checkpoint_is_one_line(truncated, tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"eval.py: error: {truncated / 'export' / 'model.safetensors'}: cannot read the "
+    assert line.startswith(f"eval.py: error: {truncated / 'export' / 'open_clip_model.safetensors'}: cannot read the "
                            "exported weights")
     assert not (tmp_path / "x.json").exists()
 

@@ -45,7 +45,7 @@ def test_prepare_then_every_step_on_cpu(tmp_path):
     assert len(manifest["cpu"]["losses"]) == 4 and 0 <= manifest["cpu"]["eval_top1"] <= 100
     wheels = (data / "wheels.txt").read_text().split()
     assert "deepspeed==0.19.8" in wheels and not any(w.startswith(("torch==", "numpy==")) for w in wheels)
-    assert (data / "pack").is_dir() and (data / "cpu_export" / "model.safetensors").is_file()
+    assert (data / "pack").is_dir() and (data / "cpu_export" / "open_clip_model.safetensors").is_file()
 
     out = tmp_path / "gpu.json"
     run = gpu_check("--data", str(data), "--out", str(out), "--allow-cpu", "--train-model", "tiny",

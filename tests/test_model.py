@@ -147,8 +147,10 @@ def test_torch_compile_traces():
 def test_export_roundtrip_and_checksum(tmp_path):
     m = build_model("tiny", slip=True)
     path = save_export(m, m.config, tmp_path / "export")
+    # one weights file (open_clip's); the SLIP head, which open_clip has no place for, beside it
+    assert path.name == "open_clip_model.safetensors"
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
-        "config.json", "model.safetensors", "open_clip_config.json", "open_clip_model.safetensors"]
+        "config.json", "open_clip_config.json", "open_clip_model.safetensors", "slip_head.safetensors"]
     loaded, info = load_checkpoint(tmp_path / "export")
     assert info["format"] == "export" and loaded.config == m.config
     for k, v in m.state_dict().items():
@@ -159,6 +161,31 @@ def test_export_roundtrip_and_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         load_checkpoint(path)
+
+
+def test_version_1_export_still_loads(tmp_path):
+    """An export written before the one-file layout: model.safetensors (our names, logit_scale [1], format
+    metadata with format_version 1) beside open_clip's copy; eval.py and friends still read it."""
+    import safetensors.torch
+    from model.checkpoint import tensors_sha256
+    m = build_model("tiny", slip=True)
+    save_export(m, None, tmp_path / "v2")
+    old = tmp_path / "v1"
+    old.mkdir()
+    for name in ("config.json", "open_clip_config.json"):
+        (old / name).write_bytes((tmp_path / "v2" / name).read_bytes())
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in to_open_clip_state_dict(sd).items()},
+                                str(old / "open_clip_model.safetensors"))  # no metadata in version 1
+    safetensors.torch.save_file(sd, str(old / "model.safetensors"), metadata={
+        "format": "laclip-export", "format_version": "1", "sha256": tensors_sha256(sd),
+        "config": json.dumps(m.config, sort_keys=True)})
+    for path in (old, old / "model.safetensors"):
+        loaded, info = load_checkpoint(path)
+        assert info["format"] == "export" and info["format_version"] == 1
+        assert info["path"] == str(old / "model.safetensors")
+        for k, v in m.state_dict().items():  # the SLIP head included
+            assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_open_clip_files_and_mismatch_errors(tmp_path):

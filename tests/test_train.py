@@ -312,7 +312,7 @@ def test_launcher_sigterm_checkpoints_and_resume_is_exact(runs, z1_acc):
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     k = int(tag.split("-")[1])
     assert 1 <= k < 200 and len(metrics(run_dir)) == k
-    assert (run_dir / "checkpoints" / tag / "export" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / tag / "export" / "open_clip_model.safetensors").is_file()
 
     # How many steps pass before the ranks notice depends on the machine's speed: resume to at least
     # one step past the stop, against an uninterrupted run at least as long

@@ -50,7 +50,7 @@ def test_bf16_clamp_and_export_act_on_fp32_masters(tmp_path, stage):
     ckpt = run_dir / "checkpoints"
     tag = (ckpt / "latest").read_text().strip()
     masters = fp32_masters(ckpt, tag, stage)
-    export = load_file(str(ckpt / tag / "export" / "model.safetensors"))
+    export = load_file(str(ckpt / tag / "export" / "open_clip_model.safetensors"))
     assert torch.equal(masters["logit_scale"], CLAMPED), masters["logit_scale"]  # the clamp reached the master
     params = [k for k in export if k in masters]
     assert len(params) == len(masters)
