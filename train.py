@@ -14,8 +14,8 @@ runs once per step on the cached tower features of the whole batch. The result e
 up to float rounding, for CLIP, LaCLIP, LaCLIP-MT and SLIP alike.
 
 Writes <run_dir>/config.yaml, metrics.jsonl, train.log (text), tensorboard/, checkpoints/step-XXXXXXX/
-(DeepSpeed's files, config.json: the model config, and export/: fp32 weights and the model config, also
-in open_clip's hub layout). `latest`
+(DeepSpeed's files, config.json: the model config, and export/: the fp32 weights and configs
+in open_clip's hub layout, one weights file). `latest`
 names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
@@ -384,6 +384,11 @@ def main(argv=None) -> int:
     if cfg.image_loss == "slip":
         model_config["slip"] = True
     resume_from = resolve_resume(args.resume, run_dir) if args.resume else None  # fail before the build
+    from training.pretrained import PretrainedError, start_weights
+    try:  # before config.yaml, which records the file's sha256
+        start_state, pretrained_note = start_weights(cfg, model_config, resuming=resume_from is not None)
+    except PretrainedError as err:
+        raise UsageError(err) from None
     eval_sets = []
     if cfg.eval_every:  # open the sets now: a missing one fails before the build and before config.yaml
         from evaluation.datasets import DatasetError, open_eval_set
@@ -396,7 +401,8 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
     wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
-    engine = build_engine(cfg, model_config)
+    engine = build_engine(cfg, model_config, start_state)
+    del start_state
     precision = precision_summary(engine)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
@@ -423,6 +429,8 @@ def main(argv=None) -> int:
                    ("--resume latest: nothing to resume, starting fresh" if args.resume else "fresh run"))
                 + f"; config {run_dir / 'config.yaml'}")
     logger.note(precision)
+    if pretrained_note:
+        logger.note(pretrained_note)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0

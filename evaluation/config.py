@@ -16,7 +16,8 @@ OUTPUT_FORMATS = ("laclip", "clip_benchmark")
 @dataclass
 class EvalConfig:
     checkpoint: str = option("", help="an export directory (train.py's checkpoints/step-N/export), a "
-                             ".safetensors/.pt file, or an open_clip state dict (needs model)")
+                             ".safetensors/.pt file, an open_clip state dict (needs model), an open_clip hub "
+                             "folder (local-dir:PATH) or hf-hub:ORG/NAME")
     model: str | None = option(None, help="model/configs name, needed for open_clip state dicts")
     datasets: list[str] = option(factory=lambda: ["digits"],
                                  help="CLIP_benchmark-style dataset names (comma-separated on the command line)")

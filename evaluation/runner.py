@@ -78,18 +78,22 @@ class CheckpointError(Exception):
 def run(cfg: EvalConfig) -> dict:
     """Evaluate cfg.checkpoint on this rank's share of cfg.datasets; write and return the report. Every set
     is opened before the checkpoint is loaded, so a missing set fails in seconds, not after the model."""
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_checkpoint, resolve_location
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Under a multi-process launch (srun, torchrun) rank r evaluates sets r, r + W, ... (common/ranks.py).
     from common.ranks import resolve_ranks
     ranks = resolve_ranks()
     names = cfg.datasets[ranks.rank::ranks.world_size]
     sets = [open_eval_set(name, cfg.data_root) for name in names]        # fail early on missing sets
-    if not Path(cfg.checkpoint).exists():
-        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
-    identity = checkpoint_identity(cfg.checkpoint)
     try:
-        model, info = load_checkpoint(cfg.checkpoint, cfg.model)
+        location = resolve_location(cfg.checkpoint)  # local-dir:PATH; hf-hub:ORG/NAME, downloaded
+    except OSError as err:  # model.hub: no network, no such repository
+        raise CheckpointError(str(err)) from err
+    if not location.exists():
+        raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
+    identity = checkpoint_identity(str(location))
+    try:
+        model, info = load_checkpoint(location, cfg.model)
     except (ValueError, OSError) as err:  # unreadable, mismatched, no config: the user's input
         raise CheckpointError(str(err)) from err
     model = model.to(device).eval()

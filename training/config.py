@@ -14,6 +14,11 @@ class TrainConfig:
     model: str = option("tiny", help="a model/configs/<name>.json")
     model_overrides: dict = option(factory=dict,
                                    help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
+    pretrained: str = option("", help="start weights for `model` (open_clip's --pretrained): an open_clip "
+                             "weights file (.safetensors/.pt/.bin), an export or hub-layout folder or "
+                             "local-dir:PATH, hf-hub:ORG/NAME; a resumed run ignores it (training/pretrained.py)")
+    pretrained_sha256: str = option("", help="the pretrained file's sha256, filled in by train.py in the run's "
+                                    "config.yaml; when set, any other file is refused")
     # data
     data: str = option("", help="required: torch | ffcv | dali read data_root (loaders.build_loader); synthetic: "
                        "seeded random data, only when asked for", choices=DATA_KINDS)

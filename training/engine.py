@@ -57,12 +57,16 @@ def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
-def build_engine(cfg: TrainConfig, model_config: dict):
+def build_engine(cfg: TrainConfig, model_config: dict, start_state: dict | None = None):
+    """start_state: pretrained weights (training/pretrained.py), loaded before DeepSpeed wraps the model."""
     import deepspeed
     from model import build_model
     from torch.optim.lr_scheduler import LambdaLR
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(model_config)
+    if start_state is not None:
+        from training.pretrained import load_start_state
+        load_start_state(model, start_state)
     model.set_attention(cfg.attention)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay),
