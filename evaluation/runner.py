@@ -91,11 +91,12 @@ def run(cfg: EvalConfig) -> dict:
         raise CheckpointError(str(err)) from err
     if not location.exists():
         raise CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
-    identity = checkpoint_identity(str(location))
     try:
+        identity = checkpoint_identity(str(location))  # reads an export's header: it may be truncated
         model, info = load_checkpoint(location, cfg.model)
     except (ValueError, OSError) as err:  # unreadable, mismatched, no config: the user's input
-        raise CheckpointError(str(err)) from err
+        one_line = getattr(err, "one_line", None)  # a mismatch: the file and the first keys
+        raise CheckpointError(one_line() if one_line else str(err)) from err
     model = model.to(device).eval()
     ckpt_key = (identity.get("sha256") or identity["listing_sha256"])[:16]
     results, timing = {}, {}

@@ -92,16 +92,26 @@ def test_export_loads_in_open_clip_with_equal_embeddings(export):
 
 
 def test_open_clip_hub_directory_loads_back(export, tmp_path):
-    """A directory holding only open_clip's two hub files (as a hub download has) loads with our code."""
+    """A directory holding only open_clip's two hub files loads with our code: ours (the weights file
+    carries our metadata: an export) and one written elsewhere (a plain open_clip state dict)."""
     import shutil
-    from model.checkpoint import load_checkpoint
+
+    import safetensors.torch
+    from model.checkpoint import load_checkpoint, to_open_clip_state_dict
+    ours, _ = load_checkpoint(export)
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         shutil.copy(export / name, tmp_path / name)
-    ours, _ = load_checkpoint(export)
-    hub, info = load_checkpoint(tmp_path)
+    copied, info = load_checkpoint(tmp_path)
+    assert info["format"] == "export"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(export / "open_clip_config.json", elsewhere)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in to_open_clip_state_dict(ours.state_dict()).items()},
+                                str(elsewhere / "open_clip_model.safetensors"))
+    hub, info = load_checkpoint(elsewhere)
     assert info["format"] == "open_clip_hub"
     for k, v in ours.state_dict().items():
-        assert torch.equal(v, hub.state_dict()[k]), k
+        assert torch.equal(v, hub.state_dict()[k]) and torch.equal(v, copied.state_dict()[k]), k
 
 
 # ---- CLIP_benchmark: names, results format, same numbers ------------------------------------------

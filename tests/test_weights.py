@@ -117,7 +117,6 @@ def run_train(tmp_path, run_dir, *sets, resume=None):
     return subprocess.run(args, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("form", ["open_clip_file", "local_dir"])
 def test_train_starts_from_pretrained_weights(tmp_path, form):
     """With lr=0 the step-1 export is the start weights, bit for bit: they reached the engine, not a
