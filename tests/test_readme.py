@@ -28,6 +28,8 @@ SKIP = {  # line prefix -> why it cannot run here
     "python -m benchmarks gpu --data": "needs a GPU node (tests/test_gpu_check.py runs its steps on the CPU)",
     ".venv/bin/python -m rewrite --config configs/rewrite_openai.yaml":
         "needs running servers at those hosts (tests/test_rewrite_engines.py starts real ones on 127.0.0.1)",
+    ".venv/bin/python -m model.hub push": "needs a Hugging Face token and the network (tests/test_weights.py "
+                                          "loads what it uploads, staged, and checks its one-line failures)",
     "RANK=r WORLD_SIZE=N": "a template for each of N processes (tests/test_rewrite_engines.py runs 2 ranks)",
 }
 SKIP_PYTHON = {"import open_clip": "torchvision beside torch 2.13.0+cpu (tests/test_ecosystem.py loads it)"}
