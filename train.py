@@ -202,7 +202,7 @@ def step_batches(data: MicroBatches, cfg: TrainConfig, device, dtype) -> tuple[l
     """(this step's micro batches, None), or (None, the one line of the data error this rank met: a
     corrupt record's PackError names tar, sample and key)."""
     from loaders.packed import PackError
-    from loaders.store import StoreError
+    from loaders.caption_codec import StoreError
     try:
         return [data.next(device, dtype) for _ in range(cfg.accumulation)], None
     except (PackError, StoreError, DataError) as err:

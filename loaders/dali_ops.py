@@ -50,7 +50,7 @@ def parse_index(digits) -> np.int64:
 def unpack_record(dctx, buf, record, starts, lengths, styles) -> np.int64:
     """Decompress one record into buf and find its texts: the text count (texts k at buf[starts[k]:] with
     lengths[k] ids and style id styles[k], -1 = none), or -1 when the record is damaged. Layout: uint16 LE
-    [n, word_1..word_n, ids...], word = length | (style id + 1) << 8 (loaders/store.py)."""
+    [n, word_1..word_n, ids...], word = length | (style id + 1) << 8 (loaders/caption_codec.py)."""
     got = decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
     if is_error(got) or got < 2:
         return np.int64(-1)

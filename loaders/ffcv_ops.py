@@ -77,7 +77,7 @@ def caption_decoder_class():
                     if is_error(got):  # flagged with -1, raised in Python with the sample index
                         destination[i].reshape(-1)[0] = -1
                         continue
-                    # record = uint16 LE [n, word_1..word_n, ids_1..., ids_n...] (loaders/store.py)
+                    # record = uint16 LE [n, word_1..word_n, ids_1..., ids_n...] (loaders/caption_codec.py)
                     n_texts = (np.int64(buf[0]) | (np.int64(buf[1]) << 8)) if got >= 2 else 0
                     if 2 * (1 + n_texts) > got:  # malformed record: flag it
                         destination[i].reshape(-1)[0] = -1

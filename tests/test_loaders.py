@@ -14,7 +14,7 @@ from scipy import stats
 
 from loaders import build_loader
 from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
-from loaders.store import CaptionStore
+from loaders.caption_store import CaptionStore
 from packing import builders
 from packing.pack import PackConfig, PackError, pack
 
@@ -294,7 +294,7 @@ def test_packed_texts_carry_their_style_after_a_drop(styled):
 def test_records_without_styles_read_as_before():
     """A format-1 record (no style byte) decodes to the same texts, every style 'none', and its rewrites
     weigh by position, as they did."""
-    from loaders.store import RecordCodec, record_styles
+    from loaders.caption_codec import RecordCodec, record_styles
     codec = RecordCodec()
     texts = [np.array([5, 6, 7], np.uint16), np.array([8], np.uint16), np.array([9, 10], np.uint16)]
     old, new = codec.encode(texts), codec.encode(texts, [0, 3, 1])
