@@ -230,7 +230,7 @@ def caption_draw_cost_us(root: str, epochs: int = 20) -> float:
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
 
-    from loaders.ffcv_ops import caption_decoder_class
+    from loaders.ffcv_ops.caption_decoder import caption_decoder_class
     from loaders.native import ddict
     from loaders.packed import read_meta
     from model.tokenizer import get_tokenizer

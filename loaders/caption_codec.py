@@ -67,7 +67,7 @@ def pad_tokens(ids: np.ndarray, context_length: int = CONTEXT_LENGTH, out: np.nd
 # One record = one sample's texts
 
 
-def pack_record(texts: Sequence[np.ndarray], styles: Sequence[int] | None = None) -> bytes:
+def raw_record(texts: Sequence[np.ndarray], styles: Sequence[int] | None = None) -> bytes:
     """A record's uncompressed bytes. styles: per text 0 (none) or style id + 1 (at most MAX_STYLES)."""
     if len(texts) > MAX_TEXTS:
         raise ValueError(f"a sample has {len(texts)} texts; at most {MAX_TEXTS} fit a record")
@@ -89,7 +89,7 @@ def record_styles(raw: bytes) -> list[int]:
     return ((words[1:n + 1] >> STYLE_SHIFT).astype(np.int64) - 1).tolist()
 
 
-def unpack_record(raw: bytes) -> list[np.ndarray]:
+def record_texts(raw: bytes) -> list[np.ndarray]:
     """Every text of a raw record."""
     words = np.frombuffer(raw, dtype="<u2")
     n = int(words[0])
@@ -100,7 +100,7 @@ def unpack_record(raw: bytes) -> list[np.ndarray]:
     return [words[end - length:end] for end, length in zip(ends.tolist(), lengths.tolist())]
 
 
-def unpack_text(raw: bytes, k: int) -> np.ndarray:
+def record_text(raw: bytes, k: int) -> np.ndarray:
     """Text k of a raw record, without splitting the others."""
     head = np.frombuffer(raw, dtype="<u2", count=min(len(raw) // 2, 1 + k + 1))
     n = int(head[0])
@@ -130,7 +130,7 @@ class RecordCodec:
                 self.level, write_checksum=True, write_content_size=True, write_dict_id=False,
                 **self._params())
             self._compressor = zstandard.ZstdCompressor(dict_data=self._dict, compression_params=params)
-        return self._compressor.compress(pack_record(texts, styles))
+        return self._compressor.compress(raw_record(texts, styles))
 
     def decompress(self, record: bytes) -> bytes:
         if self._decompressor is None:
@@ -138,12 +138,12 @@ class RecordCodec:
         return self._decompressor.decompress(record)
 
     def decode(self, record: bytes) -> list[np.ndarray]:
-        return unpack_record(self.decompress(record))
+        return record_texts(self.decompress(record))
 
     def decode_styled(self, record: bytes) -> tuple[list[np.ndarray], list[int]]:
         """(texts, style id of each, -1 = none)."""
         raw = self.decompress(record)
-        return unpack_record(raw), record_styles(raw)
+        return record_texts(raw), record_styles(raw)
 
     def draw(self, record: bytes, seed: int, epoch: int, sample_index: int) -> np.ndarray:
         """The text of this record that (seed, epoch, sample_index) draws, padded: int32 [77]."""
@@ -151,7 +151,7 @@ class RecordCodec:
 
         raw = self.decompress(record)
         n = int.from_bytes(raw[:2], "little")
-        return pad_tokens(unpack_text(raw, draw_text_index(seed, epoch, sample_index, n)))  # uniform: no styles
+        return pad_tokens(record_text(raw, draw_text_index(seed, epoch, sample_index, n)))  # uniform: no styles
 
     def __getstate__(self):  # compressor objects do not pickle; workers rebuild them
         return {"dictionary": self.dictionary, "level": self.level}

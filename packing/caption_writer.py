@@ -20,7 +20,7 @@ import zstandard
 
 from common.io import temp_path, write_atomic
 from loaders.caption_codec import (DICTIONARY, FOOTER_MAGIC, FORMAT_VERSION, MAGIC, MANIFEST, RecordCodec, StoreError,
-                                   dictionary_sha256, pack_record, read_dictionary)
+                                   dictionary_sha256, raw_record, read_dictionary)
 from loaders.caption_store import ShardFile, store_bytes
 from model.tokenizer import get_tokenizer, tokenizer_identity
 
@@ -42,6 +42,9 @@ def _shard_name(k: int) -> str:
 
 
 class _ShardWriter:
+    """One shard file, streamed: header and dictionary, records as they come, then at close() the offset
+    index, the block CRCs and the footer, and the rename into place."""
+
     def __init__(self, path: str, header: dict, dictionary: bytes, block_size: int):
         self.path, self.tmp = path, temp_path(path)  # streamed into, so not atomic_open
         self.block_size = block_size
@@ -121,7 +124,7 @@ def write_store(out_dir: str, records: Iterable[Sequence], *, samples_per_shard:
         if os.path.exists(dict_path):
             dictionary = read_dictionary(dict_path)
         else:
-            dictionary = train_dictionary([pack_record(r) for r in head])
+            dictionary = train_dictionary([raw_record(r) for r in head])
     write_atomic(dict_path, dictionary)
     codec = RecordCodec(dictionary, level)
     header = _shard_header(dictionary, level, block_size)
@@ -178,7 +181,7 @@ def save_dictionary(out_dir: str, records: Iterable[Sequence]) -> bytes:
     path = os.path.join(out_dir, DICTIONARY)
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
-        write_atomic(path, train_dictionary([pack_record(r) for r in _tokenized(records)]))
+        write_atomic(path, train_dictionary([raw_record(r) for r in _tokenized(records)]))
     return read_dictionary(path)
 
 
