@@ -256,7 +256,7 @@ class CaptionStage:
             return False
         self.read_scatter()
         if not self._finished("join"):
-            self.join()
+            self.join_partition()
         if not self._all_finished("join"):
             return False
         self.read_join()
@@ -292,7 +292,7 @@ class CaptionStage:
         if sum(self.sizes.values()) == 0:
             raise PackError(f"{self.cfg.out}: no usable samples in {self.cfg.input}")
 
-    def join(self) -> None:
+    def join_partition(self) -> None:
         """Join this rank's key partition. A rewrite with no text left once cleaned is not a text to train
         on: dropped and counted."""
         world = self.world
