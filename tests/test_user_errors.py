@@ -104,7 +104,7 @@ ROWS = [
                           "--data-root", "{root}", "--out", "{out}"],
      "eval.py: error: wds/vtab/cifar10: expected CLIP_benchmark's webdataset layout", "{out}", {}),
     ("eval-bad-recall-k", ["eval.py", "--checkpoint", "{root}/export", "--recall_k", "5", "0", "--out", "{out}"],
-     "recall_k", "{out}", {}),
+     "eval.py: error: config key 'recall_k' from --recall_k: [5, 0] must be one or more integers >= 1", "{out}", {}),
     # python -m packing
     ("pack-missing-jsonl", ["-m", "packing", "--input", "{root}/missing.jsonl", "--out", "{out}"],
      "pack: error: {root}/missing.jsonl: no such file", "{out}", {}),
