@@ -10,7 +10,8 @@ flowers mnist stl10 eurosat gtsrb country211 vtab/resisc45, and the retrieval se
 its Karpathy-split layout), ours as aliases (aircraft imagenet resisc45), and fashion_mnist digits;
 hyphens and underscores are the same (fashion-mnist = fashion_mnist) | captions:<dir> (a captions.jsonl
 set: categories as classes, held-out split for zero-shot and retrieval) | folder:<dir>
-(<dir>/<split>/<class>/*).
+(<dir>/<split>/<class>/*). CLIP_benchmark's other names (imagenetv2, voc2007, mscoco_captions, wds/<name>,
+vtab/<name>, ...) are in evaluation/benchmark_sets.py, which registers them here (register, PREFIXES).
 Class names and templates: evaluation/eval_data/ (see NOTICE.md there for sources).
 """
 from __future__ import annotations
