@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.datasets import (ADAPTERS, DATA_DIR, PREFIXES, DatasetError, EvalSet, Split, _check_classes,
+from evaluation.datasets import (ADAPTERS, DATA_DIR, PREFIXES, DatasetError, EvalSet, Split,
                                  _class_folders, _image_folder, _need, _scan_folders, load_class_names, load_templates,
                                  register)
 
@@ -163,8 +163,10 @@ def _wds_split(name: str, d: Path, retrieval: bool) -> tuple[Split, list[list[st
                 if retrieval:
                     texts.append(value.splitlines())
                     labels.append(0)
+                elif value.strip().lstrip("-").isdigit():
+                    labels.append(int(value))
                 else:
-                    labels.append(int(value.strip()))
+                    raise DatasetError(f"{name}: sample {key} of {shard}: cls {value!r} is not a class id")
     return Split(np.asarray(labels, np.int64), members=members), texts
 
 
@@ -187,9 +189,10 @@ def _wds(spec: str, root: Path) -> EvalSet:
     tfile = d / "zeroshot_classification_templates.txt"
     templates = ([t.strip().replace("{c}", "{}") for t in tfile.read_text().splitlines() if t.strip()]
                  if tfile.exists() else load_templates("imagenet"))    # CLIP_benchmark's default: ImageNet's
-    found = max(int(s.labels.max()) for s, _ in splits.values()) + 1 if len(splits["test"][0]) else 0
-    if found > len(classes):
-        _check_classes(name, classes, found, d)
+    labels = np.concatenate([split.labels for split, _ in splits.values()])
+    if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
+        raise DatasetError(f"{name}: class ids {labels.min()}..{labels.max()} in its cls entries, but classnames.txt "
+                           f"lists {len(classes)} classes")
     return EvalSet(name, classes, templates, {s: v[0] for s, v in splits.items()}, source=str(d))
 
 

@@ -167,6 +167,10 @@ def test_wds_classification_reads_what_the_folder_reads(export, tmp_path):
     wds_result = _eval(export, tmp_path, "wds/tiny/pets", tmp_path, "--protocols", "zeroshot")
     folder_result = _eval(export, tmp_path, f"folder:{folder}", tmp_path, "--protocols", "zeroshot")
     assert wds_result["n_test"] == 9 and wds_result["zeroshot"] == folder_result["zeroshot"]
+    (wds / "classnames.txt").write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match=r"wds/tiny/pets: class ids 0..2 in its cls entries, but classnames.txt "
+                                           r"lists 2 classes"):
+        open_eval_set("wds/tiny/pets", tmp_path)
 
 
 def _flickr_and_coco(root: Path) -> None:
