@@ -73,8 +73,7 @@ def subsample(split: Split, n: int, seed: int) -> tuple[Split, np.ndarray]:
     if n <= 0 or len(split) <= n:
         return split, np.arange(len(split))
     idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
-    return Split(split.labels[idx], files=None if split.files is None else [split.files[i] for i in idx],
-                 arrays=None if split.arrays is None else split.arrays[idx]), idx
+    return split.take(idx), idx
 
 
 def cache_file(cache_dir: str, ckpt_key: str, ds: EvalSet, split_name: str, split: Split, *,

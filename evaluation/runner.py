@@ -51,7 +51,7 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
         owner = ds.caption_image if ds.caption_image is not None else range(len(ds.captions))
         pairs = [(text, kept[i]) for text, i in zip(ds.captions, owner) if i in kept]
         out["retrieval"] = retrieval(test_x, encode_texts(model, [t for t, _ in pairs], device),
-                                     [i for _, i in pairs])
+                                     [i for _, i in pairs], cfg.recall_k)
     if "fewshot" in cfg.protocols:
         base = feats["train"].mean(0) if "train" in feats else test_x.mean(0)
         try:
