@@ -40,3 +40,4 @@ class EvalConfig:
     probe_val_fraction: float = option(0.2, help="linear probe: training fraction held out to pick the "
                                        "regularisation")
     probe_max_iter: int = option(1000, help="linear probe: solver iterations")
+    progress: bool = option(True, help="a tqdm bar per split while its features are extracted")
