@@ -477,7 +477,7 @@ def main(argv=None) -> int:
                 break
     finally:
         logger.note(f"end: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}")
-        logger.close()
+        logger.close(exit_code)
     if rank == 0:
         print(f"train: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}",
               flush=True)

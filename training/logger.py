@@ -88,13 +88,14 @@ class Logger:
                              sps=f"{row['samples_per_s']:.1f}", wait=f"{row['data_wait']:.2f}")
         self.bar.update(1)
 
-    def close(self):
+    def close(self, exit_code: int = 0):
+        """exit_code: the run's (W&B marks a run that stopped on an error as failed)."""
         if self.active:
             self.bar.close()
             if self.tb is not None:
                 self.tb.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=exit_code)
             self.file.close()
             self.text.close()
 
