@@ -43,6 +43,7 @@ class EvalConfig:
     recall_k: list[int] = option(factory=lambda: [1, 5, 10], flag="--recall_k",
                                  help="retrieval: the K of each recall@K (CLIP_benchmark's --recall_k; space- or "
                                  "comma-separated)")
+    progress: bool = option(True, help="a tqdm bar per split while its features are extracted")
 
     def validate(self):
         if not self.recall_k or min(self.recall_k) < 1:

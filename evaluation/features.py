@@ -94,7 +94,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 @torch.inference_mode()
 def extract_features(model, split: Split, *, size: int, device: str, batch_size: int, workers: int,
-                     cache: Path | None = None, desc: str = "features") -> np.ndarray:
+                     cache: Path | None = None, desc: str = "features", progress: bool = True) -> np.ndarray:
     """Unnormalised image features [N, D] float32, read from / written to `cache` (.npz)."""
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
@@ -103,7 +103,7 @@ def extract_features(model, split: Split, *, size: int, device: str, batch_size:
     loader = torch.utils.data.DataLoader(_Images(split, size), batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False)
     out = []
-    for x in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         out.append(model.encode_image(x.to(device)).float().cpu())
     feats = torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
     if cache is not None:

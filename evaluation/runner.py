@@ -38,7 +38,8 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
         cache = cache_file(cfg.cache_dir, ckpt_key, ds, name, split, max_per_split=cfg.max_per_split,
                            seed=cfg.seed, size=size)
         feats[name] = extract_features(model, split, size=size, device=device, batch_size=cfg.batch_size,
-                                       workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}")
+                                       workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}",
+                                       progress=cfg.progress)
     test_x, test_y = feats["test"], splits["test"].labels
     out = {"n_test": int(len(test_y)), "n_classes": len(ds.class_names), "metric": ds.metric}
     if not ds.class_names:                      # a retrieval-only set (e.g. flickr30k)
