@@ -131,7 +131,8 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(kind, packed):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["tokens"], b["tokens"])
 
 
-@pytest.mark.parametrize("kind", ["torch", "ffcv"])
+# FFCV builds numba pipelines for each of the four loaders here (about 20 s on 2 cores): slow.
+@pytest.mark.parametrize("kind", ["torch", pytest.param("ffcv", marks=pytest.mark.slow)])
 def test_same_seed_gives_bit_identical_batches_for_any_worker_count_and_on_resume(kind, packed):
     """Crops, SLIP views and texts are functions of (seed, epoch, index): FFCV's own crop decoder drew
     from numba's global generator, so two same-seed runs differed from the first batch."""
