@@ -57,7 +57,7 @@ def randomise(model, seed=1):
     ("tiny", {}, 4),
     ("tiny", {"vision_cfg": {"qk_norm": True}, "text_cfg": {"qk_norm": True}}, 4),
     ("tiny", {"quick_gelu": True}, 3),
-    ("ViT-B-32", {}, 2),
+    pytest.param("ViT-B-32", {}, 2, marks=pytest.mark.slow),  # full size: 8 s on 2 cores
 ])
 def test_matches_open_clip(name, overrides, batch):
     torch.manual_seed(0)
