@@ -16,7 +16,7 @@ Protocols (all numbers in percent):
                 CPU, torch's L-BFGS on GPU) on standardised features; strength chosen on the val split
                 (or 20% of train) by a coarse-to-fine log search with warm starts, then refit on
                 train+val.
-  retrieval     image-text sets: recall@1/5/10 image->text and text->image.
+  retrieval     image-text sets: recall@K image->text and text->image, K from --recall_k (1 5 10).
 The JSON holds the checkpoint's identity and config; a Markdown table in the paper's layout is printed.
 This file is the command line only; the evaluation itself is the evaluation/ package (runner.py runs a
 checkpoint over the sets, one file per protocol, features.py the feature cache, table.py the table).

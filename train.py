@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -50,14 +51,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 
-from common.config import ConfigError, merged  # noqa: E402
+from common.config import ConfigError, flag_values, merged  # noqa: E402
 from common.io import write_atomic  # noqa: E402
 from common.processes import watch_launcher  # noqa: E402
 from training.checkpoints import (full_fp32_state_dict, refuse_existing_run, resolve_resume,  # noqa: E402
                                   save_checkpoint, set_rng_state)
 from training.config import TrainConfig, config_dict, load_config  # noqa: E402
-from training.data import DataError, MicroBatches  # noqa: E402
-from training.engine import build_engine, clamp_logit_scale, precision_summary  # noqa: E402
+from training.data import DataError, MicroBatches, dataset_samples  # noqa: E402
+from training.engine import build_engine, clamp_logit_scale, precision_summary, run_precision  # noqa: E402
 from training.logger import Logger  # noqa: E402
 
 EXIT_NONFINITE = 3
@@ -68,7 +69,9 @@ EXIT_USAGE = 2
 
 def parse_args(argv):
     from common.config import build_parser
-    p = build_parser(TrainConfig, "train.py", __doc__.split("\n")[0])
+    # the alias flags (--batch-size, --lr, --epochs, --precision, --name, --logs, --workers, --wd, --warmup,
+    # --seed, --report-to: open_clip_train's) are declared beside their keys in training/config.py
+    p = build_parser(TrainConfig, "train.py", __doc__.split("\n")[0], flags="declared")
     p.add_argument("--resume", help="'latest' (this run_dir's newest checkpoint) or a checkpoint path")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
     return p.parse_args(argv)
@@ -202,7 +205,7 @@ def step_batches(data: MicroBatches, cfg: TrainConfig, device, dtype) -> tuple[l
     """(this step's micro batches, None), or (None, the one line of the data error this rank met: a
     corrupt record's PackError names tar, sample and key)."""
     from loaders.packed import PackError
-    from loaders.store import StoreError
+    from loaders.caption_codec import StoreError
     try:
         return [data.next(device, dtype) for _ in range(cfg.accumulation)], None
     except (PackError, StoreError, DataError) as err:
@@ -349,7 +352,7 @@ def zeroshot_eval(engine, cfg: TrainConfig, model_config: dict, sets: list, rank
         model.load_state_dict(sd)
         model = model.to(device).eval()
         ecfg = E.EvalConfig(protocols=["zeroshot"], cache_dir="", workers=0, seed=cfg.seed,
-                            max_per_split=cfg.eval_max_per_split)
+                            max_per_split=cfg.eval_max_per_split, progress=cfg.progress)
         for ds in sets:
             zs = E.evaluate_set(model, ds, ecfg, "", str(device))["zeroshot"]
             out.update({f"zeroshot/{ds.name}/{k}": v for k, v in zs.items() if k != "accuracy"})
@@ -371,11 +374,15 @@ def main(argv=None) -> int:
     watch_launcher(on_launcher_death)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set, flag_values(TrainConfig, args))
+        precision = run_precision(cfg.precision)  # fp16 where the accelerator has none: before any rank starts
     except ConfigError as err:
         raise UsageError(err) from err
     rank, world, device = init_distributed(cfg.collective_timeout_s)
     preflight_all_ranks(cfg, args.resume, rank, device)
+    if cfg.epochs:  # open_clip's --epochs: the schedule's length from the data's size and the global batch
+        cfg = dataclasses.replace(cfg, total_steps=math.ceil(
+            cfg.epochs * dataset_samples(cfg) / (cfg.micro_batch * cfg.accumulation * world)))
     run_dir = Path(cfg.run_dir)
     from model import get_model_config
     from model.losses import ClipLoss, LaClipMTLoss, SimClrLoss
@@ -403,7 +410,6 @@ def main(argv=None) -> int:
     wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
     engine = build_engine(cfg, model_config, start_state)
     del start_state
-    precision = precision_summary(engine)
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
 
@@ -423,15 +429,15 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(reason="SIGTERM"))
     end_step = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)
-    logger = Logger(cfg, rank, step)
+    logger = Logger(cfg, rank, step, monitor=engine.monitor)
     logger.note(f"start: {world} rank(s), global batch {cfg.micro_batch * cfg.accumulation * world}, "
                 + (f"resumed from {last_checkpoint} at step {step}" if resume_from else
                    ("--resume latest: nothing to resume, starting fresh" if args.resume else "fresh run"))
                 + f"; config {run_dir / 'config.yaml'}")
-    logger.note(precision)
+    logger.note(precision_summary(engine))
     if pretrained_note:
         logger.note(pretrained_note)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0
     attention_noted = False
@@ -470,7 +476,7 @@ def main(argv=None) -> int:
                    "time": time.time()}
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == end_step):
                 row.update(zeroshot_eval(engine, cfg, model_config, eval_sets, rank, device, wait_group))
-            logger.log(row)
+            logger.log(row, samples=engine.global_samples)
             stop_reason = stop_reason_of_any_rank(stop_requested["reason"])
             if stop_reason or step == end_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 last_checkpoint = save_checkpoint(engine, cfg, model_config, step, data, rank)
@@ -479,7 +485,7 @@ def main(argv=None) -> int:
                 break
     finally:
         logger.note(f"end: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}")
-        logger.close()
+        logger.close(exit_code)
     if rank == 0:
         print(f"train: {status}; step {step}/{cfg.total_steps}; last checkpoint: {last_checkpoint}",
               flush=True)

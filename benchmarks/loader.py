@@ -230,7 +230,7 @@ def caption_draw_cost_us(root: str, epochs: int = 20) -> float:
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import ToTensor
 
-    from loaders.ffcv_ops import caption_decoder_class
+    from loaders.ffcv_ops.caption_decoder import caption_decoder_class
     from loaders.native import ddict
     from loaders.packed import read_meta
     from model.tokenizer import get_tokenizer
@@ -380,7 +380,7 @@ def measure(args) -> dict:
         for rel, info in s["files"].items():
             folder = rel.split("/")[0]  # ffcv, dali, checksums (per-record CRCs, shared by both)
             nbytes[folder] = nbytes.get(folder, 0) + info["bytes"]
-    from loaders.store import store_bytes
+    from loaders.caption_store import store_bytes
 
     n = meta["num_samples"]
     best_rate = result[f"{best}_samples_per_s"]["1"]

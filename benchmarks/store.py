@@ -21,7 +21,8 @@ import zstandard
 from benchmarks.common import parse_config, rate, write_json
 from common.config import option
 from benchmarks.corpus import clipart_captions, emoji_names
-from loaders.store import CaptionStore, store_bytes, write_store
+from loaders.caption_store import CaptionStore, store_bytes
+from packing.caption_writer import write_store
 from model.tokenizer import get_tokenizer
 
 

@@ -245,8 +245,9 @@ def keys_help(cls) -> str:
 
 def build_parser(cls, prog: str, description: str | None = None, flags=(), epilog: str | None = None,
                  config_help: str | None = None) -> argparse.ArgumentParser:
-    """--config and --set for `cls`, plus an alias flag for each field in `flags` ("all": every field),
-    named --kebab-case or as the field's `flag` metadata. Add a CLI's other arguments to the result."""
+    """--config and --set for `cls`, plus an alias flag for each field in `flags` ("all": every field;
+    "declared": those declaring a `flag`), named --kebab-case or as the field's `flag` metadata. Add a CLI's
+    other arguments to the result."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=keys_help(cls) + (f"\n\n{epilog}" if epilog else ""))
@@ -254,7 +255,12 @@ def build_parser(cls, prog: str, description: str | None = None, flags=(), epilo
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set one config key (repeatable; after --config and the flags)")
     hints = typing.get_type_hints(cls)
-    chosen = dataclasses.fields(cls) if flags == "all" else [fields(cls)[name] for name in flags]
+    if flags == "all":
+        chosen = dataclasses.fields(cls)
+    elif flags == "declared":  # the fields that name their flag: `option(..., flag="--batch-size")`
+        chosen = [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+    else:
+        chosen = [fields(cls)[name] for name in flags]
     for f in chosen:
         hint = hints[f.name]
         dest = f"config:{f.name}"

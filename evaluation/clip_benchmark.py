@@ -27,7 +27,7 @@ def to_clip_benchmark(result: dict) -> dict[str, dict]:
     rt = result.get("retrieval")
     if rt:
         metrics = {}
-        for k in (1, 5, 10):
+        for k in [key.rsplit("@", 1)[1] for key in rt if key.startswith("text_to_image_R@")]:   # eval's recall_k
             metrics[f"image_retrieval_recall@{k}"] = rt[f"text_to_image_R@{k}"] / 100
             metrics[f"text_retrieval_recall@{k}"] = rt[f"image_to_text_R@{k}"] / 100
         tasks["zeroshot_retrieval"] = metrics

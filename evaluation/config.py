@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import option
+from common.config import ConfigError, option
 
 PROTOCOLS = ("zeroshot", "fewshot", "linear_probe", "retrieval")
 OUTPUT_FORMATS = ("laclip", "clip_benchmark")
@@ -41,3 +41,11 @@ class EvalConfig:
     probe_val_fraction: float = option(0.2, help="linear probe: training fraction held out to pick the "
                                        "regularisation")
     probe_max_iter: int = option(1000, help="linear probe: solver iterations")
+    recall_k: list[int] = option(factory=lambda: [1, 5, 10], flag="--recall_k",
+                                 help="retrieval: the K of each recall@K (CLIP_benchmark's --recall_k; space- or "
+                                 "comma-separated)")
+    progress: bool = option(True, help="a tqdm bar per split while its features are extracted")
+
+    def validate(self):
+        if not self.recall_k or min(self.recall_k) < 1:
+            raise ConfigError("recall_k", f"{self.recall_k} must be one or more integers >= 1")

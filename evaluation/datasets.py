@@ -10,13 +10,15 @@ flowers mnist stl10 eurosat gtsrb country211 vtab/resisc45, and the retrieval se
 its Karpathy-split layout), ours as aliases (aircraft imagenet resisc45), and fashion_mnist digits;
 hyphens and underscores are the same (fashion-mnist = fashion_mnist) | captions:<dir> (a captions.jsonl
 set: categories as classes, held-out split for zero-shot and retrieval) | folder:<dir>
-(<dir>/<split>/<class>/*).
+(<dir>/<split>/<class>/*). CLIP_benchmark's other names (imagenetv2, voc2007, mscoco_captions, wds/<name>,
+vtab/<name>, ...) are in evaluation/benchmark_sets.py, which registers them here (register, PREFIXES).
 Class names and templates: evaluation/eval_data/ (see NOTICE.md there for sources).
 """
 from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -45,7 +47,9 @@ class DatasetError(FileNotFoundError):
 class Split:
     labels: np.ndarray                       # int64 [N]
     files: list[Path] | None = None          # images on disk, or
-    arrays: np.ndarray | None = None         # uint8 [N,H,W] or [N,H,W,3] in memory
+    arrays: np.ndarray | None = None         # uint8 [N,H,W] or [N,H,W,3] in memory, or
+    members: list[tuple[Path, int, int]] | None = None   # (tar, offset, size): stored in a tar (webdataset)
+    boxes: list[tuple[int, int, int, int]] | None = None  # per image: the (left, top, right, bottom) to crop
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,8 +57,23 @@ class Split:
     def image(self, i: int) -> Image.Image:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i]).convert("RGB")
-        with Image.open(self.files[i]) as im:
-            return im.convert("RGB")
+        if self.members is not None:
+            tar, offset, size = self.members[i]
+            with open(tar, "rb") as fh:
+                fh.seek(offset)
+                source = io.BytesIO(fh.read(size))
+        else:
+            source = self.files[i]
+        with Image.open(source) as im:
+            im = im.convert("RGB")
+        return im.crop(self.boxes[i]) if self.boxes is not None else im
+
+    def take(self, idx: np.ndarray) -> Split:
+        """The images at idx (in that order), same kind of storage."""
+        def pick(items):
+            return None if items is None else [items[i] for i in idx]
+        return Split(self.labels[idx], files=pick(self.files), arrays=None if self.arrays is None else self.arrays[idx],
+                     members=pick(self.members), boxes=pick(self.boxes))
 
 
 @dataclass
@@ -513,6 +532,21 @@ ADAPTERS["flickr30k"] = lambda root: _flickr("flickr30k", root)
 # CLIP_benchmark's name for each of our sets where the two differ; its other names equal ours.
 CLIP_BENCHMARK_NAMES = {"imagenet": "imagenet1k", "aircraft": "fgvc_aircraft", "resisc45": "vtab/resisc45"}
 _ALIASES = {cb: ours for ours, cb in CLIP_BENCHMARK_NAMES.items()}
+# Name prefixes whose rest is a path or a name of its own: prefix -> adapter(rest, root).
+PREFIXES: dict[str, Callable[[str, Path], EvalSet]] = {
+    "captions:": lambda spec, root: _captions(spec), "folder:": lambda spec, root: _folder(spec)}
+
+
+def register(name: str, adapter: Callable[[Path], EvalSet], *, clip_benchmark: str | None = None,
+             aliases: tuple[str, ...] = ()) -> None:
+    """Add a set under our name (and CLIP_benchmark's, and other aliases); evaluation/benchmark_sets.py
+    adds CLIP_benchmark's remaining names this way."""
+    ADAPTERS[name] = adapter
+    if clip_benchmark:
+        CLIP_BENCHMARK_NAMES[name] = clip_benchmark
+        _ALIASES[_spelling(clip_benchmark)] = name
+    for alias in aliases:
+        _ALIASES[_spelling(alias)] = name
 
 
 def _spelling(name: str) -> str:
@@ -522,7 +556,7 @@ def _spelling(name: str) -> str:
 def canonical_name(name: str) -> str:
     """Our adapter name for a CLIP_benchmark name or one of ours, any hyphen/underscore spelling;
     captions:/folder: specs pass through. Raises DatasetError for an unknown name."""
-    if name.startswith(("captions:", "folder:")):
+    if name.startswith(tuple(PREFIXES)):
         return name
     key = _spelling(name)
     for cand in (key, _ALIASES.get(key)):
@@ -532,8 +566,9 @@ def canonical_name(name: str) -> str:
         if _spelling(cb) == key:
             return ours
     known = sorted(set(ADAPTERS) | set(_ALIASES))
-    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(known)}, captions:<dir>, folder:<dir> "
-                       "(hyphens and underscores are interchangeable)")
+    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(known)}, "
+                       + ", ".join(f"{p}<{'dir' if p.endswith(':') else 'name'}>" for p in PREFIXES)
+                       + " (hyphens and underscores are interchangeable)")
 
 
 def clip_benchmark_name(name: str) -> str:
@@ -544,10 +579,9 @@ def clip_benchmark_name(name: str) -> str:
 def open_eval_set(name: str, root: str | Path) -> EvalSet:
     """Open one set by name under `root` (the folder holding each set's own folder)."""
     name = canonical_name(name)
-    if name.startswith("captions:"):
-        return _captions(name.split(":", 1)[1])
-    if name.startswith("folder:"):
-        return _folder(name.split(":", 1)[1])
+    for prefix, adapter in PREFIXES.items():
+        if name.startswith(prefix):
+            return adapter(name[len(prefix):], Path(root))
     return ADAPTERS[name](Path(root))
 
 

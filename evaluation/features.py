@@ -74,8 +74,7 @@ def subsample(split: Split, n: int, seed: int) -> tuple[Split, np.ndarray]:
     if n <= 0 or len(split) <= n:
         return split, np.arange(len(split))
     idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
-    return Split(split.labels[idx], files=None if split.files is None else [split.files[i] for i in idx],
-                 arrays=None if split.arrays is None else split.arrays[idx]), idx
+    return split.take(idx), idx
 
 
 def cache_file(cache_dir: str, ckpt_key: str, ds: EvalSet, split_name: str, split: Split, *,
@@ -96,7 +95,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 @torch.inference_mode()
 def extract_features(model, split: Split, *, size: int, device: str, batch_size: int, workers: int,
-                     cache: Path | None = None, desc: str = "features") -> np.ndarray:
+                     cache: Path | None = None, desc: str = "features", progress: bool = True) -> np.ndarray:
     """Unnormalised image features [N, D] float32, read from / written to `cache` (.npz)."""
     if cache is not None and cache.is_file():
         with np.load(cache) as z:
@@ -105,7 +104,7 @@ def extract_features(model, split: Split, *, size: int, device: str, batch_size:
     loader = torch.utils.data.DataLoader(_Images(split, size), batch_size=batch_size, num_workers=workers,
                                          persistent_workers=False)
     out = []
-    for x in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         out.append(model.encode_image(x.to(device)).float().cpu())
     feats = torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
     if cache is not None:

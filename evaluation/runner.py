@@ -38,7 +38,8 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
         cache = cache_file(cfg.cache_dir, ckpt_key, ds, name, split, max_per_split=cfg.max_per_split,
                            seed=cfg.seed, size=size)
         feats[name] = extract_features(model, split, size=size, device=device, batch_size=cfg.batch_size,
-                                       workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}")
+                                       workers=cfg.workers, cache=cache, desc=f"{ds.name}/{name}",
+                                       progress=cfg.progress)
     test_x, test_y = feats["test"], splits["test"].labels
     out = {"n_test": int(len(test_y)), "n_classes": len(ds.class_names), "metric": ds.metric}
     if not ds.class_names:                      # a retrieval-only set (e.g. flickr30k)
@@ -51,7 +52,7 @@ def evaluate_set(model, ds: EvalSet, cfg: EvalConfig, ckpt_key: str, device: str
         owner = ds.caption_image if ds.caption_image is not None else range(len(ds.captions))
         pairs = [(text, kept[i]) for text, i in zip(ds.captions, owner) if i in kept]
         out["retrieval"] = retrieval(test_x, encode_texts(model, [t for t, _ in pairs], device),
-                                     [i for _, i in pairs])
+                                     [i for _, i in pairs], cfg.recall_k)
     if "fewshot" in cfg.protocols:
         base = feats["train"].mean(0) if "train" in feats else test_x.mean(0)
         try:

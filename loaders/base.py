@@ -58,7 +58,7 @@ class PackedLoader:
                                     start_batch=c.start_batch)
         self.text_mode = c.text_mode
         # float64 [1 + styles] (empty: uniform) that every pipeline's compiled draw reads: by the pack's style
-        # ids (its texts carry them, loaders/store.py), or by position in a pack without styles
+        # ids (its texts carry them, loaders/caption_codec.py), or by position in a pack without styles
         styles = self.packed.meta.get("styles") or None
         if styles and isinstance(c.style_weights, dict):  # a style this pack lacks has no text to weigh
             styles = styles + sorted(set(c.style_weights) - set(styles))

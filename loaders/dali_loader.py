@@ -2,8 +2,8 @@
 
     fn.readers.webdataset  ->  jpg, cap (compressed caption record), idx (global index, ASCII)
     fn.peek_image_shape    ->  image height and width from the JPEG header
-    loaders.dali_ops       ->  one numba_function: index, crop boxes from (seed, epoch, index, h, w),
-                               caption draw (zstd + draw_text_index + padding), no Python per sample
+    loaders.dali_ops.sample ->  one numba_function: index, crop boxes from (seed, epoch, index, h, w),
+                                caption draw (zstd + draw_text_index + padding), no Python per sample
     fn.decoders.image_slice ->  decodes the crop window only (CPU here, "mixed" on a GPU), then resize
     crop_mirror_normalize   ->  float CHW (or uint8 HWC with normalize=False)
 
@@ -28,7 +28,7 @@ from loaders.base import PackedLoader
 from loaders.packed import PackError, ShardIndex
 
 PREFETCH = 2                              # batches DALI prepares ahead
-NO_AUGMENT = (-1.0, -1.0, 0.0, 0.0, 0)   # dali_ops: a negative scale = the centred square
+NO_AUGMENT = (-1.0, -1.0, 0.0, 0.0, 0)   # dali_ops.sample: a negative scale = the centred square
 
 
 def _import_dali():
@@ -48,7 +48,7 @@ def build_pipeline(tars, indexes, *, op, resize, crc_table, batch_size, num_work
                    epoch,
                    device_id, normalize=True):
     """device_id: the GPU that decodes ("mixed"; images and crops come out on it), or None (CPU only).
-    resize: a CPU resize operator (dali_ops.resize_op), or None for DALI's fn.resize (GPU images)."""
+    resize: a CPU resize operator (loaders.dali_ops.resize), or None for DALI's fn.resize (GPU images)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, num_workers), device_id=device_id,
@@ -108,7 +108,7 @@ class DaliLoader(PackedLoader):
         self.cpu_resize = self.device_id is None
 
     def _op(self):
-        from loaders.dali_ops import sample_op
+        from loaders.dali_ops.sample import sample_op
         from loaders.native import ddict
         from model.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID
 
@@ -123,7 +123,7 @@ class DaliLoader(PackedLoader):
         folder = tempfile.mkdtemp(prefix="laclip-dali-epoch-")
         try:
             tars, indexes = self.index.write_epoch(self.sampler, folder)
-            from loaders.dali_ops import resize_op
+            from loaders.dali_ops.resize import resize_op
 
             crc_table = 0 if self.crcs is None else self.crcs.ctypes.data
             resize = resize_op(self.kw["image_size"]) if self.cpu_resize else None
@@ -159,7 +159,7 @@ class DaliLoader(PackedLoader):
                 f"{lines[-1] if lines else error!r}")
 
     def _bad_record(self, index: int, flag: int) -> str:
-        from loaders.dali_ops import JPEG_CRC_MISMATCH, RECORD_CRC_MISMATCH
+        from loaders.dali_ops.sample import JPEG_CRC_MISMATCH, RECORD_CRC_MISMATCH
 
         if index < 0:
             return f"{self.packed.root}/dali: a sample's .idx member is not a decimal index (corrupted tar?)"

@@ -1,8 +1,8 @@
 """FFCV loader over the packed .beton shards, with the caption draw and the crop as compiled FFCV decoders.
 
 Per field:
-  image  -> SeededCropDecoder (loaders/ffcv_ops.py: decode + crop in one numba op) -> ToTensor
-  record -> CaptionDecoder (loaders/ffcv_ops.py: decompress, draw, pad to int32 tokens) -> ToTensor
+  image  -> SeededCropDecoder (loaders/ffcv_ops/crop_decoder.py: decode + crop in one numba op) -> ToTensor
+  record -> CaptionDecoder (loaders/ffcv_ops/caption_decoder.py: decompress, draw, pad to int32 tokens) -> ToTensor
   index  -> IntDecoder -> ToTensor (global sample index, handed out with the batch)
 so no Python runs per sample. Normalisation happens once per batch in torch (augment.normalize).
 
@@ -113,7 +113,8 @@ class FfcvLoader(PackedLoader):
         from ffcv.transforms import ToTensor
 
         from loaders.augment import CROP_RATIO, CROP_SCALE, SIMCLR_SCALE
-        from loaders.ffcv_ops import caption_decoder_class, crop_decoder_class
+        from loaders.ffcv_ops.caption_decoder import caption_decoder_class
+        from loaders.ffcv_ops.crop_decoder import crop_decoder_class
         from loaders.native import ddict
         from model.tokenizer import get_tokenizer
 

@@ -1,7 +1,7 @@
 """C functions the compiled FFCV and DALI pipelines call per sample, and the record padding they share.
 
 libzstd (through ctypes, so numba code can call it without the GIL), zlib's crc32 and memcpy, bound once
-here; loaders/ffcv_ops.py and loaders/dali_ops.py compile their own numba dispatchers of the pure-Python
+here; loaders/ffcv_ops/ and loaders/dali_ops/ compile their own numba dispatchers of the pure-Python
 helpers below (a dispatcher shared between the two pipelines once hung an FFCV epoch).
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:  # (numba, imported with loaders.sampling, stays out of the writer's start-up)
     from loaders.sampling import EpochSampler, ShardTable
 
-FORMAT_VERSION = 2  # 2: each packed text carries its style id (loaders/store.py), meta.json "styles"
+FORMAT_VERSION = 2  # 2: each packed text carries its style id (loaders/caption_codec.py), meta.json "styles"
 READ_VERSIONS = (1, 2)  # a format-1 pack reads the same, its rewrites weighed by position
 IDX_VERSION = "v1.2"  # DALI's webdataset index format, as its wds2idx tool writes it
 
@@ -65,7 +65,7 @@ def verify_pack(out_dir: str, *, checksums: bool = False) -> dict:
     length. checksums=True also re-hashes every file it wrote (shards, per-record checksums, keys, caption
     store) against the sha256 recorded at pack time, and reads every caption-store block against its CRC
     (reads everything)."""
-    from loaders.store import CaptionStore, StoreError
+    from loaders.caption_store import CaptionStore, StoreError
 
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(meta_path):
@@ -162,7 +162,7 @@ class PackedMeta:
 def read_meta(root: str | os.PathLike) -> PackedMeta:
     """meta.json of a pack, checked cheaply (format, file sizes, counts) so a loader fails before any read."""
     from loaders.sampling import ShardTable
-    from loaders.store import CaptionStore
+    from loaders.caption_store import CaptionStore
 
     root = Path(root)
     path = root / "meta.json"

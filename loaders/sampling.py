@@ -166,7 +166,7 @@ def _text_hash(mix):
 
 def style_weight(weights, styles, j):
     """Weight of rewrite j (text j + 1) in the caption draw: that of its style, weights[1 + styles[1 + j]]
-    (a style id >= 0, loaders/store.py), else that of its position, weights[1 + j]; 1.0 past the end."""
+    (a style id >= 0, loaders/caption_codec.py), else that of its position, weights[1 + j]; 1.0 past the end."""
     w = 1 + j
     if 1 + j < styles.shape[0] and styles[1 + j] >= 0:
         w = 1 + styles[1 + j]
@@ -271,7 +271,7 @@ def _u64(x) -> np.ndarray:
 def draw_text_index(seed, epoch, sample_index, n_texts, weights=UNIFORM, styles=None):
     """Which text (0 = original) a sample shows in an epoch. Arrays broadcast; scalars give an int.
     weights: caption_weights(...) (default: uniform over the sample's texts). styles: the style id of each
-    text (-1 = none; loaders/store.py record_styles), [n_texts] for one sample, [samples, max texts] for
+    text (-1 = none; loaders/caption_codec.py record_styles), [n_texts] for one sample, [samples, max texts] for
     arrays; None: rewrites weigh by position.
 
     Depends only on its arguments, so every loader, worker count and resumed run draws the same text.

@@ -22,7 +22,7 @@ from loaders import augment
 from loaders.base import PackedLoader
 from loaders.packed import PackError, TarShards
 from loaders.sampling import UNIFORM, EpochSampler, crop_box, draw_text_index
-from loaders.store import RecordCodec, pad_tokens
+from loaders.caption_codec import RecordCodec, pad_tokens
 
 CONTEXT_LENGTH = 77
 

@@ -30,14 +30,18 @@ import sys
 import tarfile
 import time
 import zlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from packing.images import BrokenImage, atomic_write_bytes, prepare_jpeg
+from packing import join
 from packing.builders import check_source, open_source
+from packing.caption_writer import save_dictionary, write_manifest, write_shard
+from packing.images import BrokenImage, atomic_write_bytes, prepare_jpeg
 from packing.ingest import IngestError, IngestReport, Sample, expand_shards, find_captions_file, iter_webdataset
+from loaders.caption_codec import DICTIONARY, MAX_STYLES, StoreError, read_dictionary
+from loaders.caption_store import CaptionStore
 from loaders.packed import (FORMAT_VERSION, IDX_VERSION, PackError, file_entry, record_crc_file, shard_name,
                             verify_pack)
 from common.config import option
@@ -197,6 +201,16 @@ def _prepare(job):
     return (jpeg, h, w), None
 
 
+class StagedImage(NamedTuple):
+    """One sample of a staged shard."""
+    key: str
+    caption: str
+    jpeg: bytes
+    height: int
+    width: int
+    rewrite_key: str  # the key its rewrites are joined on
+
+
 def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool, bar) -> dict:
     kept = []
     samples = iter(samples)
@@ -208,7 +222,8 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
             if err is not None:
                 report.skip("broken_image", s.key, s.source, err)
                 continue
-            kept.append((s.key, s.caption, *result, s.meta.get("rewrite_key", s.key)))
+            jpeg, height, width = result
+            kept.append(StagedImage(s.key, s.caption, jpeg, height, width, s.meta.get("rewrite_key", s.key)))
         bar.update(len(batch))
     return write_staged(cfg.out, index, kept, report, settings_key(stage_settings(cfg)))
 
@@ -217,167 +232,233 @@ def stage_shard(cfg: PackConfig, index: int, report: IngestReport, samples, pool
 DICTIONARY_SAMPLES = 100_000  # caption-store dictionary: trained on shard 0's first samples, whatever W
 
 
-def build_captions(cfg: PackConfig, num_shards: int) -> bool:
-    """This rank's share of the caption join (packing.join: scatter by key hash, join its partition, gather
-    its shards' texts) and of the caption store (one store shard per pack shard it owns); then rank 0
-    writes the store manifest, keys.txt and plan.json (last). Each step leaves a marker, so a re-run
-    skips finished steps. Returns False while other ranks have not reached a step this one waits for."""
-    from packing import join
-    from loaders.store import MAX_STYLES, save_dictionary, write_manifest, write_shard
+class CaptionStage:
+    """Stage 2 on one rank: this rank's share of the caption join (packing.join: scatter by key hash, join
+    its partition, gather its shards' texts) and of the caption store (one store shard per pack shard it
+    owns); then rank 0 writes the store manifest, keys.txt and plan.json (last). run() takes the steps in
+    order. Each step leaves a marker (staging/join/<step>.<rank>.json, under the settings key: markers of
+    a run under other settings do not count), so a re-run skips finished steps; run() returns False while
+    other ranks have not reached a step this one waits for."""
 
-    world, rank = cfg.world_size, cfg.rank
-    folder = os.path.join(cfg.out, "staging", "join")
-    os.makedirs(folder, exist_ok=True)
-    mine = [i for i in range(num_shards) if i % world == rank]
-    key = settings_key(caption_settings(cfg))  # markers of a run under other settings do not count
-    store_dir = os.path.join(cfg.out, "captions")
+    def __init__(self, cfg: PackConfig, num_shards: int):
+        self.cfg, self.num_shards = cfg, num_shards
+        self.world, self.rank = cfg.world_size, cfg.rank
+        self.folder = os.path.join(cfg.out, "staging", "join")
+        self.store_dir = os.path.join(cfg.out, "captions")
+        self.mine = [i for i in range(num_shards) if i % self.world == self.rank]
+        self.key = settings_key(caption_settings(cfg))
+        os.makedirs(self.folder, exist_ok=True)
 
-    def marker(step: str, r: int) -> str:
-        return os.path.join(folder, f"{step}.{r:04d}.json")
+    def run(self) -> bool:
+        if not self._finished("scatter"):
+            self.scatter()
+        if not self._all_finished("scatter"):
+            return False
+        self.read_scatter()
+        if not self._finished("join"):
+            self.join_partition()
+        if not self._all_finished("join"):
+            return False
+        self.read_join()
+        if not self._finished("store") and not self.write_store_shards():
+            return False
+        if self.rank != 0:
+            return True
+        if not self._all_finished("store"):
+            return False
+        self.write_plan()
+        return True
 
-    def keys_path(i: int) -> str:
-        return os.path.join(folder, f"keys.{shard_name(i)}.txt")
+    # ------------------------------------------------------------ the steps, in order
+    def scatter(self) -> None:
+        """Read this rank's staged captions and scatter them, with the rewrites, by key hash."""
+        if self.rank == 0:
+            self._drop_store_of_other_settings()
+        tally = {"sizes": {}, "skipped": {}, "skipped_records": []}
+        low, styles = join.scatter(self.folder, self.rank, self.world, self.cfg.rewrites, self._staged(tally),
+                                   PackError, self.cfg.min_fidelity)
+        self._finish("scatter", {**tally, "low_fidelity_dropped": low, "styles": styles})
 
-    def finished(step: str, r: int = rank) -> bool:
-        return _current(marker(step, r), key)
+    def read_scatter(self) -> None:
+        """Every rank's scatter: the shard sizes and the pack's style names (sorted: the same on every
+        rank; a text carries its style's id + 1, 0 = none)."""
+        self.scatters = self._load("scatter")
+        self.sizes = {int(i): n for m in self.scatters for i, n in m["sizes"].items()}
+        self.style_names = sorted({s for m in self.scatters for s in m["styles"]})
+        if len(self.style_names) > MAX_STYLES:
+            raise PackError(f"{self.cfg.rewrites}: {len(self.style_names)} rewrite styles, at most {MAX_STYLES} "
+                            "fit a record")
+        self.style_byte = {name: i + 1 for i, name in enumerate(self.style_names)}
+        if sum(self.sizes.values()) == 0:
+            raise PackError(f"{self.cfg.out}: no usable samples in {self.cfg.input}")
 
-    def finish(step: str, content: dict) -> None:
-        atomic_write_bytes(marker(step, rank), json.dumps({**content, "settings": key}).encode())
+    def join_partition(self) -> None:
+        """Join this rank's key partition. A rewrite with no text left once cleaned is not a text to train
+        on: dropped and counted."""
+        world = self.world
+        stats = join.join_partition(
+            self.folder, self.rank, world, owner=lambda i: i % world, keep_text=has_tokens,
+            staged_path=lambda i: os.path.join(self.cfg.out, "staging", shard_name(i) + ".json"), error=PackError)
+        self._finish("join", stats)
 
-    def done(step: str) -> bool:
-        return _wait_for([marker(step, r) for r in range(world)], cfg, f"join step '{step}'", finished_marker)
+    def read_join(self) -> None:
+        """Every rank's join; rewrites given that match no sample at all stop every rank here."""
+        self.joins = self._load("join")
+        if self.cfg.rewrites and sum(m["rewrites_matched"] for m in self.joins) == 0:
+            if self.rank == 0:
+                shutil.rmtree(self.store_dir, ignore_errors=True)
+            given = sum(m["rewrites_given"] for m in self.joins)
+            some = next((m["some_rewrite_key"] for m in self.joins if m["some_rewrite_key"] is not None), None)
+            sample = next(m["some_sample_key"] for m in self.joins if m["some_sample_key"] is not None)
+            raise PackError(f"{self.cfg.rewrites}: none of its {given} keys matches a sample of {self.cfg.input} "
+                            f"(its keys look like {some!r}, the samples' like {sample!r})")
 
-    def finished_marker(path: str) -> bool:
-        return _current(path, key)
-
-    def load(step: str) -> list[dict]:
-        return [json.load(open(marker(step, r))) for r in range(world)]
-
-    if not finished("scatter"):
-        if rank == 0:  # a caption store made under other settings (or before they were recorded): rebuild
-            settings_file = os.path.join(store_dir, "pack-settings.json")
-            if os.path.isdir(store_dir) and not _current(settings_file, key):
-                shutil.rmtree(store_dir)
-            atomic_write_bytes(settings_file, json.dumps({"settings": key}).encode())
-        sizes, skipped, skipped_records = {}, {}, []
-
-        def staged():
-            for i in mine:
-                m = read_staged(cfg.out, i, captions_only=True)
-                sizes[i] = len(m["keys"])
-                for reason, n in m["skipped"].items():
-                    skipped[reason] = skipped.get(reason, 0) + n
-                skipped_records.extend({**r, "shard": shard_name(i)} for r in m.get("skipped_records", []))
-                atomic_write_bytes(keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
-                yield i, m
-
-        low, styles = join.scatter(folder, rank, world, cfg.rewrites, staged(), PackError, cfg.min_fidelity)
-        finish("scatter", {"sizes": sizes, "skipped": skipped, "skipped_records": skipped_records,
-                           "low_fidelity_dropped": low, "styles": styles})
-    if not done("scatter"):
-        return False
-    sizes = {int(i): n for m in load("scatter") for i, n in m["sizes"].items()}
-    # the pack's style names (sorted: the same on every rank); a text carries its style's id + 1, 0 = none
-    style_names = sorted({s for m in load("scatter") for s in m["styles"]})
-    if len(style_names) > MAX_STYLES:
-        raise PackError(f"{cfg.rewrites}: {len(style_names)} rewrite styles, at most {MAX_STYLES} fit a record")
-    style_byte = {name: i + 1 for i, name in enumerate(style_names)}
-    if sum(sizes.values()) == 0:
-        raise PackError(f"{cfg.out}: no usable samples in {cfg.input}")
-
-    if not finished("join"):
-        # a rewrite with no text left once cleaned is not a text to train on: dropped and counted
-        stats = join.join_partition(folder, rank, world, owner=lambda i: i % world, keep_text=has_tokens,
-                                    staged_path=lambda i: os.path.join(cfg.out, "staging", shard_name(i) + ".json"),
-                                    error=PackError)
-        finish("join", stats)
-    if not done("join"):
-        return False
-    joins = load("join")
-    if cfg.rewrites and sum(m["rewrites_matched"] for m in joins) == 0:  # every rank stops here
-        if rank == 0:
-            shutil.rmtree(store_dir, ignore_errors=True)
-        given = sum(m["rewrites_given"] for m in joins)
-        some = next((m["some_rewrite_key"] for m in joins if m["some_rewrite_key"] is not None), None)
-        sample = next(m["some_sample_key"] for m in joins if m["some_sample_key"] is not None)
-        raise PackError(f"{cfg.rewrites}: none of its {given} keys matches a sample of {cfg.input} "
-                        f"(its keys look like {some!r}, the samples' like {sample!r})")
-
-    if not finished("store"):
-        texts, styles = join.gather(folder, rank, world, {i: sizes[i] for i in mine}, PackError)
-        if rank == 0:  # shard 0 is rank 0's: the dictionary does not depend on the number of ranks
-            dictionary = save_dictionary(store_dir, texts[0][:DICTIONARY_SAMPLES])
-        elif _wait_for([os.path.join(store_dir, "dictionary.zdict")], cfg, "caption dictionary"):
-            dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
-        else:
+    def write_store_shards(self) -> bool:
+        """Gather this rank's shards' texts and write their caption-store shards (False: the dictionary
+        rank 0 trains is not there yet)."""
+        texts, styles = join.gather(self.folder, self.rank, self.world, {i: self.sizes[i] for i in self.mine},
+                                    PackError)
+        dictionary = self._dictionary(texts)
+        if dictionary is None:
             return False
         entries, counts = {}, {"samples": 0, "with_rewrites": 0, "texts": 0, "max_texts": 0, "per_style": {}}
-        for i in mine:
-            if sizes[i]:  # a shard whose images were all broken gets no files
-                entries[i] = write_shard(store_dir, i, texts[i], dictionary,
-                                         styles=[[style_byte.get(x, 0) for x in row] for row in styles[i]])
-            for row, named in zip(texts[i], styles[i]):
-                counts["samples"] += 1
-                counts["with_rewrites"] += len(row) > 1
-                counts["texts"] += len(row)
-                counts["max_texts"] = max(counts["max_texts"], len(row))
-                for x in named[1:]:  # the rewrites packed, per style (after every drop)
-                    counts["per_style"][x or "unnamed"] = counts["per_style"].get(x or "unnamed", 0) + 1
-        finish("store", {"entries": entries, "counts": counts})
-    if rank != 0:
+        for i in self.mine:
+            if self.sizes[i]:  # a shard whose images were all broken gets no files
+                entries[i] = write_shard(self.store_dir, i, texts[i], dictionary,
+                                         styles=[[self.style_byte.get(x, 0) for x in row] for row in styles[i]])
+            _count_texts(counts, texts[i], styles[i])
+        self._finish("store", {"entries": entries, "counts": counts})
         return True
-    if not done("store"):
-        return False
 
-    # rank 0, O(#shards): store manifest, keys.txt (a byte copy of per-shard key lists), plan.json last
-    stores, scatters = load("store"), load("scatter")
-    entries = {int(i): e for m in stores for i, e in m["entries"].items()}
-    dictionary = open(os.path.join(store_dir, "dictionary.zdict"), "rb").read()
-    write_manifest(store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12, styles=style_names)
-    shards, first = [], 0
-    for i in range(num_shards):
-        if sizes[i]:
-            shards.append({"name": shard_name(i), "num_samples": sizes[i], "first_index": first})
-            first += sizes[i]
-    keys_out = os.path.join(cfg.out, "keys.txt")
-    with atomic_open(keys_out, "wb") as out:
-        for i in range(num_shards):
-            with open(keys_path(i), "rb") as f:
-                shutil.copyfileobj(f, out)
-    counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
-    counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
-    counts["per_style"] = {}
-    for m in stores:
-        for name, n in m["counts"]["per_style"].items():
-            counts["per_style"][name] = counts["per_style"].get(name, 0) + n
-    counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in joins)
-    counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in joins)
-    if cfg.min_fidelity is not None:  # per source (pool of a rewrite store, style of a JSONL)
-        low = {}
-        for m in scatters:
-            for pool, n in m.get("low_fidelity_dropped", {}).items():
-                low[pool] = low.get(pool, 0) + n
-        counts["low_fidelity_dropped"] = low
-        print(f"pack: dropped rewrites with fidelity below {cfg.min_fidelity}: "
-              + (", ".join(f"{pool} {n}" for pool, n in low.items()) or "none"), file=sys.stderr)
-    if counts["same_as_original_dropped"]:
-        print(f"pack: dropped {counts['same_as_original_dropped']} rewrite(s) that repeat their original caption "
-              f"(not a rewrite; counted in plan.json text_counts)", file=sys.stderr)
-    dropped = [{"file": cfg.rewrites, "key": k} for m in joins for k in m["dropped_keys"]][:20]
-    if dropped:
-        print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after clean-up), "
-              f"e.g. {cfg.rewrites} key {dropped[0]['key']!r}", file=sys.stderr)
-    skipped = {}
-    for m in scatters:
-        for reason, n in m["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    write_skip_report(cfg.out, [r for m in scatters for r in m.get("skipped_records", [])])
-    plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped, "styles": style_names,
-            "rewrites_matched": sum(m["rewrites_matched"] for m in joins),
-            "rewrites_given": sum(m["rewrites_given"] for m in joins), "dropped_rewrites": dropped,
-            "settings": key}
-    atomic_write_bytes(os.path.join(cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
-    return True
+    def write_plan(self) -> None:
+        """Rank 0, O(#shards): the store manifest, keys.txt (a byte copy of per-shard key lists), the skip
+        report, then plan.json (last: the global index of each shard's first sample)."""
+        stores = self._load("store")
+        entries = {int(i): e for m in stores for i, e in m["entries"].items()}
+        dictionary = read_dictionary(os.path.join(self.store_dir, DICTIONARY))
+        write_manifest(self.store_dir, [entries[i] for i in sorted(entries)], dictionary, level=12,
+                       styles=self.style_names)
+        shards, first = [], 0
+        for i in range(self.num_shards):
+            if self.sizes[i]:
+                shards.append({"name": shard_name(i), "num_samples": self.sizes[i], "first_index": first})
+                first += self.sizes[i]
+        self._write_keys()
+        counts = self._text_counts(stores)
+        dropped = self._dropped_rewrites(counts)
+        skipped = {}
+        for m in self.scatters:
+            _add_counts(skipped, m["skipped"])
+        write_skip_report(self.cfg.out, [r for m in self.scatters for r in m.get("skipped_records", [])])
+        plan = {"shards": shards, "num_samples": first, "text_counts": counts, "skipped": skipped,
+                "styles": self.style_names, "rewrites_matched": sum(m["rewrites_matched"] for m in self.joins),
+                "rewrites_given": sum(m["rewrites_given"] for m in self.joins), "dropped_rewrites": dropped,
+                "settings": self.key}
+        atomic_write_bytes(os.path.join(self.cfg.out, "plan.json"), json.dumps(plan, indent=1).encode())
+
+    # ------------------------------------------------------------ what the steps use
+    def _drop_store_of_other_settings(self) -> None:
+        """A caption store made under other settings (or before they were recorded) is rebuilt."""
+        settings_file = os.path.join(self.store_dir, "pack-settings.json")
+        if os.path.isdir(self.store_dir) and not _current(settings_file, self.key):
+            shutil.rmtree(self.store_dir)
+        atomic_write_bytes(settings_file, json.dumps({"settings": self.key}).encode())
+
+    def _staged(self, tally: dict) -> Iterator[tuple[int, dict]]:
+        """This rank's staged shards (captions only), each counted in `tally` (sizes, skips) and its key
+        list written, as the scatter reads them."""
+        for i in self.mine:
+            m = read_staged(self.cfg.out, i, captions_only=True)
+            tally["sizes"][i] = len(m["keys"])
+            _add_counts(tally["skipped"], m["skipped"])
+            tally["skipped_records"].extend({**r, "shard": shard_name(i)} for r in m.get("skipped_records", []))
+            atomic_write_bytes(self._keys_path(i), "".join(k + "\n" for k in m["keys"]).encode())
+            yield i, m
+
+    def _dictionary(self, texts: dict) -> bytes | None:
+        """The store's dictionary: trained by rank 0 on its shard 0 (so it does not depend on the number
+        of ranks), read by the others once it is there (None: not yet)."""
+        path = os.path.join(self.store_dir, DICTIONARY)
+        if self.rank == 0:
+            return save_dictionary(self.store_dir, texts[0][:DICTIONARY_SAMPLES])
+        if _wait_for([path], self.cfg, "caption dictionary"):
+            return read_dictionary(path)
+        return None
+
+    def _write_keys(self) -> None:
+        with atomic_open(os.path.join(self.cfg.out, "keys.txt"), "wb") as out:
+            for i in range(self.num_shards):
+                with open(self._keys_path(i), "rb") as f:
+                    shutil.copyfileobj(f, out)
+
+    def _text_counts(self, stores: list[dict]) -> dict:
+        """plan.json's text_counts: every rank's store counts and join drops, summed (the drops reported)."""
+        counts = {k: sum(m["counts"][k] for m in stores) for k in ("samples", "with_rewrites", "texts")}
+        counts["max_texts"] = max(m["counts"]["max_texts"] for m in stores)
+        counts["per_style"] = {}
+        for m in stores:
+            _add_counts(counts["per_style"], m["counts"]["per_style"])
+        counts["empty_rewrites_dropped"] = sum(m["empty_rewrites_dropped"] for m in self.joins)
+        counts["same_as_original_dropped"] = sum(m.get("same_as_original_dropped", 0) for m in self.joins)
+        if self.cfg.min_fidelity is not None:  # per source (pool of a rewrite store, style of a JSONL)
+            low = {}
+            for m in self.scatters:
+                _add_counts(low, m.get("low_fidelity_dropped", {}))
+            counts["low_fidelity_dropped"] = low
+            print(f"pack: dropped rewrites with fidelity below {self.cfg.min_fidelity}: "
+                  + (", ".join(f"{pool} {n}" for pool, n in low.items()) or "none"), file=sys.stderr)
+        if counts["same_as_original_dropped"]:
+            print(f"pack: dropped {counts['same_as_original_dropped']} rewrite(s) that repeat their original "
+                  "caption (not a rewrite; counted in plan.json text_counts)", file=sys.stderr)
+        return counts
+
+    def _dropped_rewrites(self, counts: dict) -> list[dict]:
+        """The first 20 rewrites dropped as empty (file and key), reported."""
+        dropped = [{"file": self.cfg.rewrites, "key": k} for m in self.joins for k in m["dropped_keys"]][:20]
+        if dropped:
+            print(f"pack: dropped {counts['empty_rewrites_dropped']} empty rewrite(s) (no text left after "
+                  f"clean-up), e.g. {self.cfg.rewrites} key {dropped[0]['key']!r}", file=sys.stderr)
+        return dropped
+
+    # ------------------------------------------------------------ step markers
+    def _marker(self, step: str, rank: int) -> str:
+        return os.path.join(self.folder, f"{step}.{rank:04d}.json")
+
+    def _keys_path(self, i: int) -> str:
+        return os.path.join(self.folder, f"keys.{shard_name(i)}.txt")
+
+    def _finished(self, step: str) -> bool:
+        """This rank finished `step` under these settings."""
+        return _current(self._marker(step, self.rank), self.key)
+
+    def _finish(self, step: str, content: dict) -> None:
+        atomic_write_bytes(self._marker(step, self.rank), json.dumps({**content, "settings": self.key}).encode())
+
+    def _all_finished(self, step: str) -> bool:
+        """Every rank finished `step` (waiting up to --wait-s for them)."""
+        return _wait_for([self._marker(step, r) for r in range(self.world)], self.cfg, f"join step '{step}'",
+                         lambda path: _current(path, self.key))
+
+    def _load(self, step: str) -> list[dict]:
+        """Every rank's marker of `step`, in rank order."""
+        return [json.load(open(self._marker(step, r))) for r in range(self.world)]
+
+
+def _count_texts(counts: dict, texts: list, styles: list) -> None:
+    """Add one shard's texts to a rank's store counts: samples, those with rewrites, texts, the most texts
+    of a sample, and the rewrites packed per style (after every drop)."""
+    for row, named in zip(texts, styles):
+        counts["samples"] += 1
+        counts["with_rewrites"] += len(row) > 1
+        counts["texts"] += len(row)
+        counts["max_texts"] = max(counts["max_texts"], len(row))
+        for x in named[1:]:
+            counts["per_style"][x or "unnamed"] = counts["per_style"].get(x or "unnamed", 0) + 1
+
+
+def _add_counts(total: dict, more: dict) -> None:
+    for name, n in more.items():
+        total[name] = total.get(name, 0) + n
 
 
 # ---------------------------------------------------------------- stage 3: final shards
@@ -415,13 +496,13 @@ def write_skip_report(out: str, records: list[dict]) -> None:
     atomic_write_bytes(os.path.join(out, SKIP_REPORT), lines.encode())
 
 
-def write_staged(out: str, index: int, kept: list, report: IngestReport, settings: str) -> dict:
+def write_staged(out: str, index: int, kept: list[StagedImage], report: IngestReport, settings: str) -> dict:
     """Staged shard: the JPEGs concatenated in one file + a manifest (written last) with offsets."""
     blob, manifest_path = _stage_paths(out, index)
-    offsets = np.cumsum([0] + [len(k[2]) for k in kept]).tolist()
-    atomic_write_bytes(blob, b"".join(k[2] for k in kept))
-    manifest = {"keys": [k[0] for k in kept], "captions": [k[1] for k in kept], "hw": [[k[3], k[4]] for k in kept],
-                "rewrite_keys": [k[5] for k in kept],
+    offsets = np.cumsum([0] + [len(s.jpeg) for s in kept]).tolist()
+    atomic_write_bytes(blob, b"".join(s.jpeg for s in kept))
+    manifest = {"keys": [s.key for s in kept], "captions": [s.caption for s in kept],
+                "hw": [[s.height, s.width] for s in kept], "rewrite_keys": [s.rewrite_key for s in kept],
                 "offsets": offsets, "skipped": dict(report.counts), "skipped_records": report.records,
                 "settings": settings}
     atomic_write_bytes(manifest_path, json.dumps(manifest, ensure_ascii=False).encode())
@@ -534,8 +615,6 @@ def _wait_for(paths: list[str], cfg: PackConfig, what: str, ready=os.path.exists
 
 def pack(cfg: PackConfig) -> dict:
     """Run every stage this rank can; returns a summary dict (also printed)."""
-    from loaders.store import CaptionStore
-
     if not cfg.input or not cfg.out:
         raise PackError("pack needs --input and --out")
     from common.ranks import resolve_ranks
@@ -578,7 +657,7 @@ def pack(cfg: PackConfig) -> dict:
     # stage 2 (every rank: its share of the join and of the caption store; rank 0 writes plan.json last)
     if not _current(plan_path, caption_key):
         if not _wait_for(staging, cfg, "staged shards", lambda p: _current(p, stage_key)) \
-                or not build_captions(cfg, num_shards) \
+                or not CaptionStage(cfg, num_shards).run() \
                 or not _wait_for([plan_path], cfg, "caption plan", lambda p: _current(p, caption_key)):
             return {"staged": staged_new, "complete": False}
     with open(plan_path) as f:
@@ -646,8 +725,6 @@ def main(argv=None) -> dict:
 def cli(argv=None) -> None:
     """`python -m packing`: a bad input or a damaged file is one line on stderr and exit status 2; an
     --out folder this run created and left empty is removed."""
-    from loaders.store import StoreError
-
     from common.config import fail
     from common.ranks import RankError
 

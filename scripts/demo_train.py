@@ -143,7 +143,7 @@ def original_share(pack: Path, text_mode: str, seed: int, batches: int, ranks: i
     draw (draw_text_index over the packed texts per sample). {"samples", "original", "original_share"}."""
     from loaders.packed import read_meta
     from loaders.sampling import EpochSampler, caption_weights, draw_text_index
-    from loaders.store import CaptionStore
+    from loaders.caption_store import CaptionStore
 
     meta = read_meta(pack)
     store = CaptionStore(str(pack / "captions"))

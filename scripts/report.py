@@ -73,35 +73,67 @@ def primary_curves(data: dict, cfg, method: str) -> tuple[list[int], np.ndarray]
     return [s for s, _ in curves[0][:n]], ys
 
 
-def plot(data: dict, cfg, methods: dict, path: Path, chance: float | None = None) -> None:
+# One (line style, marker) per method, each pair distinct, and the earlier methods drawn wider: a method whose
+# curve equals another's (e.g. CLIP's) still shows around and between the markers of the one drawn over it.
+LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3))]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def line_style(i: int) -> dict:
+    """Matplotlib keywords of the i-th method's lines."""
+    return {"linestyle": LINE_STYLES[i % len(LINE_STYLES)], "marker": MARKERS[i % len(MARKERS)],
+            "linewidth": max(1.0, 2.8 - 0.3 * i), "markersize": max(4.0, 9.0 - 0.8 * i), "markerfacecolor": "none"}
+
+
+def eval_ticks(steps: list[int], most: int = 12) -> list[int]:
+    """The x ticks of the zero-shot panel: the evaluation steps (every k-th when there are more than
+    `most`, always the last)."""
+    steps = sorted(set(steps))
+    k = -(-len(steps) // most)
+    return sorted(set(steps[::-1][::k]))
+
+
+def figure(data: dict, cfg, methods: dict, chance: float | None = None):
+    """curves.png's figure: the training loss (moving average) and the primary metric at each evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, d in data.items():
-        label = methods[m][0]
+    evaluated = []
+    for i, (m, d) in enumerate(data.items()):
+        label, style = methods[m][0], line_style(i)
         if d["loss"]:
             n = min(len(x) for x in d["loss"])
             steps = [s for s, _ in d["loss"][0][:n]]
             loss = np.mean([[v for _, v in x[:n]] for x in d["loss"]], axis=0)
             k = max(1, n // 30)  # moving average: the per-step loss is noisy at batch 128
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax1.plot(steps[k - 1:], smooth, label=label)
+            ax1.plot(steps[k - 1:], smooth, label=label, markevery=max(1, len(smooth) // 8), zorder=10 - i,
+                     **style)
         steps, ys = primary_curves(data, cfg, m)
         if steps:
-            ax2.plot(steps, ys.mean(0), marker="o", label=label)
+            evaluated += steps
+            ax2.plot(steps, ys.mean(0), label=label, zorder=10 - i, **style)
             if len(ys) > 1:
                 ax2.fill_between(steps, ys.mean(0) - ys.std(0, ddof=1), ys.mean(0) + ys.std(0, ddof=1), alpha=0.2)
     ax1.set(xlabel="step", ylabel="training loss (moving average)", title="Training loss")
     if chance is not None:
         ax2.axhline(chance, color="grey", linestyle=":", label="chance")
-    ax2.set(xlabel="step", ylabel=f"{cfg.primary_metric} %",
+    if evaluated:
+        ax2.set_xticks(eval_ticks(evaluated))
+    ax2.set(xlabel="step (evaluations)", ylabel=f"{cfg.primary_metric} %",
             title=f"Held-out {cfg.primary_metric} (primary), mean ± sd")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(data: dict, cfg, methods: dict, path: Path, chance: float | None = None) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(data, cfg, methods, chance)
     write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 

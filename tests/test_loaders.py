@@ -14,7 +14,7 @@ from scipy import stats
 
 from loaders import build_loader
 from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
-from loaders.store import CaptionStore
+from loaders.caption_store import CaptionStore
 from packing import builders
 from packing.pack import PackConfig, PackError, pack
 
@@ -131,7 +131,8 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(kind, packed):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["tokens"], b["tokens"])
 
 
-@pytest.mark.parametrize("kind", ["torch", "ffcv"])
+# FFCV builds numba pipelines for each of the four loaders here (about 20 s on 2 cores): slow.
+@pytest.mark.parametrize("kind", ["torch", pytest.param("ffcv", marks=pytest.mark.slow)])
 def test_same_seed_gives_bit_identical_batches_for_any_worker_count_and_on_resume(kind, packed):
     """Crops, SLIP views and texts are functions of (seed, epoch, index): FFCV's own crop decoder drew
     from numba's global generator, so two same-seed runs differed from the first batch."""
@@ -223,6 +224,7 @@ def test_weighted_draw_follows_its_weights_and_uniform_is_unchanged():
         caption_weights(p_original=1.5)
 
 
+@pytest.mark.slow  # every loader twice: 7 s on 2 cores
 def test_weighted_draw_is_identical_in_every_loader_and_on_resume(packed, store):
     ref = run("torch", packed, num_workers=0, drop_last=False, **WEIGHTS)
     index = cat(ref, "index").tolist()
@@ -265,6 +267,7 @@ def styled(tmp_path_factory):
     return {"out": out, "expected": expected}
 
 
+@pytest.mark.slow  # packs a filtered set first: 7 s on 2 cores
 def test_packed_texts_carry_their_style_after_a_drop(styled):
     """Style weights by name mean the style whatever was dropped before it: weight only chatbot_b and
     every loader draws the chatbot_b text of every sample, also where the filter dropped chatbot_a (a
@@ -294,7 +297,7 @@ def test_packed_texts_carry_their_style_after_a_drop(styled):
 def test_records_without_styles_read_as_before():
     """A format-1 record (no style byte) decodes to the same texts, every style 'none', and its rewrites
     weigh by position, as they did."""
-    from loaders.store import RecordCodec, record_styles
+    from loaders.caption_codec import RecordCodec, record_styles
     codec = RecordCodec()
     texts = [np.array([5, 6, 7], np.uint16), np.array([8], np.uint16), np.array([9, 10], np.uint16)]
     old, new = codec.encode(texts), codec.encode(texts, [0, 3, 1])
@@ -307,6 +310,7 @@ def test_records_without_styles_read_as_before():
     assert draw_text_index(0, 0, 11, 3, weights, [-1, 1, 0]) == 1  # by style: rewrite 1 is style 1
 
 
+@pytest.mark.slow  # three loaders over the set: 7 s on 2 cores
 def test_image_matches_its_index_across_loaders(packed):
     """Center crops (no augmentation) of the same index agree between decoders and resizers; so do the
     random crops of FFCV and torch, which draw the same box for a (seed, epoch, index)."""
@@ -321,7 +325,7 @@ def test_image_matches_its_index_across_loaders(packed):
     assert torch.equal(ffcv["index"], ref["index"]) and diff.max() < 0.05, diff.max()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["torch", pytest.param("ffcv", marks=pytest.mark.slow), "dali"])  # ffcv: 8 s
 def test_slip_views(kind, packed):
     batch = run(kind, packed, slip_views=True)[0]
     for key in ("images", "view1", "view2"):

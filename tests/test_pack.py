@@ -14,7 +14,7 @@ import simplejpeg
 
 from packing import builders
 from packing.pack import PackConfig, PackError, load_rewrites, pack, verify_pack
-from loaders.store import CaptionStore
+from loaders.caption_store import CaptionStore
 from model.tokenizer import get_tokenizer
 
 N_SOURCE = 50  # one of them is a corrupted JPEG

@@ -162,3 +162,32 @@ def test_fidelity_section_histograms_and_threshold_counts(tmp_path):
     assert any("LLM coco, low: 0.20: 'a cat' -> 'a car'" in line for line in lines)
     assert (tmp_path / "fidelity.png").stat().st_size > 5000
     assert report.fidelity_section(tmp_path / "nothing", SimpleNamespace(min_fidelity=0.5)) == []
+
+
+def test_curves_show_every_line_and_tick_the_evaluations():
+    """curves.png: LaCLIP's zero-shot curve equals CLIP's point for point, yet each method keeps its own
+    line style and marker (hollow, the earlier drawn wider), and the zero-shot panel's ticks are the
+    evaluation steps."""
+    import matplotlib.pyplot as plt
+    c = cfg(1, "zeroshot", methods=("clip", "laclip", "eda"))
+    zs = stats.metric_columns(c, "zeroshot")
+    evals = [50, 100, 150, 300]
+    data = {m: method([30.0], [50.0]) for m in c.methods}
+    for m, shift in (("clip", 0.0), ("laclip", 0.0), ("eda", 3.0)):  # CLIP and LaCLIP: the same numbers
+        data[m]["curves"] = [[(s, {h: 20.0 + shift + s / 50 for h in zs}) for s in evals]]
+    fig = report.figure(data, c, LABELS, chance=10.0)
+    loss_ax, zs_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in zs_ax.get_lines() if ln.get_label() in ("CLIP", "LaCLIP", "EDA")}
+    assert np.array_equal(lines["CLIP"].get_ydata(), lines["LaCLIP"].get_ydata())
+    styles = {(str(ln.get_linestyle()), ln.get_marker()) for ln in lines.values()}
+    assert len(styles) == 3, styles
+    assert lines["CLIP"].get_linewidth() > lines["LaCLIP"].get_linewidth()
+    assert lines["CLIP"].get_markersize() > lines["LaCLIP"].get_markersize()
+    assert list(zs_ax.get_xticks()) == evals
+    loss_styles = {str(ln.get_linestyle()) for ln in loss_ax.get_lines()}
+    assert len(loss_styles) == 3, loss_styles
+    plt.close(fig)
+    # many evaluations: a subset of them, always the last, never a step between evaluations
+    many = list(range(25, 2001, 25))
+    ticks = report.eval_ticks(many)
+    assert len(ticks) <= 12 and ticks[-1] == 2000 and set(ticks) <= set(many)

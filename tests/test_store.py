@@ -9,7 +9,9 @@ import torch
 
 from common.io import is_temp
 from loaders.sampling import draw_text_index
-from loaders.store import CaptionStore, RecordCodec, StoreError, pad_tokens, write_store
+from loaders.caption_codec import RecordCodec, StoreError, pad_tokens
+from loaders.caption_store import CaptionStore
+from packing.caption_writer import write_store
 from model.tokenizer import CONTEXT_LENGTH, get_tokenizer
 from benchmarks.corpus import varied_captions
 
@@ -190,7 +192,7 @@ def test_bad_record_type_is_an_error(tmp_path):
 
 def test_store_bytes_leaves_out_temporary_files(store_dir, tmp_path):
     """Temporary files (common/io.py's ".<name>.*.tmp": the shard writer's and the manifest's) do not count."""
-    from loaders.store import store_bytes
+    from loaders.caption_store import store_bytes
     path = str(tmp_path / "store")
     shutil.copytree(store_dir[0], path)
     before = store_bytes(path)

@@ -94,6 +94,17 @@ ROWS = [
     ("eval-compare-not-a-result", ["eval.py", "--compare", "{folder}/captions.jsonl", "{folder}/captions.jsonl"],
      "eval.py: error: {folder}/captions.jsonl: not JSON", None, {}),
     ("eval-no-checkpoint", ["eval.py", "--datasets", "digits"], "eval.py: error: --checkpoint is required", None, {}),
+    # CLIP_benchmark's names whose data is missing, or only comes through tensorflow_datasets; --recall_k
+    ("eval-vtab-needs-tfds", ["eval.py", "--checkpoint", "{root}/export", "--datasets", "vtab/svhn", "--out", "{out}"],
+     "eval.py: error: vtab/svhn: CLIP_benchmark reads it with tensorflow_datasets", "{out}", {}),
+    ("eval-missing-imagenetv2", ["eval.py", "--checkpoint", "{root}/export", "--datasets", "imagenetv2",
+                                 "--data-root", "{root}", "--out", "{out}"],
+     "eval.py: error: imagenetv2: expected ImageNetV2-matched-frequency/<class index 0..999>/*.jpeg", "{out}", {}),
+    ("eval-missing-wds", ["eval.py", "--checkpoint", "{root}/export", "--datasets", "wds/vtab/cifar10",
+                          "--data-root", "{root}", "--out", "{out}"],
+     "eval.py: error: wds/vtab/cifar10: expected CLIP_benchmark's webdataset layout", "{out}", {}),
+    ("eval-bad-recall-k", ["eval.py", "--checkpoint", "{root}/export", "--recall_k", "5", "0", "--out", "{out}"],
+     "eval.py: error: config key 'recall_k' from --recall_k: [5, 0] must be one or more integers >= 1", "{out}", {}),
     # python -m packing
     ("pack-missing-jsonl", ["-m", "packing", "--input", "{root}/missing.jsonl", "--out", "{out}"],
      "pack: error: {root}/missing.jsonl: no such file", "{out}", {}),

@@ -108,8 +108,8 @@ def test_pretrained_warns_when_the_files_config_differs_without_changing_names(t
 
 # ---------------------------------------------------------------- pretrained: train.py
 
-def run_train(tmp_path, run_dir, *sets, resume=None):
-    args = [sys.executable, "train.py", "--config", "configs/train_tiny.yaml"]
+def run_train(tmp_path, run_dir, *sets, resume=None, flags=()):
+    args = [sys.executable, "train.py", "--config", "configs/train_tiny.yaml", *flags]
     for item in ["model=tiny", "data=synthetic", "synthetic_samples=64", "progress=false", "lr=0",
                  "total_steps=1", f"run_dir={run_dir}", *sets]:
         args += ["--set", item]
@@ -131,7 +131,10 @@ def test_train_starts_from_pretrained_weights(tmp_path, form):
         weights = save_export(source, None, tmp_path / "export")
         spec = f"local-dir:{tmp_path / 'export'}"
     run = tmp_path / "run"
-    proc = run_train(tmp_path, run, f"pretrained={spec}")
+    if form == "open_clip_file":  # open_clip_train's flag
+        proc = run_train(tmp_path, run, flags=["--pretrained", spec])
+    else:
+        proc = run_train(tmp_path, run, f"pretrained={spec}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     exported, _ = load_checkpoint(run / "checkpoints" / "step-0000001" / "export")
     for k, v in source.state_dict().items():

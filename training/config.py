@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from common.config import ConfigError, as_dict, load, option
 
 DATA_KINDS = ("synthetic", "torch", "ffcv", "dali")
+# fp32 | the mixed modes, each with fp32 master weights (training.engine.run_precision: what runs where)
+PRECISIONS = ("fp32", "bf16", "fp16", "amp", "amp_bf16")
+REPORTERS = ("tensorboard", "wandb")
 
 
 @dataclasses.dataclass
@@ -14,9 +18,10 @@ class TrainConfig:
     model: str = option("tiny", help="a model/configs/<name>.json")
     model_overrides: dict = option(factory=dict,
                                    help="merged into the model config, e.g. {vision_cfg: {qk_norm: true}}")
-    pretrained: str = option("", help="start weights for `model` (open_clip's --pretrained): an open_clip "
-                             "weights file (.safetensors/.pt/.bin), an export or hub-layout folder or "
-                             "local-dir:PATH, hf-hub:ORG/NAME; a resumed run ignores it (training/pretrained.py)")
+    pretrained: str = option("", flag="--pretrained", help="start weights for `model` (as open_clip's "
+                             "--pretrained): an open_clip weights file (.safetensors/.pt/.bin), an export or "
+                             "hub-layout folder or local-dir:PATH, hf-hub:ORG/NAME; a resumed run ignores it "
+                             "(training/pretrained.py)")
     pretrained_sha256: str = option("", help="the pretrained file's sha256, filled in by train.py in the run's "
                                     "config.yaml; when set, any other file is refused")
     # data
@@ -35,31 +40,40 @@ class TrainConfig:
     image_loss: str = option("clip", help="clip | slip (adds SimCLR on two views)", choices=("clip", "slip"))
     ssl_weight: float = option(1.0, help="SLIP's weight of the SimCLR term")
     augment: bool = option(True, help="random-resized-crop augmentation in the loaders")
-    num_workers: int = option(1, help="loader worker processes per rank")
+    num_workers: int = option(1, flag="--workers", help="loader worker processes per rank")
     synthetic_samples: int = option(4096, help="dataset size of data=synthetic")
     # batch
-    micro_batch: int = option(8, help="samples per rank per forward")
+    micro_batch: int = option(8, flag="--batch-size", help="samples per rank per forward (--batch-size, as open_clip's "
+                              "per-GPU batch; global batch = micro_batch x ranks x accumulation)")
     accumulation: int = option(1, help="micro batches per optimizer step (gradient cache: negatives = global batch)")
     # engine
     zero_stage: int = option(1, help="DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
-    precision: str = option("fp32", help="fp32 | bf16", choices=("fp32", "bf16"))
+    precision: str = option("fp32", flag="--precision", choices=PRECISIONS,
+                            help="fp32 | bf16 | fp16 (dynamic loss scaling; where the accelerator has fp16: GPUs, "
+                            "not this CPU's DeepSpeed) | amp (open_clip's mixed precision: fp16 on GPUs, bf16 on CPU, "
+                            "the dtype of torch's CPU autocast) | amp_bf16 (= bf16); mixed modes keep fp32 masters")
     grad_checkpointing: bool = option(False, help="activation checkpointing in the towers")
     compile: bool = option(False, help="torch.compile through DeepSpeed's engine.compile()")
     attention: str = option("auto", help="attention kernel: xformers where it runs, else SDPA (auto; train.log "
                             "says which ran and why) | xformers (refuse to start without it) | sdpa",
                             choices=("auto", "xformers", "sdpa"))
     # optimizer and schedule
-    lr: float = option(5e-4, help="peak learning rate (AdamW)")
+    lr: float = option(5e-4, flag="--lr", help="peak learning rate (AdamW)")
     min_lr_ratio: float = option(0.0, help="the cosine ends at lr * min_lr_ratio")
-    warmup_steps: int = option(100, help="linear warmup steps")
+    warmup_steps: int = option(100, flag="--warmup", help="linear warmup steps")
     total_steps: int = option(1000, help="optimizer steps of the whole schedule")
-    weight_decay: float = option(0.2, help="AdamW weight decay (weight matrices only)")
+    epochs: float = option(0.0, flag="--epochs", help=">0: total_steps = ceil(epochs x dataset samples / global "
+                           "batch), set at start from the pack's num_samples (or synthetic_samples)")
+    weight_decay: float = option(0.2, flag="--wd", help="AdamW weight decay (weight matrices only)")
     betas: tuple = option((0.9, 0.98), help="AdamW betas, two numbers")
     eps: float = option(1e-8, help="AdamW epsilon")
     grad_clip: float = option(1.0, help="gradient norm clipping (0 = off)")
     # run
-    seed: int = option(0, help="seed of weights, data order and augmentation")
-    run_dir: str = option("runs/default", help="config.yaml, metrics.jsonl, train.log, tensorboard/, checkpoints/")
+    seed: int = option(0, flag="--seed", help="seed of weights, data order and augmentation")
+    logs: str = option("runs", flag="--logs", help="where run directories go (open_clip's --logs)")
+    name: str = option("default", flag="--name", help="the run's name: run_dir defaults to <logs>/<name>")
+    run_dir: str = option("", help="config.yaml, metrics.jsonl, train.log, tensorboard/, checkpoints/; "
+                          "'' = <logs>/<name>")
     checkpoint_every: int = option(1000, help="steps between checkpoints; 0 = only at the end and on SIGTERM")
     keep_checkpoints: int = option(0, help="keep the newest N checkpoints (0 = all)")
     eval_every: int = option(0, help="zero-shot evaluation every N steps (0 = off)")
@@ -72,7 +86,15 @@ class TrainConfig:
                                          "checkpoint gather); DeepSpeed's own default is 600")
     deepspeed: dict = option(factory=dict, help="merged into the generated DeepSpeed config (any DeepSpeed option)")
     stop_after: int = option(0, help="stop (with a checkpoint) after this step; 0 = total_steps")
-    progress: bool = option(True, help="tqdm bar on rank 0")
+    progress: bool = option(True, help="tqdm bars on rank 0 (training, and in-training evaluation's)")
+    report_to: list[str] = option(factory=lambda: ["tensorboard"], choices=REPORTERS, flag="--report-to",
+                                  help="where rank 0 logs the metrics besides metrics.jsonl: tensorboard (<run_dir>/"
+                                  "tensorboard), wandb (the W&B run's id is kept in <run_dir>/wandb_id for resumes; "
+                                  "WANDB_MODE=offline, WANDB_DIR... as usual); [] = neither")
+    wandb_project: str = option("laclip", help="report_to wandb: the W&B project (the run's name: run_dir's name)")
+
+    def __post_init__(self):
+        self.run_dir = self.run_dir or str(Path(self.logs) / self.name)
 
     def validate(self):
         if not self.data:  # no default: a command missing its data must not start a run on random data
@@ -86,12 +108,19 @@ class TrainConfig:
         for key in ("micro_batch", "accumulation", "total_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"{getattr(self, key)} must be >= 1")
-        if self.precision == "bf16" and self.zero_stage == 0:
-            # DeepSpeed 0.19.8 at stage 0 wraps the optimizer in FP16_UnfusedOptimizer: gradients accumulate
-            # in bf16 (fp32 accumulation raises NotImplementedError there) and its fp32 masters are not
-            # reachable through safe_get_full_fp32_param, so the clamp and exports would miss them
-            raise ConfigError("zero_stage", "0 with precision=bf16 is refused: DeepSpeed keeps fp32 master "
-                              "weights and fp32 gradient accumulation only at ZeRO 1-3; use zero_stage=1")
+        if self.precision != "fp32" and self.zero_stage == 0:
+            # DeepSpeed 0.19.8 at stage 0 wraps the optimizer in FP16_UnfusedOptimizer (bf16) or FP16_Optimizer
+            # (fp16): gradients accumulate in the half dtype (fp32 accumulation raises NotImplementedError
+            # there) and the fp32 masters are not reachable through safe_get_full_fp32_param, so the clamp and
+            # exports would miss them
+            raise ConfigError("zero_stage", f"0 with precision={self.precision} is refused: DeepSpeed keeps fp32 "
+                              "master weights and fp32 gradient accumulation only at ZeRO 1-3; use zero_stage=1")
+        if self.epochs < 0:
+            raise ConfigError("epochs", f"{self.epochs} must be >= 0")
+        ds_wandb = (self.deepspeed.get("wandb") or {}).get("enabled")
+        if "wandb" in self.report_to and ds_wandb:  # two wandb.init in one process: the second ends the first
+            raise ConfigError("report_to", "wandb together with the deepspeed: wandb monitor: use one (report_to "
+                              "wandb logs every metric of metrics.jsonl)")
         if len(self.betas) != 2:
             raise ConfigError("betas", f"{list(self.betas)}: expected two numbers")
         if self.eval_every and not self.eval_datasets:
@@ -109,9 +138,10 @@ class TrainConfig:
             raise ConfigError(key, str(e)) from None
 
 
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """Defaults <- YAML file <- `key=value` overrides; unknown keys and bad values are ConfigErrors."""
-    return load(TrainConfig, path, overrides)
+def load_config(path: str | None, overrides: list[str], flags: dict | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- alias flags {key: (value, flag)} <- `key=value` overrides; unknown keys and bad
+    values are ConfigErrors."""
+    return load(TrainConfig, path, overrides, flags)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -20,6 +20,14 @@ def as_dict(batch) -> dict:
     return dict(zip(keys, batch))
 
 
+def dataset_samples(cfg) -> int:
+    """The run's dataset size: the pack's num_samples, or synthetic_samples."""
+    if cfg.data == "synthetic":
+        return cfg.synthetic_samples
+    from loaders.packed import read_meta
+    return int(read_meta(cfg.data_root).meta["num_samples"])
+
+
 class DataError(ValueError):
     """The data cannot feed the run (too few samples for one global batch): one line, exit 2."""
 

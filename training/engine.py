@@ -7,8 +7,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from common.config import merged
+from common.config import ConfigError, merged
 from training.config import TrainConfig
+
+# DeepSpeed's dynamic loss scaling (its defaults, spelled out): start at 2^16, halve on an overflowing step
+# (which is skipped) after `hysteresis` of them, double after 1000 clean steps (torch's GradScaler, which
+# open_clip's amp uses, starts at 2^16 too)
+FP16_LOSS_SCALING = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -33,12 +39,33 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The generated DeepSpeed config with the run config's `deepspeed:` mapping merged over it."""
-    return merged(_generated_deepspeed_config(cfg), cfg.deepspeed)
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
 
 
-def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
+def run_precision(precision: str, device_type: str | None = None) -> str:
+    """What a `precision` runs as on `device_type` (default: DeepSpeed's accelerator): fp32, bf16 or fp16.
+    amp is open_clip's mixed precision: fp16 on GPUs; on CPU bf16, the dtype of torch's CPU autocast.
+    ConfigError where the accelerator has no fp16 (DeepSpeed refuses it on most CPUs)."""
+    from deepspeed.accelerator import get_accelerator
+    here = accelerator_name()
+    device_type = device_type or here
+    ran = {"amp": "bf16" if device_type == "cpu" else "fp16", "amp_bf16": "bf16"}.get(precision, precision)
+    if ran == "fp16" and device_type == here:  # only this machine's accelerator can be asked
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError("precision", f"{precision}: DeepSpeed has no fp16 on this {device_type} (its "
+                              "accelerator says so; fp16 needs a GPU); bf16 runs here (amp means bf16 on CPU)")
+    return ran
+
+
+def deepspeed_config(cfg: TrainConfig, device_type: str | None = None) -> dict:
+    """The generated DeepSpeed config for `device_type` (default: DeepSpeed's accelerator) with the run
+    config's `deepspeed:` mapping merged over it."""
+    return merged(_generated_deepspeed_config(cfg, run_precision(cfg.precision, device_type)), cfg.deepspeed)
+
+
+def _generated_deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.accumulation,
@@ -48,10 +75,11 @@ def _generated_deepspeed_config(cfg: TrainConfig) -> dict:
             "torch_adam": True, "fused": True}},
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        # bf16 weights, fp32 gradient accumulation (DeepSpeed's default under bf16 is bf16, which loses
+        "bf16": {"enabled": precision == "bf16"},
+        **({"fp16": FP16_LOSS_SCALING} if precision == "fp16" else {}),
+        # half weights, fp32 gradient accumulation (DeepSpeed's default is the weights' dtype, which loses
         # the small gradients of a long accumulation); stages 1-3 honour it, stage 0 cannot (refused)
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.precision == "bf16" else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if precision != "fp32" else {}),
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }

@@ -1,4 +1,4 @@
-"""The per-sample work of the DALI pipeline as one compiled DALI operator (numba_function).
+"""The sample op: the per-sample work of the DALI pipeline as one compiled DALI operator (numba_function).
 
 For every sample the webdataset reader hands over (JPEG, caption record, ".idx" member), the operator
   - parses the global sample index from the ".idx" member (ASCII digits),
@@ -50,7 +50,7 @@ def parse_index(digits) -> np.int64:
 def unpack_record(dctx, buf, record, starts, lengths, styles) -> np.int64:
     """Decompress one record into buf and find its texts: the text count (texts k at buf[starts[k]:] with
     lengths[k] ids and style id styles[k], -1 = none), or -1 when the record is damaged. Layout: uint16 LE
-    [n, word_1..word_n, ids...], word = length | (style id + 1) << 8 (loaders/store.py)."""
+    [n, word_1..word_n, ids...], word = length | (style id + 1) << 8 (loaders/caption_codec.py)."""
     got = decompress(dctx, buf.ctypes.data, RECORD_CAPACITY, record.ctypes.data, record.shape[0])
     if is_error(got) or got < 2:
         return np.int64(-1)
@@ -151,50 +151,3 @@ def sample_op(mode: str | None, max_texts: int, views: tuple, check: bool, ddict
     if key not in _COMPILED:
         _COMPILED[key] = _compile(*key)
     return _COMPILED[key]
-
-
-def _opencv_resize():
-    """FFCV's compiled resize (OpenCV INTER_AREA, the FFCV loader's filter) as a ctypes function, found
-    without importing ffcv; None when FFCV is not installed."""
-    import ctypes
-    import glob
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("ffcv")
-    found = glob.glob(os.path.join(os.path.dirname(spec.origin), "_libffcv*.so")) if spec and spec.origin else []
-    if not found:
-        return None
-    fn = ctypes.CDLL(found[0]).resize
-    fn.argtypes, fn.restype = [ctypes.c_int64] * 11, None
-    return fn
-
-
-def resize_op(size: int):
-    """A DALI NumbaFunction resizing a uint8 HWC image to size x size with OpenCV (through FFCV's library):
-    DALI's own CPU resize costs about 1 ms per 224 px image here, several times its ROI decode. None when
-    FFCV is not installed (then fn.resize serves)."""
-    key = ("resize", size)
-    if key not in _COMPILED:
-        _COMPILED[key] = _compile_resize(size)
-    return _COMPILED[key]
-
-
-def _compile_resize(size: int):
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba.experimental import NumbaFunction
-
-    resize = _opencv_resize()
-    if resize is None:
-        return None
-
-    def setup(outs, ins):
-        for s in range(len(outs[0])):
-            outs[0][s][0], outs[0][s][1], outs[0][s][2] = size, size, 3
-
-    def run(out, image):
-        resize(0, image.ctypes.data, image.shape[0], image.shape[1], 0, image.shape[0], 0, image.shape[1],
-               out.ctypes.data, size, size)
-
-    return NumbaFunction(run_fn=run, setup_fn=setup, out_types=[types.UINT8], in_types=[types.UINT8],
-                         outs_ndim=[3], ins_ndim=[3])
