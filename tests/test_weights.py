@@ -1,8 +1,6 @@
 """Weights people use: train.py's `pretrained:` start (an open_clip file + model name, an export or hub-layout
 folder, local-dir:), one weights file per export, and the hub layout push/load (model/hub.py), tested
-offline: the staged folder, huggingface_hub's own cache in offline mode, a refused connection, no token.
-
-open_clip is imported with the torchvision workaround of tests/test_ecosystem.py (test code only)."""
+offline: the staged folder, huggingface_hub's own cache in offline mode, a refused connection, no token."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +19,7 @@ from model import build_model
 from model.checkpoint import load_checkpoint, save_export, to_open_clip_state_dict
 from model.hub import stage
 from tests.conftest import REPO
-from tests.test_ecosystem import WORKAROUND, import_open_clip
+from tests.test_ecosystem import import_open_clip
 from training.config import TrainConfig
 from training.pretrained import PretrainedError, load_pretrained, start_weights
 
@@ -203,7 +201,8 @@ def hub_cache(root: Path) -> Path:
 
 def test_hf_hub_name_loads_from_the_cache_offline_in_ours_and_open_clip(staged, tmp_path):
     model, root = staged
-    code = WORKAROUND + """
+    import_open_clip()
+    code = """
 import torch, open_clip
 from model.checkpoint import load_checkpoint
 ours, info = load_checkpoint("hf-hub:me/tiny")
