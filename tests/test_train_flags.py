@@ -127,5 +127,5 @@ def test_fp16_trains_where_the_accelerator_has_it(tmp_path):
     assert finite and rows[-1]["lr"] > rows[0]["lr"], rows  # steps were taken: the warmup advanced
     log = (run_dir / "train.log").read_text()
     assert "precision: parameters float16, gradients accumulate in float32" in log, log
-    export = load_file(str(next((run_dir / "checkpoints").glob("step-*/export/model.safetensors"))))
+    export = load_file(str(next((run_dir / "checkpoints").glob("step-*/export/open_clip_model.safetensors"))))
     assert {v.dtype for v in export.values()} == {torch.float32}
