@@ -115,7 +115,8 @@ def run_train(tmp_path, run_dir, *sets, resume=None, flags=()):
     return subprocess.run(args, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("form", ["open_clip_file", "local_dir"])
+@pytest.mark.parametrize("form", ["open_clip_file",  # launches train.py: 5 s and 10 s on 2 cores
+                                  pytest.param("local_dir", marks=pytest.mark.slow)])
 def test_train_starts_from_pretrained_weights(tmp_path, form):
     """With lr=0 the step-1 export is the start weights, bit for bit: they reached the engine (ZeRO 1 and
     3), not a fresh build; train.log and config.yaml name the file and its sha256. local_dir also resumes: the
@@ -217,6 +218,7 @@ with torch.no_grad():
     assert proc.stdout.split() == ["export", "True"]
 
 
+@pytest.mark.slow  # four CLI runs: 7 s on 2 cores
 def test_hub_failures_are_one_line(staged, tmp_path):
     _, root = staged
     push = [sys.executable, "-m", "model.hub", "push", str(root / "export"), "me/tiny"]
