@@ -83,7 +83,7 @@ def convert_to_universal(tag_dir: Path, out: Path):
 
 def saved_world(client: dict) -> int:
     """The world size that wrote the checkpoint (client state; older ones hold one rng state per rank)."""
-    return client.get("world_size", len(client["rng"]))
+    return client["world_size"] if "world_size" in client else len(client["rng"])
 
 
 def data_position(client: dict, cfg, world: int) -> tuple[int, int]:
