@@ -58,6 +58,7 @@ from training.checkpoints import (full_fp32_state_dict, refuse_existing_run, res
                                   save_checkpoint, set_rng_state)
 from training.config import TrainConfig, config_dict, load_config  # noqa: E402
 from training.data import DataError, MicroBatches, dataset_samples  # noqa: E402
+from training.elastic import ElasticError, data_position, prepare_resume, saved_world  # noqa: E402
 from training.engine import build_engine, clamp_logit_scale, precision_summary, run_precision  # noqa: E402
 from training.logger import Logger  # noqa: E402
 
@@ -408,21 +409,37 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
     wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
-    engine = build_engine(cfg, model_config, start_state)
+    how_resumed = None  # a checkpoint of another world size: how it was converted (training/elastic.py)
+    if resume_from:
+        try:
+            *resume_from, how_resumed = prepare_resume(*resume_from, rank, world)
+        except ElasticError as err:
+            raise UsageError(err) from None
+    engine = build_engine(cfg, model_config, start_state, load_universal=how_resumed is not None)
     del start_state
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    last_checkpoint = None
+    last_checkpoint, world_note = None, None
     if resume_from:
         load_dir, tag = resume_from
         path, client = engine.load_checkpoint(str(load_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"--resume {args.resume}: DeepSpeed could not load {load_dir}/{tag}")
-        step, epoch, batch_in_epoch = client["step"], client["epoch"], client["batch_in_epoch"]
+        try:
+            epoch, batch_in_epoch = data_position(client, cfg, world)
+        except ElasticError as err:
+            raise UsageError(err) from None
+        step = client["step"]
         set_rng_state(client["rng"][rank % len(client["rng"])])
         last_checkpoint = Path(load_dir) / tag
+        if saved_world(client) != world:
+            world_note = (f"world size changed from {saved_world(client)} to {world} rank(s): "
+                          f"{how_resumed or 'ZeRO 0 holds the whole optimizer state, loaded as it is'}; data "
+                          f"position {client['batch_in_epoch']} x {client['config']['micro_batch']} x "
+                          f"{saved_world(client)} -> {batch_in_epoch} x {cfg.micro_batch} x {world} "
+                          f"samples into epoch {epoch}")
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams for anything random below
     data = MicroBatches(cfg, rank, world, image_size, epoch, batch_in_epoch)
@@ -437,6 +454,10 @@ def main(argv=None) -> int:
     logger.note(precision_summary(engine))
     if pretrained_note:
         logger.note(pretrained_note)
+    if world_note:
+        logger.note(world_note)
+        if rank == 0:
+            print(f"train: {world_note}", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     global_batch = cfg.micro_batch * cfg.accumulation * world
     status, exit_code = "finished", 0

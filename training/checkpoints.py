@@ -57,7 +57,8 @@ def save_checkpoint(engine, cfg, model_config: dict, step: int, data, rank: int)
     tag = f"step-{step:07d}"
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())
-    client = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "epoch": data.epoch,
+    client = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
+              "epoch": data.epoch,
               "batch_in_epoch": data.batch, "rng": rngs, "config": config_dict(cfg)}
     # DeepSpeed writes `latest` before the other ranks finish their shards; we move it ourselves, last
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)

@@ -85,8 +85,10 @@ def _generated_deepspeed_config(cfg: TrainConfig, precision: str) -> dict:
     }
 
 
-def build_engine(cfg: TrainConfig, model_config: dict, start_state: dict | None = None):
-    """start_state: pretrained weights (training/pretrained.py), loaded before DeepSpeed wraps the model."""
+def build_engine(cfg: TrainConfig, model_config: dict, start_state: dict | None = None,
+                 load_universal: bool = False):
+    """start_state: pretrained weights (training/pretrained.py), loaded before DeepSpeed wraps the model;
+    load_universal: the engine will load a universal checkpoint (a resume at another world size)."""
     import deepspeed
     from model import build_model
     from torch.optim.lr_scheduler import LambdaLR
@@ -98,7 +100,8 @@ def build_engine(cfg: TrainConfig, model_config: dict, start_state: dict | None 
     model.set_attention(cfg.attention)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay),
-        config=deepspeed_config(cfg), lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
+        config=merged(deepspeed_config(cfg), {"checkpoint": {"load_universal": True}} if load_universal else {}),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(cfg)))
     if cfg.zero_stage == 0 and dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False  # one rank: the gradient all-reduce only copies
     if cfg.compile:
