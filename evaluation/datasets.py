@@ -542,13 +542,25 @@ def clip_benchmark_name(name: str) -> str:
 
 
 def open_eval_set(name: str, root: str | Path) -> EvalSet:
-    """Open one set by name under `root` (the folder holding each set's own folder)."""
+    """Open one set by name under `root` (the folder holding each set's own folder). A URL as `root`, or
+    as the folder of captions:/folder:, is read from its local copy (common/remote_copy.py: the whole
+    folder, once)."""
     name = canonical_name(name)
-    if name.startswith("captions:"):
-        return _captions(name.split(":", 1)[1])
-    if name.startswith("folder:"):
-        return _folder(name.split(":", 1)[1])
-    return ADAPTERS[name](Path(root))
+    if name.startswith(("captions:", "folder:")):
+        kind, where = name.split(":", 1)
+        return (_captions if kind == "captions" else _folder)(_local(where))
+    return ADAPTERS[name](Path(_local(str(root))))
+
+
+def _local(where: str) -> str:
+    from common.io import RemoteError, is_url
+    if not is_url(where):
+        return where
+    from common.remote_copy import local_copy
+    try:
+        return str(local_copy(where))
+    except RemoteError as err:
+        raise DatasetError(str(err)) from None
 
 
 def fetch_mnist(dest: str | Path = ".cache/datasets") -> Path:
