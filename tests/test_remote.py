@@ -5,9 +5,7 @@ into a local cache, keyed by URL and content, and re-used.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import os
@@ -20,28 +18,19 @@ from pathlib import Path
 import pytest
 
 from common.io import RemoteError, expand_shards, open_input
-from tests.conftest import REPO
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # the downloads are counted, not printed
-        if self.command == "GET":
-            self.server.requests.append(self.path)
+from tests.conftest import REPO, serve_folder
 
 
 @pytest.fixture
 def serve():
-    """serve(folder) -> base URL of an HTTP server on 127.0.0.1 (a free port: the OS picks it at bind)
-    whose `.requests` lists the paths of its GET requests; stopped at the end of the test."""
+    """serve(folder) -> base URL of a real HTTP server on 127.0.0.1 (conftest.serve_folder);
+    `serve.requests` lists the paths of the last one's GET requests; stopped at the end of the test."""
     servers = []
 
     def start(folder) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-        server.requests = []
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        start.requests = server.requests
-        return f"http://127.0.0.1:{server.server_port}"
+        servers.append(serve_folder(folder))
+        start.requests = servers[-1].requests
+        return servers[-1].url
     yield start
     for server in servers:
         server.shutdown()
