@@ -11,6 +11,10 @@ into a file it keeps open (the caption store's shards) takes its name from `temp
 
 Reads of JSONL name the file and line of a bad row, in the caller's error type: a malformed row means
 the file is not what we think it is, and the user needs to know where.
+
+Inputs may be URLs (https://, s3://, gs://, any fsspec protocol) or `pipe:CMD`: this is the one place that
+recognises and opens them (`is_url`, `open_input`, `expand_shards`); a failure is a RemoteError naming
+the URL. common/remote_copy.py makes the local copies of remote packs and eval sets on top of it.
 """
 from __future__ import annotations
 
@@ -191,8 +195,9 @@ def url_fs(url: str):
 
 
 def check_url(url: str) -> None:
-    """Raise RemoteError unless `url` can be read now (its first byte: HTTP's HEAD answers 404 and an
-    unreachable host alike, a read tells them apart). A pipe: command is only checked when it runs."""
+    """Raise RemoteError unless `url` can be read now. Over HTTP its first byte is read: fsspec's HEAD
+    says "not found" for an unreachable host too, a read tells the two apart. A pipe: command is only
+    checked when it runs."""
     if url.startswith("pipe:"):
         return
     fs, path = url_fs(url)

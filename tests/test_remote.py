@@ -189,6 +189,25 @@ def test_eval_root_and_caption_file_from_urls(cache, serve, tmp_path):
         open_eval_set("captions:" + base + "/nothing", "data")
 
 
+def test_folder_copy_from_memory_store_is_keyed_by_names_and_sizes(cache):
+    """A folder in fsspec's memory store (listed with sizes, as object stores are): copied with its
+    sub-folders, reused while unchanged, a new copy when a file changes size."""
+    import fsspec
+
+    from common.remote_copy import local_copy
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file("/evalroot/folderset/test/cat/0.txt", b"meow")
+    memory.pipe_file("/evalroot/folderset/test/dog/0.txt", b"woof")
+    first = local_copy("memory://evalroot/folderset/")
+    assert first.name == "folderset" and first.parent.parent == cache
+    assert {str(p.relative_to(first)): p.read_bytes() for p in first.rglob("*.txt")} == \
+        {"test/cat/0.txt": b"meow", "test/dog/0.txt": b"woof"}
+    assert local_copy("memory://evalroot/folderset") == first
+    memory.pipe_file("/evalroot/folderset/test/dog/0.txt", b"woof woof")
+    second = local_copy("memory://evalroot/folderset")
+    assert second != first and (second / "test" / "dog" / "0.txt").read_bytes() == b"woof woof"
+
+
 # ----------------------------------------------------------------------------- the whole path over HTTP
 
 def _run(argv: list[str], env: dict, timeout: int = 300) -> str:
