@@ -19,9 +19,9 @@ in open_clip's hub layout, one weights file). `latest`
 names a checkpoint only once every rank's files and the export are written. SIGTERM, or the death of the
 launcher that started the ranks: checkpoint at the next step boundary, then exit 0. A non-finite loss
 stops the run (exit 3) before the bad update. Problems found before the first step (an unwritable run
-directory, a data_root that is not a pack, a missing or empty --resume checkpoint, a missing eval set, a
-bad config, a launch without a rank) print one line and exit 2, as does a run_dir that already holds a
-run, unless resuming, and a data error met during training (a corrupt record: every rank stops with the
+directory, a data_root that is not a pack or an unreadable URL, a missing or empty --resume checkpoint, a
+missing eval set, a bad config, a launch without a rank) print one line and exit 2, as does a run_dir that
+already holds a run, unless resuming, and a data error met during training (a corrupt record: every rank stops with the
 PackError's line naming tar, sample and key); `--resume latest` starts fresh when
 there is nothing to resume. keep_checkpoints=N keeps the newest N; eval_every=N runs zero-shot evaluation
 (eval.py's code) on eval_datasets every N steps, logged beside the loss; the `deepspeed:` mapping of the
@@ -155,7 +155,9 @@ class UsageError(Exception):
 
 
 def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[str]:
-    """This rank's problems that would otherwise surface mid-run (at the first save, the first batch)."""
+    """This rank's problems that would otherwise surface mid-run (at the first save, the first batch). A
+    remote data_root is copied here (one process per cache folder downloads, the others wait) and
+    cfg.data_root becomes the local copy; config.yaml keeps the URL."""
     problems = []
     if cfg.attention == "xformers":
         from model.attention import xformers_problem
@@ -170,6 +172,13 @@ def preflight(cfg: TrainConfig, resume: str | None, rank: int, device) -> list[s
         probe.unlink()
     except OSError as err:
         problems.append(f"run_dir {run_dir}: cannot write checkpoints there ({err.strerror or err})")
+    from common.io import RemoteError, is_url
+    if cfg.data != "synthetic" and is_url(cfg.data_root):  # every rank reads the node's local copy
+        from common.remote_copy import local_copy
+        try:
+            cfg.data_root = str(local_copy(cfg.data_root))
+        except RemoteError as err:
+            return problems + [f"data_root {err}"]
     if cfg.data != "synthetic" and not Path(cfg.data_root).is_dir():
         problems.append(f"data_root {cfg.data_root}: no such directory (expected a packed dataset)")
     elif cfg.data != "synthetic":
@@ -380,6 +389,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise UsageError(err) from err
     rank, world, device = init_distributed(cfg.collective_timeout_s)
+    given = config_dict(cfg)  # as asked (a remote data_root is replaced by its local copy next)
     preflight_all_ranks(cfg, args.resume, rank, device)
     if cfg.epochs:  # open_clip's --epochs: the schedule's length from the data's size and the global batch
         cfg = dataclasses.replace(cfg, total_steps=math.ceil(
@@ -407,7 +417,7 @@ def main(argv=None) -> int:
     dist.barrier()  # every rank has looked (preflight: refuse_existing_run) before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(given, sort_keys=False))
     wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
     how_resumed = None  # a checkpoint of another world size: how it was converted (training/elastic.py)
     if resume_from:

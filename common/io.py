@@ -11,11 +11,16 @@ into a file it keeps open (the caption store's shards) takes its name from `temp
 
 Reads of JSONL name the file and line of a bad row, in the caller's error type: a malformed row means
 the file is not what we think it is, and the user needs to know where.
+
+Inputs may be URLs (https://, s3://, gs://, any fsspec protocol) or `pipe:CMD`: this is the one place that
+recognises and opens them (`is_url`, `open_input`, `expand_shards`); a failure is a RemoteError naming
+the URL. common/remote_copy.py makes the local copies of remote packs and eval sets on top of it.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -137,25 +142,163 @@ def read_jsonl(path, error: type[Exception] = ValueError) -> Iterator[tuple[int,
     return parse_jsonl(utf8_lines(path, error), path, error)
 
 
-REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+# ---- remote inputs ----------------------------------------------------------------------------------
+# URLs are read through fsspec (https://, s3://, gs://, memory://, file://, ...); `pipe:CMD` reads what a
+# shell command writes to its stdout, as webdataset does (`pipe:curl -s URL`, `pipe:aws s3 cp URL -`).
+# Tar shards stream from there; packs and eval sets, which the loaders need as local files, are copied
+# once into a local cache (common/remote_copy.py). Every failure is a RemoteError naming the URL.
+URL = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+# the package fsspec needs for a scheme (its optional extras): named in the error when it is missing
+PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 
 
-def refuse_remote(spec: str, error: type[Exception] = ValueError) -> None:
-    """A URL or `pipe:` command is an error saying what is read instead (not "shards do not exist")."""
-    if REMOTE.match(spec):
-        raise error(f"{spec}: remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported; "
-                    "copy the data here and give its local path (a file, a folder, a glob or a {a..b} brace "
-                    "list)")
+class RemoteError(ValueError):
+    """A URL or pipe: command cannot be read (host unreachable, not found, a package missing): one line."""
+
+
+def is_url(spec) -> bool:
+    return isinstance(spec, str) and bool(URL.match(spec))
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower()
+
+
+@contextlib.contextmanager
+def remote_errors(url: str) -> Iterator[None]:
+    """Whatever fsspec, its backends or the network raise while reading `url`, as one RemoteError line."""
+    try:
+        yield
+    except RemoteError:
+        raise
+    except ImportError as e:
+        package = PACKAGES.get(_scheme(url)) or e.name or "?"
+        raise RemoteError(f"{url}: reading {_scheme(url)}:// needs the {package} package (pip install "
+                          f"{package})") from None
+    except FileNotFoundError:
+        raise RemoteError(f"{url}: not found (no such file or object there)") from None
+    except Exception as e:  # aiohttp's, botocore's, google's errors have no common base but Exception
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise RemoteError(f"{url}: cannot read it ({type(e).__name__}: {detail})") from None
+
+
+def url_fs(url: str):
+    """(fsspec file system, path in it) of a URL; HTTP waits at most 30 s for a connection."""
+    with remote_errors(url):
+        import fsspec
+        options = {}
+        if _scheme(url) in ("http", "https"):
+            import aiohttp
+            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                          sock_read=300)}
+        return fsspec.core.url_to_fs(url, **options)
+
+
+def check_url(url: str) -> None:
+    """Raise RemoteError unless `url` can be read now. Over HTTP its first byte is read: fsspec's HEAD
+    says "not found" for an unreachable host too, a read tells the two apart. A pipe: command is only
+    checked when it runs."""
+    if url.startswith("pipe:"):
+        return
+    fs, path = url_fs(url)
+    with remote_errors(url):
+        if _scheme(url) in ("http", "https"):
+            fs.cat_file(path, start=0, end=1)
+        elif not fs.isfile(path):
+            raise FileNotFoundError(url)
+
+
+class _Reader(io.RawIOBase):
+    """A stream read from a URL (fsspec) or a pipe: command's stdout whose failures are RemoteErrors: a
+    command that exits non-zero fails at the end of its output, so a truncated tar is never taken for a
+    short one."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url, self.proc = url, None
+        if url.startswith("pipe:"):
+            import subprocess
+            self.stderr = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.stderr)
+            self.stream = self.proc.stdout
+        else:
+            fs, path = url_fs(url)
+            http = _scheme(url) in ("http", "https")
+            with remote_errors(url):
+                try:  # HTTP: one streamed GET instead of a range request per block
+                    self.stream = fs.open(path, "rb", **({"block_size": 0} if http else {}))
+                except FileNotFoundError:
+                    if http:  # fsspec says "not found" for an unreachable server too: a read tells which
+                        fs.cat_file(path, start=0, end=1)
+                    raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with remote_errors(self.url):
+            data = self.stream.read(len(buffer))
+        if not data and self.proc is not None:
+            self._check_exit()
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _check_exit(self) -> None:
+        status = self.proc.wait()
+        if status != 0:
+            self.stderr.seek(0)
+            said = [line for line in self.stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            raise RemoteError(f"{self.url}: the command exited with status {status}"
+                              + (f" ({said[-1].strip()})" if said else ""))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.stream.close()
+            if self.proc is not None:
+                self.proc.wait()
+                self.stderr.close()
+        super().close()
+
+
+def open_input(spec: str | os.PathLike):
+    """A binary stream of a local file, a URL or a pipe: command's output (failures: RemoteError)."""
+    if not is_url(spec):
+        return open(spec, "rb")
+    return io.BufferedReader(_Reader(spec), 1 << 20)
+
+
+def _expand_urls(spec: str, error: type[Exception]) -> list[str]:
+    """A URL or pipe: spec, brace lists expanded (webdataset's syntax); a URL glob (`*`) or a folder
+    URL ending in `/` lists the store's .tar files (object stores list; HTTP only with an index page)."""
+    from braceexpand import braceexpand
+    expanded = list(braceexpand(spec)) if "{" in spec else [spec]
+    if spec.startswith("pipe:"):
+        return expanded
+    urls = []
+    for url in expanded:
+        if not (glob.has_magic(url) or url.endswith("/")):
+            urls.append(url)
+            continue
+        fs, path = url_fs(url)
+        with remote_errors(url):
+            found = fs.glob(path) if glob.has_magic(url) else fs.find(path)
+        found = sorted(p for p in found if p.endswith(".tar"))
+        urls += [p if is_url(p) else fs.unstrip_protocol(p) for p in found]
+    if not urls:
+        raise error(f"{spec}: no tar shards found")
+    return list(dict.fromkeys(urls))
 
 
 def expand_shards(spec: str | os.PathLike | Iterable, error: type[Exception] = ValueError) -> list[str]:
     """A tar file, a directory of tars, a glob, a webdataset brace list (`shards/{00000..00099}.tar`,
-    braceexpand's syntax), or a list of those -> tar paths (each glob sorted, brace lists in their order).
+    braceexpand's syntax), a URL or pipe: command (the same forms: _expand_urls), or a list of those ->
+    tar paths or URLs (each glob sorted, brace lists in their order).
     A brace list naming a file that does not exist is an error naming it."""
     if not isinstance(spec, (str, os.PathLike)):
         return list(dict.fromkeys(p for s in spec for p in expand_shards(s, error)))
     spec = os.fspath(spec)
-    refuse_remote(spec, error)
+    if is_url(spec):
+        return _expand_urls(spec, error)
     if os.path.isdir(spec):
         tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not tars:

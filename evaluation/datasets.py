@@ -577,12 +577,28 @@ def clip_benchmark_name(name: str) -> str:
 
 
 def open_eval_set(name: str, root: str | Path) -> EvalSet:
-    """Open one set by name under `root` (the folder holding each set's own folder)."""
+    """Open one set by name under `root` (the folder holding each set's own folder). A URL as `root`, or
+    as the folder of captions:/folder:, is read from its local copy (common/remote_copy.py: the whole
+    folder, once)."""
     name = canonical_name(name)
     for prefix, adapter in PREFIXES.items():
         if name.startswith(prefix):
-            return adapter(name[len(prefix):], Path(root))
-    return ADAPTERS[name](Path(root))
+            spec = name[len(prefix):]
+            if prefix in ("captions:", "folder:"):  # the spec is the folder; the root is not read
+                return adapter(_local(spec), Path(root))
+            return adapter(spec, Path(_local(str(root))))
+    return ADAPTERS[name](Path(_local(str(root))))
+
+
+def _local(where: str) -> str:
+    from common.io import RemoteError, is_url
+    if not is_url(where):
+        return where
+    from common.remote_copy import local_copy
+    try:
+        return str(local_copy(where))
+    except RemoteError as err:
+        raise DatasetError(str(err)) from None
 
 
 def fetch_mnist(dest: str | Path = ".cache/datasets") -> Path:

@@ -316,7 +316,7 @@ def iter_samples(name: str, out_dir: str | None = None, *, split: str | None = N
 def open_source(spec: str, report: IngestReport, *, image_root: str | None = None,
                 data_root: str | None = None, max_samples: int | None = None) -> Iterator[Sample]:
     """Dispatch on what `spec` is: a builder name ("openclipart", "emoji"), an image folder with a captions
-    file, a .csv (LaCLIP), or tar shards (file, directory of tars or glob)."""
+    file, a .csv (LaCLIP), or tar shards (file, directory of tars, glob, brace list, URL or pipe:)."""
     if spec in BUILDERS:
         root = build_dataset(spec, os.path.join(data_root or default_cache(), spec), max_samples=max_samples)
         return iter_image_folder(root, report)
@@ -333,9 +333,18 @@ def open_source(spec: str, report: IngestReport, *, image_root: str | None = Non
 
 def check_source(spec: str) -> None:
     """What open_source cannot read, as one IngestError saying what it does read, before any work starts:
-    a URL, a missing or empty captions file, missing tar shards, a name that is neither a path nor a builder."""
-    from common.io import expand_shards, refuse_remote
-    refuse_remote(spec, IngestError)
+    a missing or empty captions file, missing tar shards, an unreadable URL (its first shard is read), a name
+    that is neither a path nor a builder."""
+    from common.io import RemoteError, check_url, expand_shards, is_url
+    if is_url(spec):
+        if spec.endswith((".csv", ".jsonl")) or spec.rstrip("/").endswith("captions"):
+            raise IngestError(f"{spec}: remote inputs are tar shards (https://, s3://, gs://, pipe:CMD; a brace "
+                              "list or glob of them); a captions file with images needs local files")
+        try:
+            check_url(expand_shards(spec, IngestError)[0])
+        except RemoteError as e:
+            raise IngestError(str(e)) from None
+        return
     if spec in BUILDERS:
         return
     captions = spec if spec.endswith((".csv", ".jsonl")) else (

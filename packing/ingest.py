@@ -22,7 +22,7 @@ import re
 import tarfile
 from typing import Iterable, Iterator
 
-from common.io import expand_shards as _expand_shards, read_jsonl, utf8_lines
+from common.io import expand_shards as _expand_shards, open_input, read_jsonl, utf8_lines
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Keys become tar member names and lines of keys.txt: no dots (DALI splits the extension at the first
@@ -114,7 +114,7 @@ def iter_webdataset(shards, report: IngestReport) -> Iterator[Sample]:
 def _iter_one_tar(shard: str, report: IngestReport) -> Iterator[Sample]:
     group: dict[str, bytes] = {}
     current = None
-    with tarfile.open(shard, "r|*") as tar:
+    with open_input(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:  # a path or a URL
         for member in tar:
             if not member.isfile():
                 continue

@@ -726,13 +726,14 @@ def cli(argv=None) -> None:
     """`python -m packing`: a bad input or a damaged file is one line on stderr and exit status 2; an
     --out folder this run created and left empty is removed."""
     from common.config import fail
+    from common.io import RemoteError
     from common.ranks import RankError
 
     cfg = parse_args(argv)
     created = bool(cfg.out) and not os.path.exists(cfg.out)
     try:
         pack(cfg)
-    except (PackError, IngestError, StoreError, RankError) as e:  # a user's input or launch: one line
+    except (PackError, IngestError, StoreError, RankError, RemoteError) as e:  # a user's input or launch
         if created and _alone(cfg) and not _holds_samples(cfg.out):  # nothing a re-run could reuse
             shutil.rmtree(cfg.out, ignore_errors=True)
         fail("pack", e)

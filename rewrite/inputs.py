@@ -5,8 +5,9 @@
   the key), or img2dataset's `url,caption` parquet-like exports with a `key` column.
 - .jsonl: one object per line with "key" and "caption".
 - img2dataset output: webdataset tars (a .tar, a folder of them, a glob or a brace list such as
-  `shards/{00000..00099}.tar`); the key is the sample's name, the caption its .txt member (else "caption"
-  in its .json). Only caption members are read, never the images.
+  `shards/{00000..00099}.tar`, local or a URL / pipe: command, streamed); the key is the sample's name, the
+  caption its .txt member (else "caption" in its .json). Only caption members are read, never the images.
+- a URL of one caption file (https://, s3://, gs://): read from its local copy (common/remote_copy.py).
 - .parquet (img2dataset's per-shard tables or its url/caption input; needs pyarrow): "caption" (or
   "TEXT"/"text") and "key" columns; without a key column the key is the 0-based row number over the file.
 Malformed rows (and bytes that are not UTF-8) stop the run with an error naming the file and the line
@@ -17,7 +18,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from common.io import expand_shards, read_jsonl, refuse_remote
+from common.io import expand_shards, is_url, open_input, read_jsonl
 
 KEY_COLUMNS = ("key", "relative_image_path")
 
@@ -45,7 +46,7 @@ def _read_tars(spec: str, seen: dict) -> list[tuple[str, str]]:
     for shard in expand_shards(spec):
         texts: dict[str, str] = {}
         try:
-            with tarfile.open(shard) as tar:
+            with open_input(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:  # path or URL
                 for member in tar:
                     stem, _, ext = member.name.rpartition("/")[2].partition(".")
                     if not member.isfile() or ext not in ("txt", "json"):
@@ -117,10 +118,12 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
 
 
 def _read_rows(path: str | Path) -> list[tuple[str, str]]:
-    refuse_remote(str(path))
     seen: dict[str, int] = {}
     if _is_tar_spec(str(path)):
         return _read_tars(str(path), seen)
+    if is_url(str(path)):  # one caption file: read from its local copy (common/remote_copy.py)
+        from common.remote_copy import local_copy
+        path = local_copy(str(path))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption file {path} does not exist")

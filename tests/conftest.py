@@ -113,3 +113,21 @@ def make_tiny_model(path: Path) -> str:
     tr.LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
+
+
+def serve_folder(folder):
+    """A real HTTP server on 127.0.0.1 serving `folder` from a thread (port: the free one the OS picks at
+    bind); `.url` is its base URL, `.requests` the paths of its GET requests. Stop it with .shutdown()."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the downloads are counted, not printed
+            if self.command == "GET":
+                self.server.requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    server.requests, server.url = [], f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -7,6 +7,7 @@ with the PackError's line (naming tar, sample and key), not with torch's distrib
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -16,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, serve_folder
+
 TRAIN = ["train.py", "--config", "configs/train_tiny.yaml", "--set", "progress=false", "--set", "stop_after=2"]
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict:
+def inputs(tmp_path_factory):
     """Paths the rows name: an image folder (not a pack), its pack, a copy of the pack with one caption
-    record damaged, an export, empty caption files, an empty step-* folder, a run_dir holding a run."""
+    record damaged, an export, empty caption files, an empty step-* folder, a run_dir holding a run; `url`: a
+    real HTTP server on 127.0.0.1 serving the root folder."""
     from PIL import Image
     from packing.pack import PackConfig, pack
     from model.checkpoint import save_export
@@ -58,7 +61,10 @@ def inputs(tmp_path_factory) -> dict:
     (root / "used_run").mkdir()
     (root / "used_run" / "config.yaml").write_text("data: synthetic\n")
     key = (packed / "keys.txt").read_text().split()[2]
-    return {"root": root, "folder": folder, "packed": packed, "damaged": damaged, "key": key}
+    server = serve_folder(root)  # for the remote rows
+    yield {"root": root, "folder": folder, "packed": packed, "damaged": damaged, "key": key, "url": server.url}
+    server.shutdown()
+    server.server_close()
 
 
 # (id, command, the fragment of the one line, what must not exist afterwards, extra environment)
@@ -108,10 +114,27 @@ ROWS = [
     # python -m packing
     ("pack-missing-jsonl", ["-m", "packing", "--input", "{root}/missing.jsonl", "--out", "{out}"],
      "pack: error: {root}/missing.jsonl: no such file", "{out}", {}),
-    ("pack-https", ["-m", "packing", "--input", "https://example.com/shards/{{000..003}}.tar", "--out", "{out}"],
-     "remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported", "{out}", {}),
-    ("pack-pipe", ["-m", "packing", "--input", "pipe:curl -s https://example.com/a.tar", "--out", "{out}"],
-     "remote or streamed inputs (https://, s3://, gs://, pipe:) are not supported", "{out}", {}),
+    # remote inputs ({url}: a real HTTP server on 127.0.0.1 serving {root}; port 1: nothing listens)
+    ("pack-http-404", ["-m", "packing", "--input", "{url}/shards/{{000..003}}.tar", "--out", "{out}"],
+     "pack: error: {url}/shards/000.tar: not found", "{out}", {}),
+    ("pack-http-unreachable", ["-m", "packing", "--input", "http://127.0.0.1:1/shards/{{000..003}}.tar", "--out",
+                               "{out}"],
+     "http://127.0.0.1:1/shards/000.tar: cannot read it (ClientConnectorError: Cannot connect to host", "{out}", {}),
+    ("pack-pipe-fails", ["-m", "packing", "--input", "pipe:cat {root}/missing.tar", "--out", "{out}"],
+     "pack: error: pipe:cat {root}/missing.tar: the command exited with status 1 (cat: ", "{out}", {}),
+    ("pack-s3-without-s3fs", ["-m", "packing", "--input", "s3://bucket/shards/{{0..1}}.tar", "--out", "{out}"],
+     "s3://bucket/shards/0.tar: reading s3:// needs the s3fs package (pip install s3fs)", "{out}", {}),
+    ("pack-remote-captions-file", ["-m", "packing", "--input", "{url}/images/captions.jsonl", "--out", "{out}"],
+     "remote inputs are tar shards", "{out}", {}),
+    ("train-data-root-http-404", TRAIN + ["--set", "data=torch", "--set", "data_root={url}/nopack", "--set",
+                                          "run_dir={out}"],
+     "train: error: data_root {url}/nopack: not found", "{out}/config.yaml", {}),
+    ("train-data-root-pipe", TRAIN + ["--set", "data=torch", "--set", "data_root=pipe:cat x.tar", "--set",
+                                      "run_dir={out}"],
+     "data_root pipe:cat x.tar: a pipe: command streams tar shards only", "{out}/config.yaml", {}),
+    ("eval-data-root-unreachable", ["eval.py", "--checkpoint", "{root}/export", "--datasets", "mnist", "--data-root",
+                                    "http://127.0.0.1:1/eval", "--out", "{out}"],
+     "eval.py: error: http://127.0.0.1:1/eval: cannot read it (ClientConnectorError", "{out}", {}),
     ("pack-unknown-builder", ["-m", "packing", "--input", "opnclipart", "--out", "{out}"],
      "opnclipart: no such file or folder, and not a builder name (did you mean 'openclipart'? builders: emoji, "
      "openclipart)", "{out}", {}),
@@ -125,8 +148,8 @@ ROWS = [
     ("rewrite-empty-captions", ["-m", "rewrite", "--engine", "eda", "--input", "{root}/empty.txt", "--out", "{out}",
                                 "--no-progress"],
      "rewrite: error: {root}/empty.txt: no captions (an empty file)", "{out}", {}),
-    ("rewrite-https", ["-m", "rewrite", "--engine", "eda", "--input", "https://example.com/c.txt", "--out", "{out}"],
-     "remote or streamed inputs", "{out}", {}),
+    ("rewrite-http-404", ["-m", "rewrite", "--engine", "eda", "--input", "{url}/c.txt", "--out", "{out}"],
+     "rewrite: error: {url}/c.txt: not found", "{out}", {}),
     # python -m benchmarks
     ("benchmarks-corpus-is-no-benchmark", ["-m", "benchmarks", "corpus"],
      "unknown benchmark 'corpus'; available: all, eval, gpu, loader, pack, rewrite, store, train", None, {}),
@@ -142,14 +165,16 @@ def _env(extra: dict) -> dict:
 def test_user_error_is_one_line_and_exit_2(inputs, tmp_path, name, command, fragment, gone, env):
     if name == "pack-broken-tar":  # a file named .tar that is not a tar
         (inputs["folder"] / "captions.jsonl.tar").write_bytes(b"not a tar archive\n" * 40)
-    paths = {k: v for k, v in inputs.items() if isinstance(v, Path)} | {"out": tmp_path / "out"}
+    if name == "pack-s3-without-s3fs" and importlib.util.find_spec("s3fs"):
+        pytest.skip("s3fs is installed here")
+    paths = {k: v for k, v in inputs.items() if isinstance(v, (Path, str))} | {"out": tmp_path / "out"}
     argv = [part.format(**paths) for part in command]
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=_env(env), capture_output=True, text=True,
                           timeout=180)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    if name == "pack-broken-tar":  # the tar is read once staging has started: its progress bar went first
+    if name in ("pack-broken-tar", "pack-pipe-fails"):  # read once staging has started: its progress bar went first
         lines = lines[-1:]
     assert len(lines) == 1, proc.stderr
     assert fragment.format(**paths) in lines[0], lines[0]
