@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     image_size = engine.module.image_size
     losses = {"clip": ClipLoss(), "mt": LaClipMTLoss(cfg.mt_text_to_image), "simclr": SimClrLoss()}
 
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, remaining = 0, 0, 0, None
     last_checkpoint, world_note = None, None
     if resume_from:
         load_dir, tag = resume_from
@@ -438,7 +438,7 @@ def main(argv=None) -> int:
         if path is None:
             raise FileNotFoundError(f"--resume {args.resume}: DeepSpeed could not load {load_dir}/{tag}")
         try:
-            epoch, batch_in_epoch = data_position(client, cfg, world)
+            epoch, batch_in_epoch, remaining = data_position(client, cfg, world)
         except ElasticError as err:
             raise UsageError(err) from None
         step = client["step"]
@@ -448,11 +448,14 @@ def main(argv=None) -> int:
             world_note = (f"world size changed from {saved_world(client)} to {world} rank(s): "
                           f"{how_resumed or 'ZeRO 0 holds the whole optimizer state, loaded as it is'}; data "
                           f"position {client['batch_in_epoch']} x {client['config']['micro_batch']} x "
-                          f"{saved_world(client)} -> {batch_in_epoch} x {cfg.micro_batch} x {world} "
-                          f"samples into epoch {epoch}")
+                          f"{saved_world(client)} -> " + (
+                              f"{batch_in_epoch} x {cfg.micro_batch} x {world} samples into epoch {epoch}"
+                              if remaining is None or client["batch_in_epoch"] == 0 else
+                              f"the {sum(b - a for a, b in remaining)} samples epoch {epoch} has left, "
+                              f"re-sliced over {world} rank(s)"))
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams for anything random below
-    data = MicroBatches(cfg, rank, world, image_size, epoch, batch_in_epoch)
+    data = MicroBatches(cfg, rank, world, image_size, epoch, batch_in_epoch, remaining)
 
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.update(reason="SIGTERM"))
     end_step = min(cfg.stop_after or cfg.total_steps, cfg.total_steps)

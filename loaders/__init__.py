@@ -37,6 +37,8 @@ def build_loader(kind: str, root, config=None, **overrides):
     with probability p_original, rewrite styles (by name, in the store's style order, or by position) in
     proportion to their weights, renormalised over the texts each sample has; both None (the default) is
     the uniform draw. Deterministic in (seed, epoch, index) and the same in every loader.
+    remaining=((start, stop), ...) narrows the epoch to those ranges of its order, sliced into ranks as the
+    whole order is (loaders.sampling; a resume at another world size mid-epoch).
     """
     import dataclasses
 

@@ -40,6 +40,7 @@ class LoaderConfig:
     pin_memory: bool = False  # page-locked CPU tensors (with CUDA only) for non_blocking copies to a GPU
     p_original: float | None = None  # weighted caption draw (sampling.caption_weights); None and None:
     style_weights: dict | tuple | None = None  # uniform over a sample's texts, today's draw exactly
+    remaining: tuple | None = None  # ((start, stop), ...) of the epoch's order left to read (None: all)
 
 
 class PackedLoader:
@@ -55,7 +56,7 @@ class PackedLoader:
         self.packed: PackedMeta = read_meta(root)
         self.sampler = EpochSampler(self.packed.shards, seed=c.seed, epoch=c.epoch, batch_size=c.batch_size,
                                     rank=c.rank, world_size=c.world_size, drop_last=c.drop_last,
-                                    start_batch=c.start_batch)
+                                    start_batch=c.start_batch, remaining=c.remaining)
         self.text_mode = c.text_mode
         # float64 [1 + styles] (empty: uniform) that every pipeline's compiled draw reads: by the pack's style
         # ids (its texts carry them, loaders/caption_codec.py), or by position in a pack without styles

@@ -156,7 +156,8 @@ class FfcvLoader(PackedLoader):
 
     def _runs(self):
         """(shard, local ids) runs covering this rank's positions from start_batch: one per shard visit
-        (at most one shard's ids in memory; a wrapped-round padding tail is a run of its own).
+        (at most one shard's ids in memory; a wrapped-round padding tail, or a range of the sampler's
+        `remaining` that ends inside a visit, is a run of its own).
         FFCV cuts a run into batch_size chunks from its first id, so a visit that starts inside a batch
         is split: a head that completes that batch, then a rest that lands on batch bounds. Otherwise
         every later batch would straddle two chunks and be re-cut by a copy (14% of the CPU per epoch,
@@ -167,7 +168,7 @@ class FfcvLoader(PackedLoader):
         while lo < stop:
             pos = int(s.global_positions(lo, lo + 1)[0])
             visit = int(np.searchsorted(s.visit_ends, pos, side="right"))
-            hi = min(stop, lo + int(s.visit_ends[visit]) - pos)
+            hi = min(stop, lo + int(s.visit_ends[visit]) - pos, s.contiguous_end(lo))  # one shard, one range
             shard = int(s.shard_order[visit])
             local = s.indices(lo, hi) - s.shards.first_index[shard]
             head = -lo % s.batch_size

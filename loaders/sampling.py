@@ -8,6 +8,12 @@ sequential. Rank r of W takes the contiguous slice [r*L, (r+1)*L) of that virtua
 touches few shards and the ranks' slices are disjoint; their union is the whole set (with
 drop_last=False the last rank's slice wraps round to the start, like torch's DistributedSampler pads).
 
+`remaining` narrows the epoch to some (start, stop) ranges of that order (default: all of it, [(0, N)]):
+the slices are then cut the same way from the ranges' concatenation. A resume at another world size
+mid-epoch (training/elastic.py) hands the new ranks what the old ones left unread, so the epoch reads
+each sample once. A rank's global positions are then contiguous only up to a range end
+(`contiguous_end`): readers that walk runs of positions stop there too.
+
 Nothing of size N is ever materialised: the shard permutation is O(#shards) and a shard's in-shard
 permutation is recomputed (and cached) when the reader enters it, so memory does not grow with the
 dataset (LAION-400M is fine). `start_batch` resumes mid-epoch: batch b of a rank is positions
@@ -55,15 +61,19 @@ class EpochSampler:
     """The global indices one rank reads in one epoch, in order, batch by batch."""
 
     def __init__(self, shards: ShardTable, *, seed: int, epoch: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True, start_batch: int = 0):
+                 world_size: int = 1, drop_last: bool = True, start_batch: int = 0,
+                 remaining: Sequence[tuple[int, int]] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        n = shards.num_samples
-        if n == 0:
+        if shards.num_samples == 0:
             raise ValueError("empty dataset: no samples to load")
         self.shards, self.seed, self.epoch = shards, int(seed), int(epoch)
         self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
-        self.num_samples_total = n
+        self.ranges = check_ranges(remaining, shards.num_samples)  # int64 [R, 2]
+        self.range_ends = np.cumsum(self.ranges[:, 1] - self.ranges[:, 0])  # in the concatenation
+        n = self.num_samples_total = int(self.range_ends[-1]) if len(self.ranges) else 0
+        if n == 0:
+            raise ValueError("no samples left to load (empty `remaining`)")
         # Per-rank slice length: floor (drop_last) or ceil with wrap-round padding.
         self.per_rank = n // world_size if drop_last else math.ceil(n / world_size)
         self.offset = rank * self.per_rank
@@ -92,7 +102,15 @@ class EpochSampler:
 
     def global_positions(self, start: int, stop: int) -> np.ndarray:
         """Positions in the epoch's virtual order of this rank's slice [start, stop)."""
-        return (self.offset + np.arange(start, stop, dtype=np.int64)) % self.num_samples_total
+        at = (self.offset + np.arange(start, stop, dtype=np.int64)) % self.num_samples_total
+        k = np.searchsorted(self.range_ends, at, side="right")
+        return self.ranges[k, 0] + at - (self.range_ends[k] - (self.ranges[k, 1] - self.ranges[k, 0]))
+
+    def contiguous_end(self, start: int) -> int:
+        """The rank-local position where the run of consecutive global positions from `start` ends (the
+        end of its range of `remaining`, or the wrap-round to the order's start)."""
+        at = (self.offset + start) % self.num_samples_total
+        return start + int(self.range_ends[np.searchsorted(self.range_ends, at, side="right")]) - at
 
     def indices(self, start: int, stop: int) -> np.ndarray:
         """Global sample indices at rank-local positions [start, stop) (vectorised per shard)."""
@@ -121,6 +139,59 @@ class EpochSampler:
         if self.num_batches == self.start_batch:
             return 0
         return self.batch_bounds(self.num_batches - 1)[1] - self.start_batch * self.batch_size
+
+
+def check_ranges(remaining, n: int) -> np.ndarray:
+    """`remaining` as int64 [R, 2] of non-empty, ordered, disjoint ranges within [0, n) (None: [(0, n)])."""
+    if remaining is None:
+        return np.array([[0, n]], dtype=np.int64)
+    ranges = np.asarray(remaining, dtype=np.int64).reshape(-1, 2)
+    starts, stops = ranges[:, 0], ranges[:, 1]
+    if len(ranges) and ((starts >= stops).any() or starts[0] < 0 or stops[-1] > n or (starts[1:] < stops[:-1]).any()):
+        raise ValueError(f"remaining {ranges.tolist()}: ordered, disjoint, non-empty ranges within [0, {n})")
+    return ranges
+
+
+def cut_ranges(ranges: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The global-position ranges of positions [lo, hi) of the concatenation of `ranges`."""
+    out = []
+    begin = 0
+    for a, b in ranges.tolist():
+        end = begin + b - a
+        s, e = max(lo, begin), min(hi, end)
+        if s < e:
+            out.append((a + s - begin, a + e - begin))
+        begin = end
+    return out
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Ranges with adjacent neighbours joined ((0, 4), (4, 9) -> (0, 9))."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((int(a), int(b)))
+    return out
+
+
+def unread_ranges(n: int, remaining, world_size: int, batch_size: int, batches_read: int) -> list[tuple[int, int]]:
+    """What `world_size` drop_last ranks, each `batches_read` batches into their slice of `remaining`
+    (None: the whole order of n), have still to read this epoch, as `remaining` for a new slicing: every
+    rank's unread positions, rank after rank. The epoch's sample set is the first slicing's (remaining
+    None): what it drops (the floor remainder after the last slice, each slice's part batch) stays out.
+    A later slicing's remaining holds only samples of that set, so what it has not read goes on, tail
+    included: only the epoch's last slicing drops its own tail."""
+    ranges = check_ranges(remaining, n)
+    total = int((ranges[:, 1] - ranges[:, 0]).sum())
+    per_rank = total // world_size
+    if remaining is None:  # drop_last: a rank reads up to the end of its last whole batch
+        ends = [r * per_rank + per_rank // batch_size * batch_size for r in range(world_size)]
+    else:
+        ends = [(r + 1) * per_rank for r in range(world_size - 1)] + [total]
+    tails = [cut_ranges(ranges, r * per_rank + batches_read * batch_size, end) for r, end in enumerate(ends)]
+    return merge_ranges(part for tail in tails for part in tail)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 from scipy import stats
 
 from loaders import build_loader
-from loaders.sampling import EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip
+from loaders.sampling import (EpochSampler, ShardTable, caption_weights, crop_box, draw_text_index, flip,
+                              unread_ranges)
 from loaders.caption_store import CaptionStore
 from packing import builders
 from packing.pack import PackConfig, PackError, pack
@@ -63,6 +64,58 @@ def test_sampler_resume_is_the_tail_of_the_epoch():
     tail = list(EpochSampler(shards, seed=5, epoch=2, batch_size=7, drop_last=False, start_batch=4))
     assert len(tail) == len(full) - 4
     assert all(np.array_equal(a, b) for a, b in zip(full[4:], tail))
+
+
+def read_epoch_in_legs(sizes, legs, seed=4, epoch=1):
+    """One epoch read in legs of (world size, micro batch, batches each rank reads; None: to the end),
+    re-slicing what is left between legs as a resume at another world size does (training/elastic.py).
+    Returns (every index read, in order; the first leg's whole drop_last set; what the last slicing
+    dropped: its drop_last tail)."""
+    shards = ShardTable.from_sizes(sizes)
+    n, remaining, read = shards.num_samples, None, []
+    first = [EpochSampler(shards, seed=seed, epoch=epoch, batch_size=legs[0][1], rank=r, world_size=legs[0][0])
+             for r in range(legs[0][0])]
+    for world, micro, batches in legs:
+        ranks = [EpochSampler(shards, seed=seed, epoch=epoch, batch_size=micro, rank=r, world_size=world,
+                              remaining=remaining) for r in range(world)]
+        upto = ranks[0].num_batches if batches is None else batches
+        assert upto <= ranks[0].num_batches
+        read += [s.batch_indices(b) for s in ranks for b in range(upto)]
+        left = ranks[0].num_samples_total - world * upto * micro  # the last leg's: its drop_last tail
+        remaining = unread_ranges(n, remaining, world, micro, upto)
+    return np.concatenate(read), np.concatenate([i for s in first for i in s]), left
+
+
+@pytest.mark.parametrize("sizes, legs", [
+    ([40, 40, 15], [(2, 4, 3), (1, 4, None)]),
+    ([40, 40, 15], [(2, 4, 3), (1, 8, 2), (2, 4, None)]),  # 2 -> 1 -> 2 within one epoch, micro batch too
+    ([40, 40, 15], [(2, 4, 0), (3, 5, None)]),  # nothing read yet
+    ([7, 30, 13, 50], [(3, 4, 2), (2, 3, 1), (3, 4, 1), (1, 5, None)]),
+    ([7, 30, 13, 50], [(4, 2, 11), (2, 2, None)]),  # the old ranks read their whole slices: nothing left
+    ([101], [(5, 3, 4), (2, 6, 1), (5, 3, None)]),
+])
+def test_resize_mid_epoch_reads_the_rest_of_the_epoch_once(sizes, legs):
+    read, whole, left = read_epoch_in_legs(sizes, legs)
+    assert len(set(read.tolist())) == len(read)  # nothing twice
+    assert set(read.tolist()) <= set(whole.tolist())  # nothing the first slicing had dropped
+    assert len(whole) - len(read) == left  # nothing skipped but the last slicing's drop_last tail
+    world, micro, _ = legs[-1]
+    assert left < world * (micro + 1)
+
+
+def test_sampler_over_the_whole_order_is_unchanged_and_ranges_are_checked():
+    shards = ShardTable.from_sizes([40, 40, 15])
+    for drop_last in (True, False):
+        for r in range(3):
+            kw = dict(seed=2, epoch=1, batch_size=6, rank=r, world_size=3, drop_last=drop_last, start_batch=1)
+            assert all(np.array_equal(a, b) for a, b in zip(EpochSampler(shards, **kw),
+                                                            EpochSampler(shards, remaining=[(0, 95)], **kw)))
+    # positions map through the ranges: two ranges are one slice of 10 + 12 positions
+    s = EpochSampler(shards, seed=2, epoch=1, batch_size=4, world_size=2, remaining=[(3, 13), (50, 64)])
+    assert s.global_positions(0, 12).tolist() == [*range(3, 13), 50, 51] and s.contiguous_end(4) == 10
+    for bad in ([(5, 3)], [(0, 10), (8, 20)], [(90, 96)]):
+        with pytest.raises(ValueError, match="ordered, disjoint"):
+            EpochSampler(shards, seed=2, epoch=1, batch_size=4, remaining=bad)
 
 
 def test_crop_box_is_a_pure_function_of_seed_epoch_index_and_view():
@@ -129,6 +182,20 @@ def test_resume_mid_epoch_continues_with_the_next_unseen_batch(kind, packed):
     assert len(tail) == len(full) - 5
     for a, b in zip(full[5:], tail):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_loader_reads_the_same_remaining_ranges(kind, packed):
+    """What is left of an epoch after 3 batches of 4 on 2 ranks, re-sliced for 1 rank in batches of 5: its
+    positions jump from one range to the next inside a shard visit and inside a batch (FFCV's runs must
+    stop there); every loader reads the sampler's indices."""
+    remaining = tuple(unread_ranges(95, None, 2, 4, 3))
+    want = EpochSampler(ShardTable.from_meta(json.load(open(os.path.join(packed, "meta.json")))), seed=3,
+                        epoch=1, batch_size=5, remaining=remaining)
+    assert remaining == ((12, 44), (59, 91)) and want.contiguous_end(0) == 32
+    assert 44 < want.visit_ends[np.searchsorted(want.visit_ends, 43, side="right")]  # the jump is inside a visit
+    got = run(kind, packed, batch_size=5, epoch=1, remaining=remaining)
+    assert torch.equal(cat(got, "index"), torch.from_numpy(np.concatenate(list(want))))
 
 
 # FFCV builds numba pipelines for each of the four loaders here (about 20 s on 2 cores): slow.

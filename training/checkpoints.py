@@ -60,6 +60,8 @@ def save_checkpoint(engine, cfg, model_config: dict, step: int, data, rank: int)
     client = {"format_version": CHECKPOINT_FORMAT_VERSION, "step": step, "world_size": dist.get_world_size(),
               "epoch": data.epoch,
               "batch_in_epoch": data.batch, "rng": rngs, "config": config_dict(cfg)}
+    if data.remaining is not None:  # the epoch was re-sliced at another world size (training/elastic.py)
+        client["remaining"] = [list(r) for r in data.remaining]
     # DeepSpeed writes `latest` before the other ranks finish their shards; we move it ourselves, last
     engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
     sd = full_fp32_state_dict(engine)

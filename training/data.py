@@ -34,11 +34,15 @@ class DataError(ValueError):
 
 class MicroBatches:
     """This rank's endless stream of micro batches across epochs; (epoch, batch) is the position of
-    the next unseen batch, which a checkpoint stores and a resumed run starts from."""
+    the next unseen batch, which a checkpoint stores and a resumed run starts from, with `remaining`:
+    the ranges of the epoch's order that were sliced into ranks (a resume at another world size
+    mid-epoch re-slices what was left; the next epoch slices the whole order again)."""
 
-    def __init__(self, cfg, rank, world, image_size, epoch=0, batch=0):
+    def __init__(self, cfg, rank, world, image_size, epoch=0, batch=0, remaining=None):
         self.cfg, self.rank, self.world, self.image_size = cfg, rank, world, image_size
         self.epoch, self.batch = epoch, batch
+        # the part of this epoch's order the ranks share out (training/elastic.py; None: all of it)
+        self.remaining = None if remaining is None else tuple(map(tuple, remaining))
         self.it = None
 
     def _open(self, device):
@@ -54,7 +58,7 @@ class MicroBatches:
                                   slip_views=cfg.image_loss == "slip", start_batch=self.batch,
                                   drop_last=True, augment=cfg.augment, p_original=cfg.caption_p_original,
                                   style_weights=cfg.caption_style_weights or None,
-                                  normalize=not on_gpu, pin_memory=on_gpu)
+                                  normalize=not on_gpu, pin_memory=on_gpu, remaining=self.remaining)
         if self.batch == 0 and len(loader) == 0:
             raise DataError(f"{cfg.data_root or 'synthetic data'}: fewer samples than one global "
                              f"micro batch ({cfg.micro_batch} x {self.world} ranks)")
@@ -68,7 +72,7 @@ class MicroBatches:
                 batch = as_dict(next(self.it))
                 break
             except StopIteration:
-                self.epoch, self.batch, self.it = self.epoch + 1, 0, None
+                self.epoch, self.batch, self.it, self.remaining = self.epoch + 1, 0, None, None
         self.batch += 1
         return to_device(batch, device, dtype, seed=self.cfg.seed, epoch=self.epoch)
 

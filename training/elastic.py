@@ -9,11 +9,15 @@ folder and renamed into place, so a re-run finds it complete or not at all (a ki
 folder is removed and redone). ZeRO 0 keeps the whole optimizer state in one file: any size loads it.
 
 The data position is carried over in samples: the checkpoint records (epoch, micro batches read per
-rank) at its world size and micro batch; the same number of samples at the new size is the start
-batch there. data=synthetic hands out each step's global batch as a function of (seed, epoch, step)
-only, whatever the split into ranks x accumulation x micro batch, so the next global batch is exactly
+rank) at its world size and micro batch. data=synthetic hands out each step's global batch as a
+function of (seed, epoch, step) only, whatever the split into ranks x accumulation x micro batch, so the
+same number of samples at the new size is the start batch there and the next global batch is exactly
 the one an uninterrupted run would see. The packed-data loaders give each rank a contiguous slice of
-the epoch's order, which cannot be re-split mid-epoch: they change world size at an epoch boundary.
+the epoch's order (loaders/sampling.py); mid-epoch at another size, the ranges each old rank had still
+to read (rank after rank) become the epoch's `remaining` order, which the new ranks slice from batch 0.
+The epoch so reads each sample once (less the new slicing's drop_last tail); the checkpoint records
+the ranges, so later resumes in that epoch (same size or another again) continue from them, and the
+next epoch slices the whole order again.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 UNIVERSAL = "universal"  # the converted copy's folder inside the checkpoint's tag folder
-WORLD_INVARIANT_ORDER = ("synthetic",)  # data kinds whose global batches do not depend on the split
 
 
 class ElasticError(ValueError):
@@ -86,21 +89,25 @@ def saved_world(client: dict) -> int:
     return client["world_size"] if "world_size" in client else len(client["rng"])
 
 
-def data_position(client: dict, cfg, world: int) -> tuple[int, int]:
-    """(epoch, start batch) at this world size and micro batch of the checkpoint's data position."""
-    epoch, batch = client["epoch"], client["batch_in_epoch"]
+def data_position(client: dict, cfg, world: int) -> tuple[int, int, list | None]:
+    """(epoch, start batch, remaining ranges or None) at this world size and micro batch of the
+    checkpoint's data position."""
+    epoch, batch, remaining = client["epoch"], client["batch_in_epoch"], client.get("remaining")
+    remaining = None if remaining is None else [tuple(r) for r in remaining]  # stored as lists
     old_world = saved_world(client)
     saved_micro = client["config"]["micro_batch"]
     if (old_world, saved_micro) == (world, cfg.micro_batch) or batch == 0:
-        return epoch, batch
-    if cfg.data not in WORLD_INVARIANT_ORDER:
-        raise ElasticError(f"data={cfg.data} gives each rank a contiguous slice of the epoch's order, so "
-                           f"the checkpoint's position (epoch {epoch}, batch {batch} of {old_world} ranks x "
-                           f"{saved_micro}) cannot be re-split across {world} ranks x {cfg.micro_batch} mid-epoch; "
-                           f"resume on {old_world} ranks with micro_batch={saved_micro} until the epoch ends")
+        return epoch, batch, remaining
+    if cfg.data != "synthetic":
+        from loaders.sampling import unread_ranges
+        from training.data import dataset_samples
+        left = unread_ranges(dataset_samples(cfg), remaining, old_world, saved_micro, batch)
+        if sum(b - a for a, b in left) // world < cfg.micro_batch:  # all but the new drop_last tail read
+            return epoch + 1, 0, None
+        return epoch, 0, left
     samples = batch * saved_micro * old_world
     if samples % (cfg.micro_batch * world):
         raise ElasticError(f"the checkpoint's position ({samples} samples into epoch {epoch}) is not a whole "
                            f"number of micro batches of {cfg.micro_batch} x {world} ranks; choose micro_batch "
                            "so that it is")
-    return epoch, samples // (cfg.micro_batch * world)
+    return epoch, samples // (cfg.micro_batch * world), None
