@@ -389,7 +389,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise UsageError(err) from err
     rank, world, device = init_distributed(cfg.collective_timeout_s)
-    given = config_dict(cfg)  # as asked (a remote data_root is replaced by its local copy next)
+    data_root_given = cfg.data_root  # a remote data_root is replaced by its local copy next
     preflight_all_ranks(cfg, args.resume, rank, device)
     if cfg.epochs:  # open_clip's --epochs: the schedule's length from the data's size and the global batch
         cfg = dataclasses.replace(cfg, total_steps=math.ceil(
@@ -417,7 +417,8 @@ def main(argv=None) -> int:
     dist.barrier()  # every rank has looked (preflight: refuse_existing_run) before rank 0 writes
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(given, sort_keys=False))
+        as_run = {**config_dict(cfg), "data_root": data_root_given}  # with pretrained_sha256, the URL given
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(as_run, sort_keys=False))
     wait_group = eval_wait_group(cfg) if cfg.eval_every else None  # every rank creates it, once
     how_resumed = None  # a checkpoint of another world size: how it was converted (training/elastic.py)
     if resume_from:

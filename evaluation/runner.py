@@ -79,7 +79,8 @@ class CheckpointError(Exception):
 def run(cfg: EvalConfig) -> dict:
     """Evaluate cfg.checkpoint on this rank's share of cfg.datasets; write and return the report. Every set
     is opened before the checkpoint is loaded, so a missing set fails in seconds, not after the model."""
-    from model.checkpoint import load_checkpoint, resolve_location
+    from model.checkpoint import load_checkpoint
+    from model.hub import resolve_location
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Under a multi-process launch (srun, torchrun) rank r evaluates sets r, r + W, ... (common/ranks.py).
     from common.ranks import resolve_ranks

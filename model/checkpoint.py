@@ -16,7 +16,8 @@ Formats load_checkpoint(path, model_name=None) accepts:
              consolidation unpickles its own files; for checkpoints from
              elsewhere prefer the export, which is safetensors with a checksum.)
   hub        open_clip's hub layout from elsewhere (open_clip_config.json + open_clip_model.safetensors or
-             open_clip_pytorch_model.bin), or hf-hub:ORG/REPO (downloaded by model.hub).
+             open_clip_pytorch_model.bin), or local-dir:DIR (an hf-hub:ORG/REPO name is downloaded first by
+             model.hub.resolve_location).
   open_clip  an open_clip state dict: .pt/.pth/.bin (torch.load(weights_only=True): plain dict or
              {"state_dict": ...}, "module." prefixes allowed) or .safetensors; needs model_name (a
              model/configs name) since the file carries no config.
@@ -278,22 +279,18 @@ def _is_deepspeed_dir(path: Path) -> bool:
     return (path / "latest").is_file() or any(path.glob("*mp_rank_00_model_states.pt"))
 
 
-def resolve_location(spec) -> Path:
-    """open_clip's model locations as paths: local-dir:PATH -> PATH; hf-hub:ORG/REPO[@REVISION] -> the
-    downloaded hub-layout folder (model.hub.download); anything else is a path."""
+def local_path(spec) -> Path:
+    """local-dir:PATH (open_clip's name for a folder) -> PATH; a path as it is. hf-hub: names are
+    downloaded first by model.hub.resolve_location (this module reads local files only)."""
     spec = str(spec)
-    if spec.startswith("local-dir:"):
-        return Path(spec[len("local-dir:"):])
     if spec.startswith("hf-hub:"):
-        from model.hub import download
-        repo, _, revision = spec[len("hf-hub:"):].partition("@")
-        return download(repo, revision or None)
-    return Path(spec)
+        raise ValueError(f"{spec}: a hub name; resolve it with model.hub.resolve_location first")
+    return Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec)
 
 
 def load_checkpoint(path, model_name: str | dict | None = None):
     """Load any supported checkpoint (module docstring) -> (model on CPU in fp32, eval mode, info)."""
-    path = resolve_location(path)
+    path = local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and _is_deepspeed_dir(path):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import (CONFIG_NAME, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SLIP_HEAD_WEIGHTS,
-                              export_weights)
+                              export_weights, local_path)
 
 # what open_clip's hf-hub: reads (config, then the safetensors weights or the torch.save ones), and ours
 HUB_FILES = (OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin", CONFIG_NAME, SLIP_HEAD_WEIGHTS,
@@ -104,6 +104,16 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except _hub_errors() as err:
         raise _hub_failure(err, f"hf-hub:{repo_id} cannot be downloaded") from None
     return Path(folder)
+
+
+def resolve_location(spec) -> Path:
+    """open_clip's model locations as paths: hf-hub:ORG/REPO[@REVISION] -> the downloaded hub-layout
+    folder; local-dir:PATH -> PATH; anything else is a path."""
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        repo, _, revision = spec[len("hf-hub:"):].partition("@")
+        return download(repo, revision or None)
+    return local_path(spec)
 
 
 def main(argv=None) -> int:

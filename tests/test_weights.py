@@ -206,7 +206,8 @@ def test_hf_hub_name_loads_from_the_cache_offline_in_ours_and_open_clip(staged, 
     code = """
 import torch, open_clip
 from model.checkpoint import load_checkpoint
-ours, info = load_checkpoint("hf-hub:me/tiny")
+from model.hub import resolve_location
+ours, info = load_checkpoint(resolve_location("hf-hub:me/tiny"))
 theirs = open_clip.create_model("hf-hub:me/tiny").eval()
 tokens = open_clip.get_tokenizer("hf-hub:me/tiny")(["a photo of a cat"])
 with torch.no_grad():

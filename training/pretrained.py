@@ -42,7 +42,8 @@ def load_pretrained(spec: str, model_config: dict) -> tuple[dict, dict]:
     provenance {spec, path, sha256 or listing_sha256, format, config_differences})."""
     from evaluation.features import checkpoint_identity
     from model import build_model
-    from model.checkpoint import CheckpointMismatchError, load_checkpoint, load_strict, resolve_location
+    from model.checkpoint import CheckpointMismatchError, load_checkpoint, load_strict
+    from model.hub import resolve_location
     try:
         location = resolve_location(spec)
         if not location.exists():
