@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,36 +20,13 @@ SETS = ["stop_after=3", "checkpoint_every=0", "eval_every=2", "eval_datasets=dig
 
 
 def wandb_runs(wandb_dir: Path) -> list[tuple[str, dict[int, dict]]]:
-    """Each offline W&B run under wandb_dir, oldest first: (run id, {step: logged values}), read from its
-    run-<id>.wandb file: W&B's LevelDB-style log (a 7-byte file header, 32 KiB blocks of chunks with a
-    7-byte header: crc32, length, type full/first/middle/last) of protobuf Records. wandb 0.31 ships the
-    Record type but no Python reader (wandb-core writes these files)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    block, header = 32768, 7
-    runs = []
-    for path in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        data, pos, chunk, run_id, history = path.read_bytes(), header, b"", None, {}
-        assert data[:4] == b":W&B", path
-        while pos + header <= len(data):
-            if block - pos % block < header:  # a block's tail too short for a chunk header is padding
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-            chunk += data[pos + header:pos + header + length]
-            pos += header + length
-            if kind in (1, 4):  # a full record, or the last chunk of one
-                record = pb.Record()
-                record.ParseFromString(chunk)
-                chunk = b""
-                which = record.WhichOneof("record_type")
-                if which == "run":
-                    run_id = record.run.run_id
-                elif which == "history":
-                    row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                           for item in record.history.item}
-                    history[row["_step"]] = row
-        runs.append((run_id, history))
-    return runs
+    """Each offline W&B run under wandb_dir, oldest first: (run id, {step: logged values}), read in a fresh
+    interpreter (tests/wandb_offline_log.py says why)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.wandb_offline_log", str(wandb_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [(run_id, {int(step): row for step, row in history.items()})
+            for run_id, history in json.loads(proc.stdout)]
 
 
 def csv_column(path: Path) -> dict[int, float]:
