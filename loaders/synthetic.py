@@ -10,8 +10,9 @@ SOT, EOT, CONTEXT = 49406, 49407, 77
 class SyntheticLoader:
     """Seeded random images and token sequences, a pure function of (seed, epoch, sample index).
 
-    Same interface and sharding as loaders.build_loader: micro batch k of rank r holds positions
-    k*world*B + r*B .. +B of the epoch's permutation, so one optimizer step covers the same global
+    The loaders' interface, but not their sharding: build_loader gives each rank a contiguous slice of
+    the epoch's order, while here ranks interleave (micro batch k of rank r holds positions
+    k*world*B + r*B .. +B of the epoch's permutation), so one optimizer step covers the same global
     batch for every split into ranks x accumulation x micro batch (the step-equality tests use it).
     Sample i has 1 + i % max_texts texts; their content is random ids.
     """
