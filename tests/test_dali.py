@@ -20,6 +20,7 @@ def test_same_seed_gives_bit_identical_batches_for_any_worker_count(packed):
     assert not torch.equal(cat(one, "images"), cat(other_epoch, "images"))  # crops change per epoch
 
 
+@pytest.mark.slow  # 10.3 s on 2 cores: two DALI runs of an epoch with SLIP views
 def test_resumed_epoch_continues_with_the_same_crops_and_texts(packed):
     full = run("dali", packed, epoch=2, batch_size=8, slip_views=True)
     tail = run("dali", packed, epoch=2, batch_size=8, slip_views=True, start_batch=6)
