@@ -1,7 +1,7 @@
 """What several test modules share: the repository root, real packs built once per session
 (one memoised factory), the tiny rewrite model, and the `slow` marker's meaning.
 
-`slow` (pyproject.toml) marks what takes over about 6 s on 2 CPU cores, measured with
+`slow` (pyproject.toml) marks what takes over about 5 s on 2 CPU cores, measured with
 `pytest --durations` (so `make test-fast` stays under 5 minutes): DeepSpeed launches, kill -9 and resume
 runs, the end-to-end demo, the README's commands, a vLLM server, and the longest pack, loader and
 evaluation checks (per-record checksums over every loader, clip_benchmark, a Fashion-MNIST probe, FFCV and

@@ -99,6 +99,7 @@ def test_train_with_attention_xformers_and_no_xformers_is_one_line_exit_2(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a train.py launch: 5.4 s on 2 cores
 def test_train_log_says_which_kernel_each_tower_ran(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(_command(run_dir, ["total_steps=2", "attention=auto"], 1, None), cwd=REPO,

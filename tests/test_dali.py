@@ -46,7 +46,9 @@ def _flip_byte(root, member, sample=7):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("member,what", [("jpg", "JPEG"), ("cap", "caption record")])
+# the JPEG case decodes every image of the flipped shard through DALI: 7.6 s on 2 cores
+@pytest.mark.parametrize("member,what", [pytest.param("jpg", "JPEG", marks=pytest.mark.slow),
+                                         ("cap", "caption record")])
 def test_flipped_byte_names_the_tar_sample_and_key(member, what, packed, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)

@@ -95,6 +95,7 @@ def test_trainer_batch_to_device_normalises_uint8_on_the_device():
     assert torch.equal(to_device({"images": already}, torch.device("cpu"), torch.float32)["images"], already)
 
 
+@pytest.mark.slow  # builds DALI pipelines: 5.6 s on 2 cores
 def test_dali_mixed_branch_post_pipeline_code_on_device_images(packed):
     """On a GPU the DALI pipeline decodes with device="mixed": images and SLIP crops come out of
     DALI's iterator on the GPU, tokens and indices on the CPU. The loader's code after the pipeline
@@ -164,6 +165,7 @@ def test_dali_mixed_branch_settings_give_the_cpu_indices_and_tokens(packed):
     assert any(not torch.equal(x["images"], y["images"]) for x, y in zip(a, b))  # another resize ran
 
 
+@pytest.mark.slow  # FFCV numba pipelines over three epochs: 5.9 s on 2 cores
 def test_ffcv_allocates_buffers_once_per_shard_not_per_visit(packed, monkeypatch):
     """FFCV's Loader allocates (on a CUDA host: pins) its buffers at every iter(); this loader opens one
     iter() per shard visit, so each shard's buffers are allocated once and reused by every later visit,

@@ -38,7 +38,9 @@ def fp32_masters(ckpt, tag: str, stage: int) -> dict:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# a train.py launch each (5.1 to 6.0 s on 2 cores): ZeRO 2 stays in the fast subset
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                   pytest.param(3, marks=pytest.mark.slow)])
 def test_bf16_clamp_and_export_act_on_fp32_masters(tmp_path, stage):
     from safetensors.torch import load_file
     run_dir = tmp_path / f"bf16_z{stage}"
