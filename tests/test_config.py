@@ -45,7 +45,8 @@ def one_line_error(res: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
-# Four launches each; these CLIs import torch before they parse (5.4 to 6.9 s on 2 cores): slow.
+# Four launches each of CLIs that take 1.3 to 2.2 s to reach their parser (the others: 0.1 s): 5.4 to
+# 6.9 s a case on 2 cores, slow.
 SLOW_TO_START = {"train", "eval", "pack", "benchmarks"}
 
 
